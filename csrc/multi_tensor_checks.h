@@ -1,0 +1,71 @@
+// Argument checks shared by the CPU and CUDA kernels of every multi-tensor op.
+// The Python wrappers check the same things first, with friendlier messages;
+// these guard direct torch.ops.catapult.* calls. Nothing is written before they pass.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <optional>
+
+namespace catapult {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// A scalar control tensor (lr, grad_norm, grad_scale, found_inf): float32, one
+// element, on the kernels' device (CPU tensors are read directly by the CPU kernels).
+inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.numel() == 1, "catapult: ", name, " must have one element, got ", t.numel());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "catapult: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, "catapult: ", name, " is on ", t.device(),
+              " but the tensors are on ", device);
+}
+
+inline void check_optional_scalar(const std::optional<at::Tensor>& t, const char* name,
+                                  const at::Device& device) {
+  if (t.has_value()) check_scalar_tensor(*t, name, device);
+}
+
+// The lists of an elementwise update: entry i of every list is the same shape,
+// dtype (state_steps aside), device and dense memory layout, so the kernels may
+// walk all of them as flat arrays of params[i].numel() elements.
+inline void check_update_lists(at::TensorList params,
+                               std::initializer_list<std::pair<const char*, at::TensorList>> others,
+                               at::TensorList state_steps) {
+  const auto n = params.size();
+  for (const auto& [name, list] : others) {
+    TORCH_CHECK(list.size() == n, "catapult: ", name, " has ", list.size(),
+                " tensors but params has ", n);
+  }
+  TORCH_CHECK(state_steps.size() == n, "catapult: state_steps has ", state_steps.size(),
+              " tensors but params has ", n);
+  if (n == 0) return;
+  const auto device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device() == device, "catapult: params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device);
+    TORCH_CHECK(is_supported_float(p.scalar_type()), "catapult: params[", i,
+                "] has dtype ", p.scalar_type(), "; supported: float32, bfloat16, float16");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "catapult: params[", i,
+                "] is not dense in memory (strides ", p.strides(), ")");
+    for (const auto& [name, list] : others) {
+      const auto& t = list[i];
+      TORCH_CHECK(t.device() == device, "catapult: ", name, "[", i, "] is on ", t.device(),
+                  " but params are on ", device);
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), "catapult: ", name, "[", i,
+                  "] has dtype ", t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+      TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "catapult: ", name, "[",
+                  i, "] has shape ", t.sizes(), " strides ", t.strides(), " but params[", i,
+                  "] has shape ", p.sizes(), " strides ", p.strides());
+    }
+    const auto& s = state_steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat,
+                "catapult: state_steps[", i, "] must be a one-element float32 tensor");
+    TORCH_CHECK(s.device() == device, "catapult: state_steps[", i, "] is on ", s.device(),
+                " but params are on ", device);
+  }
+}
+
+}  // namespace catapult
