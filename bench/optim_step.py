@@ -1,0 +1,184 @@
+"""Optimizer-step microbenchmark: catapult_kernels AdamW (with and without fused global
+clipping) against torch.optim.AdamW(fused=True) and (foreach=True) (+ clip_grad_norm_),
+on the layers of a wide MLP, reported as effective bandwidth and as a fraction of a
+roof measured in the same run on the same device.
+
+    python -m bench.optim_step [--device cpu|cuda] [--sizes 1M,10M] [--reps 20]
+
+Effective GB/s = the bytes the ideal kernel must move / time (DESIGN.md): fp32 AdamW reads
+p, g, m, v and writes p, m, v = 28 B/param; clipping reads g once more = 32 B/param. The
+roof: on CPU an in-place stream x.mul_(c) (8 B/elem; a step updates in place), on GPU a
+device-to-device copy (8 B/elem).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from catapult_kernels import ops
+from catapult_kernels.optim import AdamW
+
+BYTES_PER_PARAM = {False: 28, True: 32}  # fp32 AdamW, without / with global clipping
+MAX_GRAD_NORM = 1.0
+
+
+def mlp_shapes(n_params: int, depth: int = 4, d_in: int = 256, d_out: int = 10) -> list[tuple]:
+    """Weight and bias shapes of a `depth`-hidden-layer MLP of about n_params params."""
+    width = int((-(d_in + d_out + depth) + math.sqrt((d_in + d_out + depth) ** 2 + 4 * (depth - 1) * n_params))
+                / (2 * (depth - 1)))
+    dims = [d_in] + [width] * depth + [d_out]
+    return [s for a, b in zip(dims, dims[1:]) for s in ((b, a), (b,))]
+
+
+def make_params(shapes, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g).to(device))
+        p.grad = torch.randn(s, generator=g).to(device) * 1e-2
+        params.append(p)
+    return params
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def roof_gbs(device, reps: int) -> tuple[str, float]:
+    """The memory roof: in-place stream on CPU, device-to-device copy on GPU (8 B/elem)."""
+    n = 64 * 2**20 if device.type == "cpu" else 512 * 2**20  # well beyond the last-level cache
+    x = torch.randn(n, device=device)
+    if device.type == "cpu":
+        ms = median_ms(lambda: x.mul_(1.0000001), device, reps)
+        return "in-place stream x.mul_(c)", 8 * n / ms / 1e6
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), device, reps)
+    return "device-to-device copy", 8 * n / ms / 1e6
+
+
+def contenders(device, backends):
+    """name -> (make optimizer from params, clips inside step, uses torch's clip_grad_norm_)."""
+    out = {
+        "torch AdamW(fused=True)": lambda ps, clip: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "torch AdamW(foreach=True)": lambda ps, clip: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    }
+    for b in backends:
+        out[f"catapult AdamW [{b}]"] = (lambda b: lambda ps, clip: AdamW(
+            ps, lr=1e-3, max_grad_norm=MAX_GRAD_NORM if clip else None, backend=b))(b)
+    return out
+
+
+def bench_case(label, shapes, device, backends, reps) -> list[dict]:
+    n_params = sum(math.prod(s) for s in shapes)
+    rows = []
+    for clip in (False, True):
+        for name, make in contenders(device, backends).items():
+            params = make_params(shapes, device)
+            opt = make(params, clip)
+            if clip and not isinstance(opt, AdamW):
+                def fn(opt=opt, params=params):
+                    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
+                    opt.step()
+            else:
+                fn = opt.step
+            ms = median_ms(fn, device, reps)
+            rows.append(dict(case=label, n_params=n_params, n_tensors=len(shapes), clip=clip, optimizer=name,
+                             median_ms=ms, effective_gbs=BYTES_PER_PARAM[clip] * n_params / ms / 1e6))
+            del opt, params
+    return rows
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    return int(float(s[:-1]) * {"K": 1e3, "M": 1e6}[s[-1]]) if s[-1] in "KM" else int(s)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default=None, help="params per case, e.g. 1M,10M,100M")
+    ap.add_argument("--no-small", action="store_true", help="skip the 5000 x 1000-element case")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    sizes = args.sizes or ("1M,10M,100M" if device.type == "cuda" else "1M,10M")
+    reps = args.reps or (50 if device.type == "cuda" else 15)
+    backends = ["cuda", "triton"] if device.type == "cuda" else ["cpu"]
+    backends = [b for b in backends if b != "cuda" or ops.has_cpp_kernels("cuda")]
+
+    roof_name, roof = roof_gbs(device, reps)
+    cases = [(f"MLP {s}", mlp_shapes(parse_size(s))) for s in sizes.split(",")]
+    if not args.no_small:
+        cases.append(("5000 x 1000", [(1000,)] * 5000))
+    rows = []
+    for label, shapes in cases:
+        rows += bench_case(label, shapes, device, backends, reps)
+    for r in rows:
+        r["fraction_of_roof"] = r["effective_gbs"] / roof
+        base = next(x for x in rows if x["case"] == r["case"] and x["clip"] == r["clip"]
+                    and x["optimizer"] == "torch AdamW(fused=True)")
+        r["speedup_vs_torch_fused"] = base["median_ms"] / r["median_ms"]
+
+    print(f"\n{device_name(device)}, torch {torch.__version__}; roof ({roof_name}): {roof:.1f} GB/s\n")
+    print("| case | clip | optimizer | median ms | GB/s | of roof | vs torch fused |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['case']} | {'clip + step' if r['clip'] else 'step'} | {r['optimizer']} | "
+              f"{r['median_ms']:.3f} | {r['effective_gbs']:.1f} | {r['fraction_of_roof']:.0%} | "
+              f"{r['speedup_vs_torch_fused']:.2f}x |")
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    path = os.path.join(args.out, f"optim_step-{device.type}-{stamp}.json")
+    with open(path, "x") as f:  # never overwrite an earlier result
+        json.dump(dict(benchmark="optim_step", device=device_name(device), device_type=device.type,
+                       torch=torch.__version__, date=stamp, roof=dict(kind=roof_name, gbs=roof),
+                       bytes_per_param=BYTES_PER_PARAM, max_grad_norm=MAX_GRAD_NORM, reps=reps, rows=rows),
+                  f, indent=1)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

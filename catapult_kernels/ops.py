@@ -1,0 +1,122 @@
+"""Python entry points over torch.ops.catapult.*: backend choice, fake kernels,
+and the global norm over tensors on several devices.
+
+The C++ ops (catapult::multi_tensor_norm, catapult::adamw_) have CPU and CUDA
+kernels in csrc/; the Triton ops (catapult::*_triton) live in catapult_kernels/triton.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing it registers the C++ ops)
+
+    _C_ERROR: Optional[BaseException] = None
+except ImportError as e:  # not built: the Triton ops may still work
+    _C_ERROR = e
+
+BACKENDS = ("auto", "cpu", "cuda", "triton")
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def has_cpp_kernels(device_type: str) -> bool:
+    """Whether the C++ extension was built with kernels for this device type."""
+    if _C_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("catapult::adamw_", device_type.upper())
+
+
+def _load_triton() -> None:
+    try:
+        from . import triton as _  # noqa: F401  (registers the catapult::*_triton ops)
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' needs the triton package: {e}") from e
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ('cpu', 'cuda' or 'triton') for tensors on `device`."""
+    check_backend_name(backend)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"catapult_kernels runs on CPU and CUDA tensors, not on {device}")
+    if backend == "auto":
+        if device.type == "cpu":
+            backend = "cpu"
+        else:
+            backend = "cuda" if has_cpp_kernels("cuda") else "triton"
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors")
+        if not has_cpp_kernels(backend):
+            why = f"the extension failed to import: {_C_ERROR}" if _C_ERROR else "it was built without them"
+            raise RuntimeError(f"catapult_kernels has no {backend.upper()} C++ kernels: {why}. "
+                               "Rebuild with `pip install --no-build-isolation -e .`")
+        return backend
+    _load_triton()
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs the Triton interpreter: "
+                           "set TRITON_INTERPRET=1 before importing triton")
+    return "triton"
+
+
+def multi_tensor_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, per_tensor: bool = False,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm of all tensors together, per-tensor norms or an empty tensor), float32,
+    for tensors on one device. ord is 2 or inf."""
+    tensors = list(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if resolve_backend(backend, device) == "triton":
+        return torch.ops.catapult.multi_tensor_norm_triton(tensors, float(ord), per_tensor)
+    return torch.ops.catapult.multi_tensor_norm(tensors, float(ord), per_tensor)
+
+
+def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str = "auto") -> torch.Tensor:
+    """The ord-norm of all tensors taken together, float32 on the first tensor's device.
+    One fused op per device; ord other than 2 and inf falls back to torch (as torch does)."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    ord = float(ord)
+    first = tensors[0].device
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    if ord in (2.0, math.inf):
+        norms = [multi_tensor_norm(ts, ord, False, backend)[0] for ts in by_device.values()]
+    else:
+        norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, ord, dtype=torch.float32)
+                                                       for t in ts]), ord) for ts in by_device.values()]
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), ord)
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr: torch.Tensor,
+           beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+           grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
+           grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+           backend: str = "auto") -> None:
+    """One fused AdamW step in place; see csrc/ops.cpp for the contract."""
+    device = params[0].device if params else torch.device("cpu")
+    op = torch.ops.catapult.adamw_triton_ if resolve_backend(backend, device) == "triton" else torch.ops.catapult.adamw_
+    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+       weight_decay, amsgrad, maximize, grad_norm, max_grad_norm, grad_scale, found_inf)
+
+
+if _C_ERROR is None:
+    @torch.library.register_fake("catapult::multi_tensor_norm")
+    def _multi_tensor_norm_fake(tensors, ord, per_tensor):
+        like = tensors[0] if tensors else torch.empty(0)
+        return (like.new_empty((), dtype=torch.float32),
+                like.new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float32))
+
+    @torch.library.register_fake("catapult::adamw_")
+    def _adamw_fake(*args):
+        return None

@@ -1,0 +1,201 @@
+"""What every fused optimizer shares: the step pipeline around its update kernel.
+
+step() = validate every grad (before anything changes) -> one global grad-norm pass
+(when clipping or skip_nonfinite needs it) -> per (group, device, dtype) bucket: bump
+the step counts and run the optimizer's fused update kernel, which reads the clip
+coefficient, the GradScaler scale and the skip flag from device tensors. No host sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .. import ops
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Bucket:
+    """The params of one group on one device with one dtype, and their grads."""
+    group: dict
+    device: torch.device
+    params: list
+    grads: list
+
+
+@dataclass
+class StepControl:
+    """Device tensors that one step's kernels read instead of host values."""
+    grad_norm: Optional[torch.Tensor]      # global norm of the grads as given (scaled under AMP)
+    grad_scale: Optional[torch.Tensor]     # GradScaler's scale, when grads are still scaled
+    skip: Optional[torch.Tensor]           # float32, nonzero: leave everything untouched
+
+    def on(self, device: torch.device) -> "StepControl":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return StepControl(move(self.grad_norm), move(self.grad_scale), move(self.skip))
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of the drop-in optimizers. Subclasses set `defaults`, validate their own
+    hyperparameters in `_check_group`, and implement `_init_state` and `_update`."""
+
+    # torch.amp.GradScaler then hands us grad_scale and found_inf instead of unscaling
+    # the grads itself, as it does for torch's fused optimizers.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
+                 skip_nonfinite: bool = False, backend: str = "auto"):
+        ops.check_backend_name(backend)
+        if max_grad_norm is not None and not (max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0, or None for no clipping)")
+        if defaults.get("differentiable"):
+            raise ValueError("differentiable=True is not supported: the fused kernels update in place "
+                             "and are not differentiable; use torch.optim for that")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.backend = backend
+        self.grad_norm: Optional[torch.Tensor] = None
+        self._skipped_steps: Optional[torch.Tensor] = None
+        super().__init__(params, defaults)
+
+    # ---- hyperparameters ------------------------------------------------------------
+    def _check_group(self, group: dict) -> None:
+        """Raise ValueError naming the bad hyperparameter. Subclasses extend this."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must have one element")
+        elif not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            devices = {p.device for p in group["params"]}
+            if len(devices) > 1:
+                raise ValueError(f"the params of one group must be on one device, got {sorted(map(str, devices))}")
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"complex params are not supported (a param of dtype {p.dtype})")
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise ValueError(f"param dtype {p.dtype} is not supported; use float32, bfloat16 or float16")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # A state_dict from torch (or an older torch) may lack some of our group keys.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # ---- the step -------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """Steps skipped on the device so far (non-finite grads), a 0-d int64 tensor."""
+        if self._skipped_steps is None:
+            return torch.zeros((), dtype=torch.int64)
+        return self._skipped_steps
+
+    def _buckets(self) -> list[Bucket]:
+        """Params with grads, grouped by (group, device, dtype), all checked before any change."""
+        buckets: list[Bucket] = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            by_key: dict[tuple, Bucket] = {}
+            devices = set()
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = f"param {pi} of group {gi}"
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+                if p.is_complex():
+                    raise RuntimeError(f"complex params are not supported ({where})")
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise RuntimeError(f"param dtype {p.dtype} is not supported ({where})")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise RuntimeError(f"the grad of {where} is {tuple(g.shape)} {g.dtype} on {g.device} "
+                                       f"but the param is {tuple(p.shape)} {p.dtype} on {p.device}")
+                if not p.is_non_overlapping_and_dense():
+                    raise RuntimeError(f"{where} is a strided view (strides {p.stride()}); "
+                                       "the fused kernels need params that are dense in memory")
+                devices.add(p.device)
+                by_key.setdefault((p.device, p.dtype), Bucket(group, p.device, [], [])).params.append(p)
+                by_key[(p.device, p.dtype)].grads.append(g)
+            if len(devices) > 1:
+                raise RuntimeError(f"the params of group {gi} are on several devices: {sorted(map(str, devices))}")
+            for bucket in by_key.values():
+                ops.resolve_backend(self.backend, bucket.device)
+                buckets.append(bucket)
+        # The kernels walk grads as flat arrays laid out like their params.
+        for bucket in buckets:
+            bucket.grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                            for p, g in zip(bucket.params, bucket.grads)]
+        return buckets
+
+    def _step_control(self, buckets: list[Bucket]) -> StepControl:
+        grad_scale = getattr(self, "grad_scale", None)   # set by GradScaler.step
+        found_inf = getattr(self, "found_inf", None)
+        grad_norm = None
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            grads = [g for b in buckets for g in b.grads]
+            grad_norm = ops.global_norm(grads, 2.0, self.backend)
+            self.grad_norm = grad_norm if grad_scale is None else grad_norm / grad_scale.to(grad_norm.device)
+        skip = None if found_inf is None else found_inf.to(torch.float32)
+        if self.skip_nonfinite and grad_norm is not None:
+            nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32)
+            skip = nonfinite if skip is None else torch.maximum(skip.to(nonfinite.device), nonfinite)
+        if skip is not None and buckets:
+            counted = (skip != 0).to(torch.int64)
+            if self._skipped_steps is None:
+                self._skipped_steps = torch.zeros((), dtype=torch.int64, device=counted.device)
+            self._skipped_steps += counted.to(self._skipped_steps.device)
+        return StepControl(grad_norm, grad_scale, skip)
+
+    @staticmethod
+    def _advance_steps(steps: list, control: StepControl) -> None:
+        """state['step'] += 1, or += 0 on a skipped step, without reading the flag on the host."""
+        if control.skip is None:
+            torch._foreach_add_(steps, 1.0)
+        else:
+            torch._foreach_add_(steps, 1.0 - control.skip)
+
+    @staticmethod
+    def _step_tensor(state: dict, device: torch.device) -> torch.Tensor:
+        """state['step'] as the kernels read it: a float32 tensor on the param's device.
+        torch may have saved it as a CPU tensor or a float; convert once."""
+        step = state.get("step", 0.0)
+        if not isinstance(step, torch.Tensor) or step.device != device or step.dtype != torch.float32:
+            step = torch.as_tensor(step, dtype=torch.float32).to(device).reshape(())
+            state["step"] = step
+        return step
+
+    @staticmethod
+    def _lr_tensor(group: dict, device: torch.device) -> torch.Tensor:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            return lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        return torch.full((), lr, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._buckets()
+        control = self._step_control(buckets)
+        for bucket in buckets:
+            self._update(bucket, control.on(bucket.device))
+        return loss
+
+    def _update(self, bucket: Bucket, control: StepControl) -> None:
+        raise NotImplementedError

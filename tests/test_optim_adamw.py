@@ -1,0 +1,315 @@
+"""catapult_kernels.optim.AdamW against torch.optim.AdamW (+ clip_grad_norm_): the same
+numbers over many steps, interchangeable state_dicts, GradScaler, skips, bad input."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from catapult_kernels.optim import AdamW
+from conftest import BACKEND_DEVICES
+
+STEPS = 20
+
+
+def _model(device, dtype=torch.float32, width=32, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(7, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.LayerNorm(width), nn.Linear(width, 3))
+    model[0].bias.requires_grad_(False)  # frozen: grad stays None
+    return model.to(device=device, dtype=dtype)
+
+
+def _groups(model, lr):
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim != 2]
+    return [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lr=lr * 0.5)]
+
+
+def _data(device, dtype=torch.float32, n=64):
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(n, 7, generator=g).to(device, dtype), torch.randn(n, 3, generator=g).to(device, dtype)
+
+
+def _train(model, opt, steps, device, dtype=torch.float32, max_grad_norm=None, scheduler=None,
+           loss_scale=1.0):
+    """Full-batch steps; torch's path clips with clip_grad_norm_ when max_grad_norm is set."""
+    x, y = _data(device, dtype)
+    norms = []
+    for _ in range(steps):
+        loss = ((model(x) - y) ** 2).mean() * loss_scale
+        opt.zero_grad()
+        loss.backward()
+        if max_grad_norm is not None and not isinstance(opt, AdamW):
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        opt.step()
+        if isinstance(opt, AdamW) and opt.grad_norm is not None:
+            norms.append(opt.grad_norm.clone())
+        if scheduler is not None:
+            scheduler.step()
+    return norms
+
+
+def _assert_same_params(a, b, **tol):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, msg=lambda m: f"{name}: {m}", **tol)
+
+
+CONFIGS = {
+    "default": dict(),
+    "clip": dict(max_grad_norm=0.05),
+    "amsgrad_maximize": dict(amsgrad=True, maximize=True),
+    "clip_amsgrad_betas": dict(max_grad_norm=0.1, amsgrad=True, betas=(0.8, 0.95), eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_matches_torch_adamw(backend_device, config):
+    backend, device = backend_device
+    config = dict(config)
+    max_grad_norm = config.pop("max_grad_norm", None)
+    ours_model = _model(device)
+    ref_model = copy.deepcopy(ours_model)
+    lr = 3e-2
+    ours = AdamW(_groups(ours_model, lr), lr=lr, weight_decay=0.1, max_grad_norm=max_grad_norm,
+                 backend=backend, **config)
+    ref = torch.optim.AdamW(_groups(ref_model, lr), lr=lr, weight_decay=0.1, **config)
+    sched_ours = torch.optim.lr_scheduler.CosineAnnealingLR(ours, T_max=STEPS)
+    sched_ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=STEPS)
+    norms = _train(ours_model, ours, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ours)
+    ref_norms = _train(ref_model, ref, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ref)
+    _assert_same_params(ours_model, ref_model, rtol=1e-5, atol=1e-6)
+    if max_grad_norm is not None:
+        torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms).to(device), rtol=1e-5, atol=0)
+        assert norms[0].device.type == device and norms[0].shape == ()
+    assert ours_model[0].bias.grad is None and ours_model[0].bias not in ours.state
+    for p in ours_model.parameters():
+        if p.requires_grad:
+            for key in ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if config.get("amsgrad") else ()):
+                assert key in ours.state[p]
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_params_at_least_as_accurate_as_torch_fused(backend_device, dtype):
+    """Against float32 training: our error no more than 2x torch fused AdamW's in the same dtype."""
+    backend, device = backend_device
+    gold_model, ref_model, ours_model = (_model(device, d) for d in (torch.float32, dtype, dtype))
+    gold = torch.optim.AdamW(gold_model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
+    ours = AdamW(ours_model.parameters(), lr=1e-2, backend=backend)
+    _train(gold_model, gold, 10, device)
+    _train(ref_model, ref, 10, device, dtype)
+    _train(ours_model, ours, 10, device, dtype)
+    for pg, pr, po in zip(gold_model.parameters(), ref_model.parameters(), ours_model.parameters()):
+        err_ref = (pr.double() - pg.double()).norm()
+        err_ours = (po.double() - pg.double()).norm()
+        assert err_ours <= 2 * err_ref + 1e-6, (err_ours, err_ref)
+        assert ours.state[po]["exp_avg"].dtype == dtype
+
+
+def test_mixed_dtypes_in_one_model():
+    model = _model("cpu")
+    model[-1].to(torch.bfloat16)
+    ref_model = copy.deepcopy(model)
+    ours = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.1)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
+    x, y = _data("cpu")
+    for m, opt in ((model, ours), (ref_model, ref)):
+        for _ in range(5):
+            opt.zero_grad()
+            out = m[:-1](x)
+            ((m[-1](out.bfloat16()).float() - y) ** 2).mean().backward()
+            if opt is ref:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+            opt.step()
+    _assert_same_params(model, ref_model, rtol=2e-2, atol=2e-2)
+    _assert_same_params(model[:-1], ref_model[:-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_state_dict_interchangeable(direction):
+    """Train 5 steps with one optimizer, move its state_dict into the other, train 5 more:
+    the same numbers as 10 uninterrupted steps."""
+    model = _model("cpu")
+    straight = copy.deepcopy(model)
+    make_ours = lambda m: AdamW(_groups(m, 1e-2), lr=1e-2, amsgrad=True)  # noqa: E731
+    make_torch = lambda m: torch.optim.AdamW(_groups(m, 1e-2), lr=1e-2, amsgrad=True)  # noqa: E731
+    first, second = (make_ours, make_torch) if direction == "ours_to_torch" else (make_torch, make_ours)
+    opt = first(model)
+    _train(model, opt, 5, "cpu")
+    saved = copy.deepcopy(opt.state_dict())
+    opt2 = second(model)
+    opt2.load_state_dict(saved)
+    _train(model, opt2, 5, "cpu")
+    ref = make_torch(straight)
+    _train(straight, ref, 10, "cpu")
+    _assert_same_params(model, straight, rtol=1e-5, atol=1e-6)
+    for p in model.parameters():
+        if p in opt2.state:
+            assert float(opt2.state[p]["step"]) == 10.0
+
+
+@pytest.mark.parametrize("step_as", ["float", "cpu_tensor"])
+def test_loads_step_saved_as_float_or_cpu_tensor(step_as):
+    model = _model("cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 3, "cpu")
+    sd = opt.state_dict()
+    for s in sd["state"].values():
+        s["step"] = float(s["step"]) if step_as == "float" else torch.tensor(float(s["step"]))
+    ours = AdamW(model.parameters(), lr=1e-2)
+    ours.load_state_dict(sd)
+    _train(model, ours, 2, "cpu")
+    for s in ours.state.values():
+        assert isinstance(s["step"], torch.Tensor) and float(s["step"]) == 5.0
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+def test_grad_scaler(backend_device):
+    """GradScaler hands its scale and found_inf to our step; an overflowing step is
+    skipped on the device and the scale backs off, as with torch's fused AdamW."""
+    backend, device = backend_device
+    model = _model(device)
+    ref_model = copy.deepcopy(model)
+    ours = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05, backend=backend)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    x, y = _data(device)
+    for m, opt in ((model, ours), (ref_model, ref)):
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
+        for i in range(8):
+            opt.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            scaler.scale(loss).backward()
+            if i == 3:  # an overflow: this step must be skipped
+                next(p for p in m.parameters() if p.grad is not None).grad[0, 0] = math.inf
+            if opt is ref:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            scaler.step(opt)
+            scaler.update()
+        assert scaler.get_scale() < 2.0**10 * 4  # backed off once
+    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-6)
+    for p, pr in zip(model.parameters(), ref_model.parameters()):
+        if p in ours.state:
+            assert float(ours.state[p]["step"]) == float(ref.state[pr]["step"]) == 7.0
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_skip_nonfinite_leaves_everything_unchanged(backend_device, bad):
+    backend, device = backend_device
+    model = _model(device)
+    opt = AdamW(model.parameters(), lr=1e-2, skip_nonfinite=True, backend=backend)
+    _train(model, opt, 3, device)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    x, y = _data(device)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    model[2].weight.grad[1, 1] = bad
+    opt.step()
+    for p, before in zip(model.parameters(), params):
+        assert torch.equal(p, before)
+    for key, s in opt.state_dict()["state"].items():
+        for name, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[key][name])), name
+    assert int(opt.skipped_steps) == 1
+    assert not torch.isfinite(opt.grad_norm)
+    _train(model, opt, 1, device)  # and training goes on
+    assert int(opt.skipped_steps) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_closure_and_add_param_group():
+    model = _model("cpu")
+    extra = nn.Parameter(torch.randn(5))
+    ref_model, ref_extra = copy.deepcopy(model), extra.detach().clone().requires_grad_()
+    x, y = _data("cpu")
+    ours = AdamW(model.parameters(), lr=1e-2)
+    ours.add_param_group(dict(params=[extra], lr=0.1, weight_decay=0.0))
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    ref.add_param_group(dict(params=[ref_extra], lr=0.1, weight_decay=0.0))
+    for m, e, opt in ((model, extra, ours), (ref_model, ref_extra, ref)):
+        for _ in range(4):
+            def closure():
+                opt.zero_grad()
+                loss = ((m(x) - y) ** 2).mean() + (e ** 2).sum()
+                loss.backward()
+                return loss
+            loss = opt.step(closure)
+            assert loss is not None
+    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(extra, ref_extra, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_with_other_strides_than_param():
+    p = nn.Parameter(torch.randn(6, 4))
+    q = nn.Parameter(p.detach().clone())
+    g = torch.randn(4, 6).t()  # same shape, transposed strides
+    p.grad, q.grad = g, g.contiguous()
+    AdamW([p], lr=0.1).step()
+    torch.optim.AdamW([q], lr=0.1).step()
+    torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "learning rate"),
+    (dict(eps=-1e-8), "epsilon"),
+    (dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(backend="tpu"), "unknown backend"),
+    (dict(differentiable=True), "differentiable"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW(_model("cpu").parameters(), **kwargs)
+
+
+def test_bad_params():
+    with pytest.raises(ValueError, match="complex"):
+        AdamW([nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="one device"):
+        AdamW([nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3, device="meta"))])
+    with pytest.raises(ValueError, match="not supported"):
+        AdamW([nn.Parameter(torch.randn(3, dtype=torch.float64))])
+
+
+@pytest.mark.parametrize("case, match", [
+    ("sparse", "sparse"),
+    ("shape", "grad of param"),
+    ("dtype", "grad of param"),
+    ("negative_lr", "learning rate"),
+])
+def test_bad_step_input_changes_nothing(case, match):
+    """The error names the problem and comes before any param or state is written,
+    although the bad param comes last."""
+    model = _model("cpu")
+    opt = AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 2, "cpu")
+    x, y = _data("cpu")
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    w = model[-1].weight
+    if case == "sparse":
+        w.grad = w.grad.to_sparse()
+    elif case == "shape":  # .data may change shape under a grad; the step must notice
+        w.data = torch.randn(w.shape[0], w.shape[1] + 1)
+    elif case == "dtype":
+        w.data = w.data.to(torch.bfloat16)
+    else:
+        opt.param_groups[0]["lr"] = -1.0
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    for key, s in opt.state_dict()["state"].items():
+        for name, value in s.items():
+            assert torch.equal(value, state[key][name]), (key, name)
