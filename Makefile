@@ -11,7 +11,7 @@ TORCH ?= torch==2.14.1
 	touch $@
 
 build: .venv/.ready
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps --use-pep517 -e .
 
 test: build
 	$(PY) -m pytest -q tests

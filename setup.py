@@ -50,7 +50,7 @@ def _cuda_build_reason():
 
 
 def _cpu_flags():
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]
     if platform.machine() in ("x86_64", "AMD64"):
         with open("/proc/cpuinfo") as f:
             cpu = f.read()
@@ -89,7 +89,7 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     _say(f"building the CPU and CUDA kernels (nvcc in {CUDA_HOME}, "
          f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}).")
-    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo"]
     return [
         CUDAExtension(
             "catapult_kernels._C",

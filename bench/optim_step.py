@@ -39,11 +39,11 @@ def mlp_shapes(n_params: int, depth: int = 4, d_in: int = 256, d_out: int = 10) 
 
 
 def make_params(shapes, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=g).to(device))
-        p.grad = torch.randn(s, generator=g).to(device) * 1e-2
+        p = torch.nn.Parameter(torch.randn(s, generator=g, device=device))
+        p.grad = torch.randn(s, generator=g, device=device) * 1e-2
         params.append(p)
     return params
 

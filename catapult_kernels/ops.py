@@ -27,6 +27,19 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its numel() elements fill [data_ptr, data_ptr + numel)."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
 def has_cpp_kernels(device_type: str) -> bool:
     """Whether the C++ extension was built with kernels for this device type."""
     if _C_ERROR is not None:
@@ -73,7 +86,8 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, per_ten
     tensors = list(tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
     if resolve_backend(backend, device) == "triton":
-        return torch.ops.catapult.multi_tensor_norm_triton(tensors, float(ord), per_tensor)
+        from .triton.multi_tensor_norm import multi_tensor_norm_triton_eager
+        return multi_tensor_norm_triton_eager(tensors, float(ord), per_tensor)
     return torch.ops.catapult.multi_tensor_norm(tensors, float(ord), per_tensor)
 
 
@@ -105,7 +119,10 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
            backend: str = "auto") -> None:
     """One fused AdamW step in place; see csrc/ops.cpp for the contract."""
     device = params[0].device if params else torch.device("cpu")
-    op = torch.ops.catapult.adamw_triton_ if resolve_backend(backend, device) == "triton" else torch.ops.catapult.adamw_
+    if resolve_backend(backend, device) == "triton":
+        from .triton.adamw import adamw_triton_eager as op  # the op itself under torch.compile
+    else:
+        op = torch.ops.catapult.adamw_
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
        weight_decay, amsgrad, maximize, grad_norm, max_grad_norm, grad_scale, found_inf)
 

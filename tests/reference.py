@@ -8,7 +8,7 @@ import torch
 
 def norm_reference(tensors, ord=2.0):
     """(total, per-tensor) norms in float64."""
-    per = [torch.linalg.vector_norm(t.double().flatten(), ord) if t.numel() else torch.zeros((), dtype=torch.float64)
+    per = [torch.linalg.vector_norm(t.double().cpu().flatten(), ord) if t.numel() else torch.zeros((), dtype=torch.float64)
            for t in tensors]
     if not per:
         return torch.zeros((), dtype=torch.float64), torch.zeros(0, dtype=torch.float64)

@@ -59,9 +59,14 @@ def _check(got, inputs, amsgrad, maximize, mult):
             if a.dtype == torch.float32:
                 torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=lambda m: f"{name}[{i}]: {m}")
             else:
-                err = (a.double() - b.double()).abs().max() if a.numel() else 0.0
-                err_ref = (c.double() - b.double()).abs().max() if a.numel() else 0.0
-                assert err <= 2 * err_ref + 1e-12, f"{name}[{i}]: error {err} vs reference's {err_ref}"
+                if not a.numel():
+                    continue
+                err = (a.double() - b.double()).abs().max()
+                err_ref = (c.double() - b.double()).abs().max()
+                # Storing in the half type costs up to half an ulp even when the reference's
+                # rounding happens to land exactly: that is the floor of the bound.
+                floor = torch.finfo(a.dtype).eps / 2 * b.double().abs().max()
+                assert err <= 2 * max(err_ref, floor), f"{name}[{i}]: error {err} vs reference's {err_ref}"
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)

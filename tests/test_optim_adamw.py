@@ -9,6 +9,7 @@ from torch import nn
 
 from catapult_kernels.optim import AdamW
 from conftest import BACKEND_DEVICES
+from reference import norm_reference
 
 STEPS = 20
 
@@ -80,7 +81,7 @@ def test_matches_torch_adamw(backend_device, config):
     sched_ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=STEPS)
     norms = _train(ours_model, ours, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ours)
     ref_norms = _train(ref_model, ref, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ref)
-    _assert_same_params(ours_model, ref_model, rtol=1e-5, atol=1e-6)
+    _assert_same_params(ours_model, ref_model, rtol=1e-5, atol=1e-5)
     if max_grad_norm is not None:
         torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms).to(device), rtol=1e-5, atol=0)
         assert norms[0].device.type == device and norms[0].shape == ()
@@ -107,10 +108,13 @@ def test_half_params_at_least_as_accurate_as_torch_fused(backend_device, dtype):
         err_ref = (pr.double() - pg.double()).norm()
         err_ours = (po.double() - pg.double()).norm()
         assert err_ours <= 2 * err_ref + 1e-6, (err_ours, err_ref)
-        assert ours.state[po]["exp_avg"].dtype == dtype
+        if po.requires_grad:
+            assert ours.state[po]["exp_avg"].dtype == dtype
 
 
 def test_mixed_dtypes_in_one_model():
+    """One optimizer over float32 and bfloat16 params: the global norm covers both, and
+    each dtype is updated as torch's fused AdamW updates it (one step: no feedback)."""
     model = _model("cpu")
     model[-1].to(torch.bfloat16)
     ref_model = copy.deepcopy(model)
@@ -118,15 +122,15 @@ def test_mixed_dtypes_in_one_model():
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
     x, y = _data("cpu")
     for m, opt in ((model, ours), (ref_model, ref)):
-        for _ in range(5):
-            opt.zero_grad()
-            out = m[:-1](x)
-            ((m[-1](out.bfloat16()).float() - y) ** 2).mean().backward()
-            if opt is ref:
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
-            opt.step()
-    _assert_same_params(model, ref_model, rtol=2e-2, atol=2e-2)
-    _assert_same_params(model[:-1], ref_model[:-1], rtol=1e-5, atol=1e-6)
+        ((m[-1](m[:-1](x).bfloat16()).float() - y) ** 2).mean().backward()
+        if opt is ours:
+            expected_norm = norm_reference([p.grad for p in m.parameters() if p.grad is not None])[0]
+        else:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+        opt.step()
+    torch.testing.assert_close(ours.grad_norm.double(), expected_norm, rtol=1e-5, atol=0)
+    _assert_same_params(model[:-1], ref_model[:-1], rtol=1e-5, atol=1e-5)
+    _assert_same_params(model[-1:], ref_model[-1:], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
@@ -146,7 +150,7 @@ def test_state_dict_interchangeable(direction):
     _train(model, opt2, 5, "cpu")
     ref = make_torch(straight)
     _train(straight, ref, 10, "cpu")
-    _assert_same_params(model, straight, rtol=1e-5, atol=1e-6)
+    _assert_same_params(model, straight, rtol=1e-5, atol=1e-5)
     for p in model.parameters():
         if p in opt2.state:
             assert float(opt2.state[p]["step"]) == 10.0
@@ -177,6 +181,7 @@ def test_grad_scaler(backend_device):
     ours = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05, backend=backend)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     x, y = _data(device)
+    scales = []
     for m, opt in ((model, ours), (ref_model, ref)):
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
         for i in range(8):
@@ -190,8 +195,9 @@ def test_grad_scaler(backend_device):
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
             scaler.step(opt)
             scaler.update()
-        assert scaler.get_scale() < 2.0**10 * 4  # backed off once
-    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-6)
+        scales.append(scaler.get_scale())
+    assert scales[0] == scales[1] == 2.0**12  # x2 three times, /2 once
+    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
     for p, pr in zip(model.parameters(), ref_model.parameters()):
         if p in ours.state:
             assert float(ours.state[p]["step"]) == float(ref.state[pr]["step"]) == 7.0
@@ -241,8 +247,8 @@ def test_closure_and_add_param_group():
                 return loss
             loss = opt.step(closure)
             assert loss is not None
-    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(extra, ref_extra, rtol=1e-5, atol=1e-6)
+    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extra, ref_extra, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_with_other_strides_than_param():

@@ -124,7 +124,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise RuntimeError(f"the grad of {where} is {tuple(g.shape)} {g.dtype} on {g.device} "
                                        f"but the param is {tuple(p.shape)} {p.dtype} on {p.device}")
-                if not p.is_non_overlapping_and_dense():
+                if not ops.is_dense(p):
                     raise RuntimeError(f"{where} is a strided view (strides {p.stride()}); "
                                        "the fused kernels need params that are dense in memory")
                 devices.add(p.device)
