@@ -57,8 +57,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.backend = backend
-        self.grad_norm: Optional[torch.Tensor] = None
-        self._skipped_steps: Optional[torch.Tensor] = None
+        # What step() reports. A dict mutated in place, not attributes set on self:
+        # torch.compile (dynamo) refuses attribute writes on an optimizer inside a step.
+        self._report: dict[str, Optional[torch.Tensor]] = {"grad_norm": None, "skipped_steps": None}
         super().__init__(params, defaults)
 
     # ---- hyperparameters ------------------------------------------------------------
@@ -97,11 +98,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- the step -------------------------------------------------------------------
     @property
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """The last step's global L2 grad norm before clipping (unscaled under AMP), a 0-d
+        tensor on the params' device; None unless max_grad_norm or skip_nonfinite is set."""
+        return self._report["grad_norm"]
+
+    @property
     def skipped_steps(self) -> torch.Tensor:
         """Steps skipped on the device so far (non-finite grads), a 0-d int64 tensor."""
-        if self._skipped_steps is None:
-            return torch.zeros((), dtype=torch.int64)
-        return self._skipped_steps
+        skipped = self._report["skipped_steps"]
+        return torch.zeros((), dtype=torch.int64) if skipped is None else skipped
 
     def _buckets(self) -> list[Bucket]:
         """Params with grads, grouped by (group, device, dtype), all checked before any change."""
@@ -148,16 +154,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm is not None or self.skip_nonfinite:
             grads = [g for b in buckets for g in b.grads]
             grad_norm = ops.global_norm(grads, 2.0, self.backend)
-            self.grad_norm = grad_norm if grad_scale is None else grad_norm / grad_scale.to(grad_norm.device)
+            self._report["grad_norm"] = (grad_norm if grad_scale is None
+                                         else grad_norm / grad_scale.to(grad_norm.device))
         skip = None if found_inf is None else found_inf.to(torch.float32)
         if self.skip_nonfinite and grad_norm is not None:
             nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32)
             skip = nonfinite if skip is None else torch.maximum(skip.to(nonfinite.device), nonfinite)
         if skip is not None and buckets:
             counted = (skip != 0).to(torch.int64)
-            if self._skipped_steps is None:
-                self._skipped_steps = torch.zeros((), dtype=torch.int64, device=counted.device)
-            self._skipped_steps += counted.to(self._skipped_steps.device)
+            skipped = self._report["skipped_steps"]
+            self._report["skipped_steps"] = counted if skipped is None else skipped + counted.to(skipped.device)
         return StepControl(grad_norm, grad_scale, skip)
 
     @staticmethod
