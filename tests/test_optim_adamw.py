@@ -84,8 +84,9 @@ def test_matches_torch_adamw(backend_device, config):
     # Ulp-level differences (FMA or not) grow over 20 steps at this lr; 1e-4 is 0.3% of
     # one step's size, far below what any error in the formula would give.
     _assert_same_params(ours_model, ref_model, rtol=1e-4, atol=1e-4)
-    if max_grad_norm is not None:
-        torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms).to(device), rtol=1e-5, atol=0)
+    if max_grad_norm is not None:  # the first step's norm exactly; later ones see the drift
+        torch.testing.assert_close(norms[0], ref_norms[0].to(device), rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms).to(device), rtol=1e-4, atol=0)
         assert norms[0].device.type == device and norms[0].shape == ()
     assert ours_model[0].bias.grad is None and ours_model[0].bias not in ours.state
     for p in ours_model.parameters():
@@ -96,22 +97,32 @@ def test_matches_torch_adamw(backend_device, config):
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_params_at_least_as_accurate_as_torch_fused(backend_device, dtype):
-    """Against float32 training: our error no more than 2x torch fused AdamW's in the same dtype."""
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_half_params_at_least_as_accurate_as_torch_fused(backend_device, dtype, amsgrad):
+    """20 steps on half-type params fed a fixed sequence of grads (no feedback through a
+    model, so rounding differences do not compound chaotically): against float32 training,
+    our error is no more than 2x that of torch's fused AdamW run in the same dtype."""
     backend, device = backend_device
-    gold_model, ref_model, ours_model = (_model(device, d) for d in (torch.float32, dtype, dtype))
-    gold = torch.optim.AdamW(gold_model.parameters(), lr=1e-3)
-    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, fused=True)
-    ours = AdamW(ours_model.parameters(), lr=1e-3, backend=backend)
-    _train(gold_model, gold, 10, device)
-    _train(ref_model, ref, 10, device, dtype)
-    _train(ours_model, ours, 10, device, dtype)
-    for pg, pr, po in zip(gold_model.parameters(), ref_model.parameters(), ours_model.parameters()):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(64, 33), (33,), (1,), (257,)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(20)]
+    runs = {}
+    for name, make, dt in [("gold", lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=amsgrad), torch.float32),
+                           ("torch", lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=amsgrad, fused=True), dtype),
+                           ("ours", lambda ps: AdamW(ps, lr=1e-2, amsgrad=amsgrad, backend=backend), dtype)]:
+        params = [nn.Parameter(p.to(device=device, dtype=dt)) for p in init]
+        opt = make(params)
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr.to(device=device, dtype=dt)
+            opt.step()
+        runs[name] = (params, opt)
+    for i, (pg, pr, po) in enumerate(zip(*(runs[k][0] for k in ("gold", "torch", "ours")))):
         err_ref = (pr.double() - pg.double()).norm()
         err_ours = (po.double() - pg.double()).norm()
-        assert err_ours <= 2 * err_ref + 1e-6, (err_ours, err_ref)
-        if po.requires_grad:
-            assert ours.state[po]["exp_avg"].dtype == dtype
+        assert err_ours <= 2 * err_ref, (i, float(err_ours), float(err_ref))
+        assert runs["ours"][1].state[po]["exp_avg"].dtype == dtype
 
 
 def test_mixed_dtypes_in_one_model():
