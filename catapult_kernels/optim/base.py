@@ -110,42 +110,49 @@ class FusedOptimizer(torch.optim.Optimizer):
         return torch.zeros((), dtype=torch.int64) if skipped is None else skipped
 
     def _buckets(self) -> list[Bucket]:
-        """Params with grads, grouped by (group, device, dtype), all checked before any change."""
+        """Params with grads, grouped by (group, device, dtype), all checked before any change.
+        A step over thousands of small tensors is bound by this loop: keep it lean."""
         buckets: list[Bucket] = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             by_key: dict[tuple, Bucket] = {}
-            devices = set()
-            for pi, p in enumerate(group["params"]):
+            for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
-                where = f"param {pi} of group {gi}"
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
-                if p.is_complex():
-                    raise RuntimeError(f"complex params are not supported ({where})")
-                if p.dtype not in SUPPORTED_DTYPES:
-                    raise RuntimeError(f"param dtype {p.dtype} is not supported ({where})")
-                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                    raise RuntimeError(f"the grad of {where} is {tuple(g.shape)} {g.dtype} on {g.device} "
-                                       f"but the param is {tuple(p.shape)} {p.dtype} on {p.device}")
-                if not ops.is_dense(p):
-                    raise RuntimeError(f"{where} is a strided view (strides {p.stride()}); "
-                                       "the fused kernels need params that are dense in memory")
-                devices.add(p.device)
-                by_key.setdefault((p.device, p.dtype), Bucket(group, p.device, [], [])).params.append(p)
-                by_key[(p.device, p.dtype)].grads.append(g)
+                key = (p.device, p.dtype)
+                if (g.layout is not torch.strided or g.dtype is not key[1] or key[1] not in SUPPORTED_DTYPES
+                        or g.shape != p.shape or g.device != key[0] or not (p.is_contiguous() or ops.is_dense(p))):
+                    self._raise_bad_grad(gi, group, p)
+                if not (g.is_contiguous() and p.is_contiguous()) and g.stride() != p.stride():
+                    g = torch.empty_like(p).copy_(g)  # the kernels walk grads laid out like params
+                bucket = by_key.get(key)
+                if bucket is None:
+                    bucket = by_key[key] = Bucket(group, key[0], [], [])
+                bucket.params.append(p)
+                bucket.grads.append(g)
+            devices = {device for device, _ in by_key}
             if len(devices) > 1:
                 raise RuntimeError(f"the params of group {gi} are on several devices: {sorted(map(str, devices))}")
             for bucket in by_key.values():
                 ops.resolve_backend(self.backend, bucket.device)
                 buckets.append(bucket)
-        # The kernels walk grads as flat arrays laid out like their params.
-        for bucket in buckets:
-            bucket.grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                            for p, g in zip(bucket.params, bucket.grads)]
         return buckets
+
+    def _raise_bad_grad(self, gi: int, group: dict, p: torch.Tensor) -> None:
+        """The error naming what is wrong with param p and its grad."""
+        g, where = p.grad, f"param {[id(q) for q in group['params']].index(id(p))} of group {gi}"
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({where})")
+        if p.is_complex():
+            raise RuntimeError(f"complex params are not supported ({where})")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise RuntimeError(f"param dtype {p.dtype} is not supported ({where}); use float32, bfloat16 or float16")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise RuntimeError(f"the grad of {where} is {tuple(g.shape)} {g.dtype} on {g.device} "
+                               f"but the param is {tuple(p.shape)} {p.dtype} on {p.device}")
+        raise RuntimeError(f"{where} is a strided view (strides {p.stride()}); "
+                           "the fused kernels need params that are dense in memory")
 
     def _step_control(self, buckets: list[Bucket]) -> StepControl:
         grad_scale = getattr(self, "grad_scale", None)   # set by GradScaler.step
@@ -179,7 +186,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """state['step'] as the kernels read it: a float32 tensor on the param's device.
         torch may have saved it as a CPU tensor or a float; convert once."""
         step = state.get("step", 0.0)
-        if not isinstance(step, torch.Tensor) or step.device != device or step.dtype != torch.float32:
+        if type(step) is not torch.Tensor or step.dtype is not torch.float32 or step.device != device:
             step = torch.as_tensor(step, dtype=torch.float32).to(device).reshape(())
             state["step"] = step
         return step
