@@ -18,10 +18,11 @@ from setuptools import find_packages, setup
 def _find_cuda_home():
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
-    toolkits = sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), reverse=True)
-    if toolkits:
-        return os.path.dirname(os.path.dirname(toolkits[0]))
-    return None
+    def version(nvcc):  # /usr/local/cuda-13.0/bin/nvcc -> (13, 0); plain /usr/local/cuda first
+        tail = nvcc.split("/")[3][len("cuda"):].lstrip("-")
+        return tuple(int(x) for x in tail.split(".") if x.isdigit()) if tail else (10**6,)
+    toolkits = sorted(glob.glob("/usr/local/cuda*/bin/nvcc"), key=version, reverse=True)
+    return os.path.dirname(os.path.dirname(toolkits[0])) if toolkits else None
 
 
 # cpp_extension reads CUDA_HOME when it is imported.

@@ -20,6 +20,7 @@ except ImportError as e:  # not built: the Triton ops may still work
     _C_ERROR = e
 
 BACKENDS = ("auto", "cpu", "cuda", "triton")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take
 
 
 def check_backend_name(backend: str) -> None:
@@ -40,11 +41,27 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, and strides that agree on every dim of size > 1 (a size-1 dim's stride
+    is arbitrary), so both walk their memory in the same order."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _built_kernels() -> dict:
+    if _C_ERROR is not None:
+        return {"cpu": False, "cuda": False}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {d: has("catapult::adamw_", d.upper()) and has("catapult::multi_tensor_norm", d.upper())
+            for d in ("cpu", "cuda")}
+
+
+# Read once at import: torch.compile cannot trace the dispatcher query inside a step.
+_BUILT = _built_kernels()
+
+
 def has_cpp_kernels(device_type: str) -> bool:
     """Whether the C++ extension was built with kernels for this device type."""
-    if _C_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("catapult::adamw_", device_type.upper())
+    return _BUILT.get(device_type, False)
 
 
 def _load_triton() -> None:
@@ -93,7 +110,7 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, per_ten
 
 def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str = "auto") -> torch.Tensor:
     """The ord-norm of all tensors taken together, float32 on the first tensor's device.
-    One fused op per device; ord other than 2 and inf falls back to torch (as torch does)."""
+    One fused op per device; other ords and dtypes (float64) fall back to torch's per-tensor norms."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
@@ -102,7 +119,8 @@ def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str 
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
-    if ord in (2.0, math.inf):
+    fused = ord in (2.0, math.inf) and all(t.dtype in SUPPORTED_DTYPES for t in tensors)
+    if fused:
         norms = [multi_tensor_norm(ts, ord, False, backend)[0] for ts in by_device.values()]
     else:
         norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, ord, dtype=torch.float32)

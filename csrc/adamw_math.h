@@ -1,5 +1,7 @@
 // Scalar math shared by the CPU and CUDA AdamW kernels (the Triton kernel
 // mirrors it in catapult_kernels/triton/adamw.py). Keep the three in step.
+// The CPU and Triton kernels compile it without FMA contraction, so they round
+// exactly as written; nvcc contracts a*b+c by default, so CUDA may differ by an ulp.
 #pragma once
 #include <cmath>
 
@@ -44,7 +46,8 @@ CATAPULT_HD AdamWStep adamw_step_constants(float lr, float beta1, float beta2, f
   return s;
 }
 
-// One element, in float32, as torch's fused AdamW does it. g is already multiplied
+// One element, in float32, in the order of torch.optim.AdamW's foreach path (decay
+// as p *= 1 - lr*wd; torch's fused kernel writes p -= lr*wd*p). g is already multiplied
 // by grad_multiplier and negated for maximize. vmax is ignored unless amsgrad.
 template <bool amsgrad>
 CATAPULT_HD void adamw_element(float& p, float g, float& m, float& v, float& vmax,

@@ -12,6 +12,17 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Whether a and b have the same shape and walk memory in the same order: strides
+// agree on every dim of size > 1 (a size-1 dim's stride is arbitrary; autograd and
+// .t() of a row vector give it different values).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 // A scalar control tensor (lr, grad_norm, grad_scale, found_inf): float32, one
 // element, on the kernels' device (CPU tensors are read directly by the CPU kernels).
 inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
@@ -56,7 +67,7 @@ inline void check_update_lists(at::TensorList params,
                   " but params are on ", device);
       TORCH_CHECK(t.scalar_type() == p.scalar_type(), "catapult: ", name, "[", i,
                   "] has dtype ", t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
-      TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "catapult: ", name, "[",
+      TORCH_CHECK(same_layout(t, p), "catapult: ", name, "[",
                   i, "] has shape ", t.sizes(), " strides ", t.strides(), " but params[", i,
                   "] has shape ", p.sizes(), " strides ", p.strides());
     }

@@ -32,3 +32,21 @@ def test_compiled_training_step_matches_eager():
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(opt.grad_norm, eager_opt.grad_norm)
+
+
+def test_step_compiles_into_one_graph():
+    """opt.step() alone traces without a graph break (fullgraph=True)."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in [(16, 8), (16,), (3, 16)]]
+    eager_params = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, eager_params):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    opt = AdamW(params, lr=1e-2, max_grad_norm=0.5, skip_nonfinite=True, backend="cpu")
+    eager_opt = AdamW(eager_params, lr=1e-2, max_grad_norm=0.5, skip_nonfinite=True, backend="cpu")
+    compiled_step = torch.compile(opt.step, fullgraph=True)
+    for _ in range(3):
+        compiled_step()
+        eager_opt.step()
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

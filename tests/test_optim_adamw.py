@@ -186,15 +186,16 @@ def test_loads_step_saved_as_float_or_cpu_tensor(step_as):
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 def test_grad_scaler(backend_device):
-    """GradScaler hands its scale and found_inf to our step; an overflowing step is
-    skipped on the device and the scale backs off, as with torch's fused AdamW."""
+    """GradScaler hands its scale and found_inf to our step (torch's fused-optimizer
+    protocol); an overflowing step is skipped on the device and the scale backs off.
+    Reference: torch's AdamW with unscale_ + clip_grad_norm_."""
     backend, device = backend_device
     model = _model(device)
     ref_model = copy.deepcopy(model)
     ours = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05, backend=backend)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
     x, y = _data(device)
-    scales = []
+    scales, norms = [], []
     for m, opt in ((model, ours), (ref_model, ref)):
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
         for i in range(8):
@@ -205,10 +206,14 @@ def test_grad_scaler(backend_device):
                 next(p for p in m.parameters() if p.grad is not None).grad[0, 0] = math.inf
             if opt is ref:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+                norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
             scaler.step(opt)
             scaler.update()
+            if opt is ours:
+                norm = ours.grad_norm.clone()  # unscaled, as clip_grad_norm_ sees it
+        norms.append(norm)
         scales.append(scaler.get_scale())
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-4, atol=0)
     assert scales[0] == scales[1] == 2.0**12  # x2 three times, /2 once
     _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
     for p, pr in zip(model.parameters(), ref_model.parameters()):
@@ -332,3 +337,64 @@ def test_bad_step_input_changes_nothing(case, match):
     for key, s in opt.state_dict()["state"].items():
         for name, value in s.items():
             assert torch.equal(value, state[key][name]), (key, name)
+
+
+def test_size_one_dims_may_have_any_stride():
+    """A column made by .t() has strides (1, 8); a fresh grad of its shape has (1, 1). Both
+    walk memory in the same order, so the step must take them as they are, as torch does."""
+    p = nn.Parameter(torch.randn(1, 8).t())
+    q = nn.Parameter(p.detach().clone())
+    p.grad, q.grad = torch.randn(8, 1), None
+    q.grad = p.grad.clone()
+    assert p.stride() != p.grad.stride()
+    AdamW([p], lr=0.1).step()
+    torch.optim.AdamW([q], lr=0.1).step()
+    torch.testing.assert_close(p, q)
+
+
+def test_found_inf_summed_over_devices_skips_once():
+    """GradScaler hands over found_inf summed over devices (2.0 with two overflowing GPUs):
+    still one skipped step, and the step count must not go down."""
+    model = _model("cpu")
+    opt = AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 2, "cpu")
+    before = copy.deepcopy(opt.state_dict()["state"])
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.found_inf, opt.grad_scale = torch.tensor(2.0), None
+    opt.step()
+    del opt.found_inf, opt.grad_scale
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for key, s in opt.state_dict()["state"].items():
+        assert float(s["step"]) == float(before[key]["step"]) == 2.0
+    assert int(opt.skipped_steps) == 1
+
+
+def test_tensor_lr():
+    model = _model("cpu")
+    ref_model = copy.deepcopy(model)
+    ours = AdamW(model.parameters(), lr=torch.tensor(1e-2))
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    _train(model, ours, 5, "cpu")
+    _train(ref_model, ref, 5, "cpu")
+    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_loaded_state_changes_nothing():
+    """A state_dict whose moments do not fit the params is refused at the step, before any
+    param or state (of any group) is written."""
+    model = _model("cpu")
+    opt = AdamW(_groups(model, 1e-2), lr=1e-2)
+    _train(model, opt, 2, "cpu")
+    sd = opt.state_dict()
+    last = max(sd["state"])
+    sd["state"][last]["exp_avg"] = torch.zeros(4, 4)
+    opt.load_state_dict(sd)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = {k: float(s["step"]) for k, s in opt.state_dict()["state"].items()}
+    x, y = _data("cpu")
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert {k: float(s["step"]) for k, s in opt.state_dict()["state"].items()} == steps

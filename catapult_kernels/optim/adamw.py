@@ -43,21 +43,21 @@ class AdamW(FusedOptimizer):
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
 
-    def _state(self, p: torch.Tensor, amsgrad: bool, device: torch.device) -> dict:
-        """p's state, made (zeros, as torch does) on its first step."""
+    def _param_like_state_keys(self, group: dict) -> tuple:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
         state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for key in self._param_like_state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self._step_tensor(state, device)
         return state
 
     def _update(self, bucket: Bucket, control: StepControl) -> None:
         group = bucket.group
         amsgrad = group["amsgrad"]
-        states = [self._state(p, amsgrad, bucket.device) for p in bucket.params]
+        states = bucket.states
         steps = [s["step"] for s in states]
         self._advance_steps(steps, control)
         beta1, beta2 = group["betas"]

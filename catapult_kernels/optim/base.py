@@ -1,29 +1,31 @@
 """What every fused optimizer shares: the step pipeline around its update kernel.
 
-step() = validate every grad (before anything changes) -> one global grad-norm pass
-(when clipping or skip_nonfinite needs it) -> per (group, device, dtype) bucket: bump
-the step counts and run the optimizer's fused update kernel, which reads the clip
-coefficient, the GradScaler scale and the skip flag from device tensors. No host sync.
+step() = validate every grad and every state tensor (before anything changes; missing
+state is created as zeros, as torch does) -> one global grad-norm pass (when clipping or
+skip_nonfinite needs it) -> per (group, device, dtype) bucket: bump the step counts and
+run the optimizer's fused update kernel, which reads the clip coefficient, the GradScaler
+scale and the skip flag from device tensors. No host sync.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from .. import ops
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = ops.SUPPORTED_DTYPES
 
 
 @dataclass
 class Bucket:
-    """The params of one group on one device with one dtype, and their grads."""
+    """The params of one group on one device with one dtype, their grads and states."""
     group: dict
     device: torch.device
     params: list
     grads: list
+    states: Optional[list] = None
 
 
 @dataclass
@@ -31,16 +33,18 @@ class StepControl:
     """Device tensors that one step's kernels read instead of host values."""
     grad_norm: Optional[torch.Tensor]      # global norm of the grads as given (scaled under AMP)
     grad_scale: Optional[torch.Tensor]     # GradScaler's scale, when grads are still scaled
-    skip: Optional[torch.Tensor]           # float32, nonzero: leave everything untouched
+    skip: Optional[torch.Tensor]           # float32, 1: leave everything untouched, else 0
 
     def on(self, device: torch.device) -> "StepControl":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        # A CPU kernel reads its scalars at once: a copy to the CPU must have landed.
+        non_blocking = device.type == "cuda"
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return StepControl(move(self.grad_norm), move(self.grad_scale), move(self.skip))
 
 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of the drop-in optimizers. Subclasses set `defaults`, validate their own
-    hyperparameters in `_check_group`, and implement `_init_state` and `_update`."""
+    hyperparameters in `_check_group`, and implement `_state` and `_update`."""
 
     # torch.amp.GradScaler then hands us grad_scale and found_inf instead of unscaling
     # the grads itself, as it does for torch's fused optimizers.
@@ -124,7 +128,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if (g.layout is not torch.strided or g.dtype is not key[1] or key[1] not in SUPPORTED_DTYPES
                         or g.shape != p.shape or g.device != key[0] or not (p.is_contiguous() or ops.is_dense(p))):
                     self._raise_bad_grad(gi, group, p)
-                if not (g.is_contiguous() and p.is_contiguous()) and g.stride() != p.stride():
+                if not (g.is_contiguous() and p.is_contiguous()) and not ops.same_layout(g, p):
                     g = torch.empty_like(p).copy_(g)  # the kernels walk grads laid out like params
                 bucket = by_key.get(key)
                 if bucket is None:
@@ -163,7 +167,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_norm = ops.global_norm(grads, 2.0, self.backend)
             self._report["grad_norm"] = (grad_norm if grad_scale is None
                                          else grad_norm / grad_scale.to(grad_norm.device))
-        skip = None if found_inf is None else found_inf.to(torch.float32)
+        # GradScaler's found_inf is a sum over devices; the kernels and step counts want 0 or 1.
+        skip = None if found_inf is None else (found_inf != 0).to(torch.float32)
         if self.skip_nonfinite and grad_norm is not None:
             nonfinite = (~torch.isfinite(grad_norm)).to(torch.float32)
             skip = nonfinite if skip is None else torch.maximum(skip.to(nonfinite.device), nonfinite)
@@ -179,7 +184,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if control.skip is None:
             torch._foreach_add_(steps, 1.0)
         else:
-            torch._foreach_add_(steps, 1.0 - control.skip)
+            # A list of the one tensor, not the tensor: torch.compile would read a 0-d CPU
+            # tensor given as a scalar on the host.
+            keep = 1.0 - control.skip
+            torch._foreach_add_(steps, [keep] * len(steps))
 
     @staticmethod
     def _step_tensor(state: dict, device: torch.device) -> torch.Tensor:
@@ -205,10 +213,33 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self._buckets()
+        for bucket in buckets:
+            bucket.states = [self._state(p, bucket.group, bucket.device) for p in bucket.params]
+            self._check_states(bucket)
         control = self._step_control(buckets)
         for bucket in buckets:
             self._update(bucket, control.on(bucket.device))
         return loss
 
+    def _check_states(self, bucket: Bucket) -> None:
+        """State tensors (a loaded state_dict may hold anything) laid out like their params,
+        checked before any kernel runs so that a bad one changes nothing."""
+        for p, state in zip(bucket.params, bucket.states):
+            for key in self._param_like_state_keys(bucket.group):
+                t = state[key]
+                if t.dtype is not p.dtype or t.device != p.device or not ops.same_layout(t, p):
+                    raise RuntimeError(f"state[{key!r}] of a param is {tuple(t.shape)} {t.dtype} on {t.device} "
+                                       f"(strides {t.stride()}) but the param is {tuple(p.shape)} {p.dtype} "
+                                       f"on {p.device} (strides {p.stride()})")
+
+    def _param_like_state_keys(self, group: dict) -> tuple:
+        """The state tensors shaped like the param, for this group's options."""
+        raise NotImplementedError
+
+    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
+        """p's state, made on its first step (as torch makes it), with a float32 step tensor on device."""
+        raise NotImplementedError
+
     def _update(self, bucket: Bucket, control: StepControl) -> None:
+        """Run the fused update kernel on one bucket."""
         raise NotImplementedError

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
+from ..ops import same_layout
 from .multi_tensor_table import (address_table, can_bypass_dispatcher, check_runnable, get_plan, is_dense,
                                  is_fake, is_interpreted, set_wrap_triton_enabled, tensor_ptr)
 
@@ -192,7 +193,7 @@ def _check_lists(params, others, state_steps) -> None:
     shapes = [p.shape for p in params]
     strides = [p.stride() for p in params]
     ok = (devs.count(devs[0]) == n and all(dt in _SUPPORTED for dt in set(dts))
-          and all([p.is_contiguous() for p in params]) or all(is_dense(p) for p in params))
+          and (all([p.is_contiguous() for p in params]) or all(is_dense(p) for p in params)))
     for _, lst in others:
         ok = ok and ([t.get_device() for t in lst] == devs and [t.dtype for t in lst] == dts
                      and [t.shape for t in lst] == shapes and [t.stride() for t in lst] == strides)
@@ -219,7 +220,7 @@ def _check_lists_slow(params, others, state_steps) -> None:
                 raise RuntimeError(f"catapult: {name}[{i}] is on {t.device} but params are on {device}")
             if t.dtype != dt:
                 raise RuntimeError(f"catapult: {name}[{i}] has dtype {t.dtype} but params[{i}] has {dt}")
-            if t.shape != shape or t.stride() != stride:
+            if not same_layout(t, p):
                 raise RuntimeError(f"catapult: {name}[{i}] has shape {tuple(t.shape)} strides {tuple(t.stride())} "
                                    f"but params[{i}] has shape {tuple(shape)} strides {tuple(stride)}")
         s = state_steps[i]
@@ -227,7 +228,6 @@ def _check_lists_slow(params, others, state_steps) -> None:
             raise RuntimeError(f"catapult: state_steps[{i}] must be a one-element float32 tensor")
         if s.device != device:
             raise RuntimeError(f"catapult: state_steps[{i}] is on {s.device} but params are on {device}")
-    raise RuntimeError("catapult: adamw_triton_: inconsistent tensor lists")  # not reached
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
