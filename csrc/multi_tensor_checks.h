@@ -79,4 +79,35 @@ inline void check_update_lists(at::TensorList params,
   }
 }
 
+// Everything catapult::adamw_ checks, on every backend, before it writes anything.
+// `device` is where the kernel runs (the params' device; CPU for an empty list).
+inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                             at::TensorList state_steps, bool amsgrad, const at::Tensor& lr,
+                             const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                             const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+  if (amsgrad) {
+    check_update_lists(params,
+                       {{"grads", grads},
+                        {"exp_avgs", exp_avgs},
+                        {"exp_avg_sqs", exp_avg_sqs},
+                        {"max_exp_avg_sqs", max_exp_avg_sqs}},
+                       state_steps);
+  } else {
+    check_update_lists(params,
+                       {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                       state_steps);
+  }
+  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: adamw_: params are on ",
+              params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
+              " tensors");
+  check_scalar_tensor(lr, "lr", device);
+  check_optional_scalar(grad_norm, "grad_norm", device);
+  check_optional_scalar(grad_scale, "grad_scale", device);
+  check_optional_scalar(found_inf, "found_inf", device);
+  TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(),
+              "catapult: adamw_ needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
+}
+
 }  // namespace catapult

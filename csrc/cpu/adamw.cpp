@@ -196,27 +196,9 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
-  const at::Device cpu(at::kCPU);
-  if (amsgrad) {
-    catapult::check_update_lists(params,
-                                 {{"grads", grads},
-                                  {"exp_avgs", exp_avgs},
-                                  {"exp_avg_sqs", exp_avg_sqs},
-                                  {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                                 state_steps);
-  } else {
-    catapult::check_update_lists(
-        params, {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-        state_steps);
-  }
-  TORCH_CHECK(params.empty() || params[0].is_cpu(), "catapult: adamw_: params are on ",
-              params[0].device(), "; the CPU kernel takes CPU tensors only");
-  catapult::check_scalar_tensor(lr, "lr", cpu);
-  catapult::check_optional_scalar(grad_norm, "grad_norm", cpu);
-  catapult::check_optional_scalar(grad_scale, "grad_scale", cpu);
-  catapult::check_optional_scalar(found_inf, "found_inf", cpu);
-  TORCH_CHECK(max_grad_norm <= 0.0 || grad_norm.has_value(),
-              "catapult: adamw_ needs grad_norm when max_grad_norm > 0");
+  catapult::check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                             amsgrad, lr, grad_norm, max_grad_norm, grad_scale, found_inf,
+                             at::Device(at::kCPU));
 
   // The control scalars are CPU tensors: read them here, no sync involved.
   if (found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f) return;

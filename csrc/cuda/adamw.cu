@@ -119,28 +119,12 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
                 const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& found_inf) {
-  // Every check passes before anything is launched.
-  if (amsgrad) {
-    check_update_lists(params,
-                       {{"grads", grads},
-                        {"exp_avgs", exp_avgs},
-                        {"exp_avg_sqs", exp_avg_sqs},
-                        {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                       state_steps);
-  } else {
-    check_update_lists(params,
-                       {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                       state_steps);
-  }
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
+  const at::Device device = params.empty() ? lr.device() : params[0].device();
   TORCH_CHECK(device.is_cuda(), "catapult: adamw_ (CUDA) got tensors on ", device);
-  check_scalar_tensor(lr, "lr", device);
-  check_optional_scalar(grad_norm, "grad_norm", device);
-  check_optional_scalar(grad_scale, "grad_scale", device);
-  check_optional_scalar(found_inf, "found_inf", device);
-  TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(),
-              "catapult: adamw_ needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
+  // Every check passes before anything is launched.
+  check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad, lr,
+                   grad_norm, max_grad_norm, grad_scale, found_inf, device);
+  if (params.empty()) return;
 
   c10::cuda::CUDAGuard guard(device);
   const float* lr_ptr = lr.data_ptr<float>();
