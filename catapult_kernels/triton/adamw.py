@@ -26,11 +26,10 @@ from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
 from ..ops import same_layout
-from .multi_tensor_table import (address_table, can_bypass_dispatcher, check_runnable, get_plan, is_dense,
-                                 is_fake, is_interpreted, set_wrap_triton_enabled, tensor_ptr)
+from .multi_tensor_table import (SUPPORTED_DTYPES, TL_DTYPE, address_table, can_bypass_dispatcher, check_runnable,
+                                 get_plan, is_dense, is_fake, is_interpreted, keep_whole_under_functionalization,
+                                 set_wrap_triton_enabled, tensor_ptr)
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -192,7 +191,7 @@ def _check_lists(params, others, state_steps) -> None:
     dts = [p.dtype for p in params]
     shapes = [p.shape for p in params]
     strides = [p.stride() for p in params]
-    ok = (devs.count(devs[0]) == n and all(dt in _SUPPORTED for dt in set(dts))
+    ok = (devs.count(devs[0]) == n and all(dt in SUPPORTED_DTYPES for dt in set(dts))
           and (all([p.is_contiguous() for p in params]) or all(is_dense(p) for p in params)))
     for _, lst in others:
         ok = ok and ([t.get_device() for t in lst] == devs and [t.dtype for t in lst] == dts
@@ -209,7 +208,7 @@ def _check_lists_slow(params, others, state_steps) -> None:
         dt = p.dtype
         if p.device != device:
             raise RuntimeError(f"catapult: params[{i}] is on {p.device} but params[0] is on {device}")
-        if dt not in _SUPPORTED:
+        if dt not in SUPPORTED_DTYPES:
             raise RuntimeError(f"catapult: params[{i}] has dtype {dt}; supported: float32, bfloat16, float16")
         if not is_dense(p):
             raise RuntimeError(f"catapult: params[{i}] is not dense in memory (strides {tuple(p.stride())})")
@@ -269,7 +268,7 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
             grad_scale if grad_scale is not None else dummy,
             found_inf if found_inf is not None else dummy,
             float(beta1), float(beta2), float(eps), float(weight_decay), float(max_grad_norm),
-            DTYPE=_TL_DTYPE[dt], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), CLIP=clip,
+            DTYPE=TL_DTYPE[dt], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), CLIP=clip,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             INTERPRETED=interpreted, ALIGNED=aligned, L=len(lists), BLOCK=block, CHUNK=chunk,
             num_warps=warps, enable_fp_fusion=False)
@@ -313,13 +312,4 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, be
     return None
 
 
-def _opaque_under_functionalization(mode, op, types, args, kwargs):
-    # The kernel reaches the tensors through an address table, which torch.compile's
-    # analysis of triton kernels cannot see (it would not know what is mutated): keep
-    # the op whole, functionalized as a mutating custom op, rather than decomposing it.
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-from torch._subclasses.functional_tensor import FunctionalTensorMode  # noqa: E402
-
-adamw_triton_.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
+keep_whole_under_functionalization(adamw_triton_)

@@ -21,11 +21,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .multi_tensor_table import (address_table, can_bypass_dispatcher, check_runnable, get_plan, is_dense,
-                                 is_fake, is_interpreted, set_wrap_triton_enabled, tensor_ptr)
+from .multi_tensor_table import (SUPPORTED_DTYPES, TL_DTYPE, address_table, can_bypass_dispatcher, check_runnable,
+                                 get_plan, is_dense, is_fake, is_interpreted, keep_whole_under_functionalization,
+                                 set_wrap_triton_enabled, tensor_ptr)
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -118,7 +117,7 @@ def _check(tensors, ord) -> torch.device:
         raise RuntimeError(f"catapult: multi_tensor_norm_triton supports ord 2 or inf, got ord={ord}")
     device = tensors[0].device
     for i, t in enumerate(tensors):
-        if t.dtype not in _SUPPORTED:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise RuntimeError(f"catapult: tensors[{i}] has dtype {t.dtype}; supported: float32, bfloat16, float16")
         if t.device != device:
             raise RuntimeError(f"catapult: tensors[{i}] is on {t.device} but tensors[0] is on {device}")
@@ -160,7 +159,7 @@ def _multi_tensor_norm(tensors, ord, per_tensor):
             block, _, warps = sizes[dt]
             wrap_triton(_norm_partials_kernel)[(end - begin,)](
                 addrs, plan.numels, plan.group_blocks(begin), partials[begin:],
-                DTYPE=_TL_DTYPE[dt], IS_INF=is_inf, ALIGNED=aligned[0], BLOCK=block, CHUNK=chunk,
+                DTYPE=TL_DTYPE[dt], IS_INF=is_inf, ALIGNED=aligned[0], BLOCK=block, CHUNK=chunk,
                 num_warps=warps)
     grid = (n + 1,) if per_tensor else (1,)
     wrap_triton(_norm_reduce_kernel)[grid](
@@ -191,13 +190,4 @@ def _(tensors, ord, per_tensor):
     return _fake_outputs(tensors, per_tensor)
 
 
-def _opaque_under_functionalization(mode, op, types, args, kwargs):
-    # The kernels reach the tensors through an address table, which torch.compile's
-    # analysis of triton kernels cannot see: keep the op whole (a custom op that
-    # functionalization handles with its fake kernel), rather than decomposing it.
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-from torch._subclasses.functional_tensor import FunctionalTensorMode  # noqa: E402
-
-multi_tensor_norm_triton.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
+keep_whole_under_functionalization(multi_tensor_norm_triton)

@@ -38,13 +38,18 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from ..ops import is_dense  # noqa: F401  (re-exported for the op modules)
+from ..ops import SUPPORTED_DTYPES, is_dense  # noqa: F401  (re-exported for the op modules)
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 __all__ = [
+    "TL_DTYPE",
+    "SUPPORTED_DTYPES",
+    "keep_whole_under_functionalization",
     "MultiTensorPlan",
     "get_plan",
     "address_table",
-    "group_keys",
     "is_dense",
     "is_fake",
     "is_interpreted",
@@ -216,11 +221,6 @@ def tensor_ptr(addrs, row, L: tl.constexpr, l: tl.constexpr, DTYPE: tl.constexpr
 
 # ------------------------------------------------------------------------ helpers
 
-def group_keys(tensors: Sequence[torch.Tensor]) -> list:
-    """Group key (the dtype) of each tensor."""
-    return [t.dtype for t in tensors]
-
-
 def is_fake(*tensors) -> bool:
     """Whether these tensors carry no data (FakeTensor, meta, functional wrapper), or a
     fake mode is on. Callers pass one tensor per list: a list is fake or real as a whole."""
@@ -301,3 +301,11 @@ def check_runnable(device: torch.device, kernel) -> None:
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"catapult Triton ops run on CUDA tensors (or CPU tensors under "
                            f"the interpreter), not on {device}")
+
+
+def keep_whole_under_functionalization(op) -> None:
+    """The kernels reach tensors through an address table, which torch.compile's analysis
+    of Triton kernels cannot see (it would not know what is read or mutated): keep the op
+    whole, functionalized as a custom op with its fake kernel, instead of tracing into it."""
+    op.register_torch_dispatch(FunctionalTensorMode,
+                               lambda mode, op_, types, args, kwargs: mode.__torch_dispatch__(op_, types, args, kwargs))
