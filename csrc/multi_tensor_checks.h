@@ -39,18 +39,15 @@ inline void check_optional_scalar(const std::optional<at::Tensor>& t, const char
 }
 
 // The lists of an elementwise update: entry i of every list is the same shape,
-// dtype (state_steps aside), device and dense memory layout, so the kernels may
-// walk all of them as flat arrays of params[i].numel() elements.
+// dtype, device and dense memory layout, so the kernels may walk all of them as
+// flat arrays of params[i].numel() elements.
 inline void check_update_lists(at::TensorList params,
-                               std::initializer_list<std::pair<const char*, at::TensorList>> others,
-                               at::TensorList state_steps) {
+                               std::initializer_list<std::pair<const char*, at::TensorList>> others) {
   const auto n = params.size();
   for (const auto& [name, list] : others) {
     TORCH_CHECK(list.size() == n, "catapult: ", name, " has ", list.size(),
                 " tensors but params has ", n);
   }
-  TORCH_CHECK(state_steps.size() == n, "catapult: state_steps has ", state_steps.size(),
-              " tensors but params has ", n);
   if (n == 0) return;
   const auto device = params[0].device();
   for (size_t i = 0; i < n; ++i) {
@@ -71,11 +68,22 @@ inline void check_update_lists(at::TensorList params,
                   i, "] has shape ", t.sizes(), " strides ", t.strides(), " but params[", i,
                   "] has shape ", p.sizes(), " strides ", p.strides());
     }
+  }
+}
+
+// The same, plus one float32 step count per param on the params' device.
+inline void check_update_lists(at::TensorList params,
+                               std::initializer_list<std::pair<const char*, at::TensorList>> others,
+                               at::TensorList state_steps) {
+  check_update_lists(params, others);
+  TORCH_CHECK(state_steps.size() == params.size(), "catapult: state_steps has ", state_steps.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) {
     const auto& s = state_steps[i];
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat,
                 "catapult: state_steps[", i, "] must be a one-element float32 tensor");
-    TORCH_CHECK(s.device() == device, "catapult: state_steps[", i, "] is on ", s.device(),
-                " but params are on ", device);
+    TORCH_CHECK(s.device() == params[0].device(), "catapult: state_steps[", i, "] is on ",
+                s.device(), " but params are on ", params[0].device());
   }
 }
 
@@ -108,6 +116,29 @@ inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::Te
   check_optional_scalar(found_inf, "found_inf", device);
   TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(),
               "catapult: adamw_ needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
+}
+
+// Everything catapult::sgd_ checks, on every backend, before it writes anything.
+inline void check_sgd_args(at::TensorList params, at::TensorList grads,
+                           at::TensorList momentum_buffers, double momentum, const at::Tensor& lr,
+                           const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+  if (momentum != 0.0) {
+    check_update_lists(params, {{"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  } else {
+    TORCH_CHECK(momentum_buffers.empty(), "catapult: sgd_: momentum_buffers must be empty when momentum is 0");
+    check_update_lists(params, {{"grads", grads}});
+  }
+  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: sgd_: params are on ",
+              params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
+              " tensors");
+  check_scalar_tensor(lr, "lr", device);
+  check_optional_scalar(grad_norm, "grad_norm", device);
+  check_optional_scalar(grad_scale, "grad_scale", device);
+  check_optional_scalar(found_inf, "found_inf", device);
+  TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(),
+              "catapult: sgd_ needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
 }
 
 }  // namespace catapult

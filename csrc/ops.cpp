@@ -33,4 +33,15 @@ TORCH_LIBRARY(catapult, m) {
       "Tensor lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, Tensor? grad_norm, float max_grad_norm, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
+
+  // One SGD step (torch.optim.SGD's formula, math in float32), with the same grad
+  // pipeline as adamw_ (grad_norm / max_grad_norm / grad_scale / found_inf). With
+  // momentum == 0, momentum_buffers is empty and only params are written (12 B/param);
+  // else first_step says the buffers are new: they are set to the step's grad
+  // (torch's first step) instead of updated.
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool first_step, Tensor? grad_norm, float max_grad_norm, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
 }
