@@ -1,14 +1,15 @@
-"""Optimizer-step microbenchmark: catapult_kernels AdamW (with and without fused global
-clipping) against torch.optim.AdamW(fused=True) and (foreach=True) (+ clip_grad_norm_),
-on the layers of a wide MLP, reported as effective bandwidth and as a fraction of a
-roof measured in the same run on the same device.
+"""Optimizer-step microbenchmark: catapult_kernels' optimizers (with and without fused
+global clipping) against torch's fused and foreach ones (+ clip_grad_norm_), on the
+layers of a wide MLP, reported as effective bandwidth and as a fraction of a roof
+measured in the same run on the same device.
 
-    python -m bench.optim_step [--device cpu|cuda] [--sizes 1M,10M] [--reps 20]
+    python -m bench.optim_step [--device cpu|cuda] [--optimizers adamw,sgd,sgd_momentum]
+                               [--sizes 1M,10M] [--reps 20]
 
-Effective GB/s = the bytes the ideal kernel must move / time (DESIGN.md): fp32 AdamW reads
-p, g, m, v and writes p, m, v = 28 B/param; clipping reads g once more = 32 B/param. The
-roof: on CPU an in-place stream x.mul_(c) (8 B/elem; a step updates in place), on GPU a
-device-to-device copy (8 B/elem).
+Effective GB/s = the bytes the ideal kernel must move / time (DESIGN.md), fp32: AdamW reads
+p, g, m, v and writes p, m, v = 28 B/param; SGD with momentum 20; plain SGD 12; clipping
+reads g once more (+4). The roof: on CPU an in-place stream x.mul_(c) (8 B/elem; a step
+updates in place), on GPU a device-to-device copy (8 B/elem).
 """
 from __future__ import annotations
 
@@ -24,9 +25,16 @@ import time
 import torch
 
 from catapult_kernels import ops
-from catapult_kernels.optim import AdamW
+from catapult_kernels.optim import SGD, AdamW
+from catapult_kernels.optim.base import FusedOptimizer
 
-BYTES_PER_PARAM = {False: 28, True: 32}  # fp32 AdamW, without / with global clipping
+# name -> (torch class, ours, kwargs, fp32 bytes per param without clipping; clipping adds 4)
+OPTIMIZERS = {
+    "adamw": (torch.optim.AdamW, AdamW, dict(lr=1e-3), 28),
+    "sgd": (torch.optim.SGD, SGD, dict(lr=1e-3), 12),
+    "sgd_momentum": (torch.optim.SGD, SGD, dict(lr=1e-3, momentum=0.9), 20),
+}
+CLIP_BYTES = 4
 # Above the grads' norm: torch's clip_grad_norm_ scales the grads in place on every call,
 # and an active clip would shrink the benchmark's fixed grads toward denormals (slow on
 # CPUs), which no training run sees. The clipping work is the same either way.
@@ -91,19 +99,21 @@ def roof(device):
     return "device-to-device copy", lambda: y.copy_(x), 8 * n
 
 
-def contenders(device, backends):
-    """name -> (make optimizer from params, clips inside step, uses torch's clip_grad_norm_)."""
+def contenders(optimizer: str, backends):
+    """name -> make(params, clip): torch fused, torch foreach, ours on each backend."""
+    torch_cls, ours_cls, kw, _ = OPTIMIZERS[optimizer]
+    title = torch_cls.__name__
     out = {
-        "torch AdamW(fused=True)": lambda ps, clip: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-        "torch AdamW(foreach=True)": lambda ps, clip: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        f"torch {title}(fused=True)": lambda ps, clip: torch_cls(ps, fused=True, **kw),
+        f"torch {title}(foreach=True)": lambda ps, clip: torch_cls(ps, foreach=True, **kw),
     }
     for b in backends:
-        out[f"catapult AdamW [{b}]"] = (lambda b: lambda ps, clip: AdamW(
-            ps, lr=1e-3, max_grad_norm=MAX_GRAD_NORM if clip else None, backend=b))(b)
+        out[f"catapult {title} [{b}]"] = (lambda b: lambda ps, clip: ours_cls(
+            ps, max_grad_norm=MAX_GRAD_NORM if clip else None, backend=b, **kw))(b)
     return out
 
 
-def bench_case(label, shapes, device, backends, reps, rounds=5) -> list[dict]:
+def bench_case(optimizer, label, shapes, device, backends, reps, rounds=5) -> list[dict]:
     """Median step time of each contender, and the roof. They take turns over `rounds`
     rounds, so a slow spell of a shared machine does not land on one of them alone."""
     n_params = sum(math.prod(s) for s in shapes)
@@ -111,10 +121,10 @@ def bench_case(label, shapes, device, backends, reps, rounds=5) -> list[dict]:
     rows = []
     for clip in (False, True):
         steps = {"roof": roof_fn}
-        for name, make in contenders(device, backends).items():
+        for name, make in contenders(optimizer, backends).items():
             params = make_params(shapes, device)
             opt = make(params, clip)
-            if clip and not isinstance(opt, AdamW):
+            if clip and not isinstance(opt, FusedOptimizer):
                 def fn(opt=opt, params=params):
                     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
                     opt.step()
@@ -128,8 +138,8 @@ def bench_case(label, shapes, device, backends, reps, rounds=5) -> list[dict]:
         roof_gbs = roof_bytes / statistics.median(times.pop("roof")) / 1e6
         for name, ts in times.items():
             ms = statistics.median(ts)
-            gbs = BYTES_PER_PARAM[clip] * n_params / ms / 1e6
-            rows.append(dict(case=label, n_params=n_params, n_tensors=len(shapes), clip=clip, optimizer=name,
+            gbs = (OPTIMIZERS[optimizer][3] + CLIP_BYTES * clip) * n_params / ms / 1e6
+            rows.append(dict(optimizer_family=optimizer, case=label, n_params=n_params, n_tensors=len(shapes), clip=clip, optimizer=name,
                              median_ms=ms, effective_gbs=gbs, roof=roof_name, roof_gbs=roof_gbs,
                              fraction_of_roof=gbs / roof_gbs))
         del steps
@@ -156,6 +166,7 @@ def parse_size(s: str) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--optimizers", default="adamw,sgd,sgd_momentum", help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--sizes", default=None, help="params per case, e.g. 1M,10M,100M")
     ap.add_argument("--no-small", action="store_true", help="skip the 5000 x 1000-element case")
     ap.add_argument("--reps", type=int, default=None)
@@ -171,19 +182,22 @@ def main(argv=None):
     if not args.no_small:
         cases.append(("5000 x 1000", [(1000,)] * 5000))
     rows = []
-    for label, shapes in cases:
-        rows += bench_case(label, shapes, device, backends, reps)
+    for optimizer in args.optimizers.split(","):
+        if optimizer not in OPTIMIZERS:
+            ap.error(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        for label, shapes in cases:
+            rows += bench_case(optimizer, label, shapes, device, backends, reps)
     for r in rows:
-        base = next(x for x in rows if x["case"] == r["case"] and x["clip"] == r["clip"]
-                    and x["optimizer"] == "torch AdamW(fused=True)")
+        base = next(x for x in rows if x["optimizer_family"] == r["optimizer_family"] and x["case"] == r["case"]
+                    and x["clip"] == r["clip"] and x["optimizer"].endswith("(fused=True)"))
         r["speedup_vs_torch_fused"] = base["median_ms"] / r["median_ms"]
 
     print(f"\n{device_name(device)}, torch {torch.__version__}; roof: {rows[0]['roof']}, "
           "measured beside each case\n")
-    print("| case | clip | optimizer | median ms | GB/s | roof GB/s | of roof | vs torch fused |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| family | case | clip | optimizer | median ms | GB/s | roof GB/s | of roof | vs torch fused |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {'clip + step' if r['clip'] else 'step'} | {r['optimizer']} | "
+        print(f"| {r['optimizer_family']} | {r['case']} | {'clip + step' if r['clip'] else 'step'} | {r['optimizer']} | "
               f"{r['median_ms']:.3f} | {r['effective_gbs']:.1f} | {r['roof_gbs']:.0f} | "
               f"{r['fraction_of_roof']:.0%} | {r['speedup_vs_torch_fused']:.2f}x |")
 
@@ -193,7 +207,8 @@ def main(argv=None):
     with open(path, "x") as f:  # never overwrite an earlier result
         json.dump(dict(benchmark="optim_step", device=device_name(device), device_type=device.type,
                        torch=torch.__version__, date=stamp,
-                       bytes_per_param=BYTES_PER_PARAM, max_grad_norm=MAX_GRAD_NORM, reps=reps, rows=rows),
+                       bytes_per_param={k: v[3] for k, v in OPTIMIZERS.items()}, clip_bytes_per_param=CLIP_BYTES,
+                       max_grad_norm=MAX_GRAD_NORM, reps=reps, rows=rows),
                   f, indent=1)
     print(f"\nwrote {path}")
 

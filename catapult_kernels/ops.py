@@ -51,8 +51,8 @@ def _built_kernels() -> dict:
     if _C_ERROR is not None:
         return {"cpu": False, "cuda": False}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {d: has("catapult::adamw_", d.upper()) and has("catapult::multi_tensor_norm", d.upper())
-            for d in ("cpu", "cuda")}
+    ops_ = ("catapult::multi_tensor_norm", "catapult::adamw_", "catapult::sgd_")
+    return {d: all(has(op, d.upper()) for op in ops_) for d in ("cpu", "cuda")}
 
 
 # Read once at import: torch.compile cannot trace the dispatcher query inside a step.
@@ -145,6 +145,21 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
        weight_decay, amsgrad, maximize, grad_norm, max_grad_norm, grad_scale, found_inf)
 
 
+def sgd_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, dampening: float,
+         weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
+         grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
+         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+         backend: str = "auto") -> None:
+    """One fused SGD step in place; see csrc/ops.cpp for the contract."""
+    device = params[0].device if params else torch.device("cpu")
+    if resolve_backend(backend, device) == "triton":
+        from .triton.sgd import sgd_triton_eager as op  # the op itself under torch.compile
+    else:
+        op = torch.ops.catapult.sgd_
+    op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
+       first_step, grad_norm, max_grad_norm, grad_scale, found_inf)
+
+
 if _C_ERROR is None:
     @torch.library.register_fake("catapult::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, ord, per_tensor):
@@ -154,4 +169,8 @@ if _C_ERROR is None:
 
     @torch.library.register_fake("catapult::adamw_")
     def _adamw_fake(*args):
+        return None
+
+    @torch.library.register_fake("catapult::sgd_")
+    def _sgd_fake(*args):
         return None

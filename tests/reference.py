@@ -49,3 +49,41 @@ def adamw_reference(p, g, m, v, vmax, step, lr, beta1, beta2, eps, weight_decay,
     p = p - (lr / bias_correction1) * m / denom
     vmax = vmax.to(dt) if amsgrad else vmax
     return p.to(dt), m.to(dt), v.to(dt), vmax
+
+
+def sgd_reference(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                  mult=1.0, compute_dtype=torch.float64):
+    """One SGD step (torch.optim.SGD's formula) for one tensor: (p, buf) in the inputs' dtype.
+    buf is None without momentum; on the first step it becomes the step's grad."""
+    dt = p.dtype
+    p, g = p.to(compute_dtype), g.to(compute_dtype) * mult
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    if momentum != 0:
+        buf = g if first_step else momentum * buf.to(compute_dtype) + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf
+        buf = buf.to(dt)
+    p = p - lr * g
+    return p.to(dt), buf
+
+
+def assert_close_to_reference(name, got, gold, same):
+    """float32: within 2e-6 of the float64 formula (gold), relative to the element or to
+    the tensor's largest value, since terms that nearly cancel (momentum * buf - g) keep
+    the absolute error of their operands. Half types: the error against gold no more than
+    2x that of the same formula computed in float32 and stored in that type (same), with
+    half an ulp at the largest value as the floor of the bound."""
+    got = got.cpu()
+    if not got.numel():
+        return
+    scale = gold.double().abs().max().item()
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got.double(), gold.double(), rtol=2e-6, atol=2e-6 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+        return
+    err = (got.double() - gold.double()).abs().max()
+    err_same = (same.double() - gold.double()).abs().max()
+    floor = torch.finfo(got.dtype).eps / 2 * scale
+    assert err <= 2 * max(err_same, floor), f"{name}: error {err} vs the reference's {err_same}"

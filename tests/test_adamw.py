@@ -7,7 +7,7 @@ import torch
 
 from catapult_kernels import ops
 from conftest import BACKEND_DEVICES, DTYPES
-from reference import adamw_reference, grad_multiplier_reference, norm_reference
+from reference import adamw_reference, assert_close_to_reference, grad_multiplier_reference, norm_reference
 
 SHAPES = {
     "empty": [(0,)],
@@ -48,25 +48,12 @@ def _expected(params, grads, m, v, vmax, steps, amsgrad, maximize, mult, compute
 
 
 def _check(got, inputs, amsgrad, maximize, mult):
-    """float32 against the float64 formula; half types: error against float64 no more
-    than 2x the error of the same formula computed in float32 and stored in that type."""
     gold = _expected(*[[t.cpu() for t in ts] for ts in inputs], amsgrad, maximize, mult, torch.float64)
     same = _expected(*[[t.cpu() for t in ts] for ts in inputs], amsgrad, maximize, mult, torch.float32)
     names = ["param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"][: 4 if amsgrad else 3]
     for i, (g_out, ref, ref32) in enumerate(zip(got, gold, same)):
         for name, a, b, c in zip(names, g_out, ref, ref32):
-            a = a.cpu()
-            if a.dtype == torch.float32:
-                torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=lambda m: f"{name}[{i}]: {m}")
-            else:
-                if not a.numel():
-                    continue
-                err = (a.double() - b.double()).abs().max()
-                err_ref = (c.double() - b.double()).abs().max()
-                # Storing in the half type costs up to half an ulp even when the reference's
-                # rounding happens to land exactly: that is the floor of the bound.
-                floor = torch.finfo(a.dtype).eps / 2 * b.double().abs().max()
-                assert err <= 2 * max(err_ref, floor), f"{name}[{i}]: error {err} vs reference's {err_ref}"
+            assert_close_to_reference(f"{name}[{i}]", a, b, c)
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)

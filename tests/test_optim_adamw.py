@@ -10,52 +10,7 @@ from torch import nn
 from catapult_kernels.optim import AdamW
 from conftest import BACKEND_DEVICES
 from reference import norm_reference
-
-STEPS = 20
-
-
-def _model(device, dtype=torch.float32, width=32, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(7, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.LayerNorm(width), nn.Linear(width, 3))
-    model[0].bias.requires_grad_(False)  # frozen: grad stays None
-    return model.to(device=device, dtype=dtype)
-
-
-def _groups(model, lr):
-    decay = [p for n, p in model.named_parameters() if p.ndim == 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim != 2]
-    return [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lr=lr * 0.5)]
-
-
-def _data(device, dtype=torch.float32, n=64):
-    g = torch.Generator().manual_seed(123)
-    return torch.randn(n, 7, generator=g).to(device, dtype), torch.randn(n, 3, generator=g).to(device, dtype)
-
-
-def _train(model, opt, steps, device, dtype=torch.float32, max_grad_norm=None, scheduler=None,
-           loss_scale=1.0):
-    """Full-batch steps; torch's path clips with clip_grad_norm_ when max_grad_norm is set."""
-    x, y = _data(device, dtype)
-    norms = []
-    for _ in range(steps):
-        loss = ((model(x) - y) ** 2).mean() * loss_scale
-        opt.zero_grad()
-        loss.backward()
-        if max_grad_norm is not None and not isinstance(opt, AdamW):
-            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
-        opt.step()
-        if isinstance(opt, AdamW) and opt.grad_norm is not None:
-            norms.append(opt.grad_norm.clone())
-        if scheduler is not None:
-            scheduler.step()
-    return norms
-
-
-def _assert_same_params(a, b, **tol):
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, msg=lambda m: f"{name}: {m}", **tol)
-
+from training import STEPS, assert_same_params, make_data, param_groups, make_model, train
 
 CONFIGS = {
     "default": dict(),
@@ -71,19 +26,19 @@ def test_matches_torch_adamw(backend_device, config):
     backend, device = backend_device
     config = dict(config)
     max_grad_norm = config.pop("max_grad_norm", None)
-    ours_model = _model(device)
+    ours_model = make_model(device)
     ref_model = copy.deepcopy(ours_model)
     lr = 3e-2
-    ours = AdamW(_groups(ours_model, lr), lr=lr, weight_decay=0.1, max_grad_norm=max_grad_norm,
+    ours = AdamW(param_groups(ours_model, lr), lr=lr, weight_decay=0.1, max_grad_norm=max_grad_norm,
                  backend=backend, **config)
-    ref = torch.optim.AdamW(_groups(ref_model, lr), lr=lr, weight_decay=0.1, **config)
+    ref = torch.optim.AdamW(param_groups(ref_model, lr), lr=lr, weight_decay=0.1, **config)
     sched_ours = torch.optim.lr_scheduler.CosineAnnealingLR(ours, T_max=STEPS)
     sched_ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=STEPS)
-    norms = _train(ours_model, ours, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ours)
-    ref_norms = _train(ref_model, ref, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ref)
+    norms = train(ours_model, ours, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ours)
+    ref_norms = train(ref_model, ref, STEPS, device, max_grad_norm=max_grad_norm, scheduler=sched_ref)
     # Ulp-level differences (FMA or not) grow over 20 steps at this lr; 1e-4 is 0.3% of
     # one step's size, far below what any error in the formula would give.
-    _assert_same_params(ours_model, ref_model, rtol=1e-4, atol=1e-4)
+    assert_same_params(ours_model, ref_model, rtol=1e-4, atol=1e-4)
     if max_grad_norm is not None:  # the first step's norm exactly; later ones see the drift
         torch.testing.assert_close(norms[0], ref_norms[0].to(device), rtol=1e-6, atol=0)
         torch.testing.assert_close(torch.stack(norms), torch.stack(ref_norms).to(device), rtol=1e-4, atol=0)
@@ -128,12 +83,12 @@ def test_half_params_at_least_as_accurate_as_torch_fused(backend_device, dtype, 
 def test_mixed_dtypes_in_one_model():
     """One optimizer over float32 and bfloat16 params: the global norm covers both, and
     each dtype is updated as torch's fused AdamW updates it (one step: no feedback)."""
-    model = _model("cpu")
+    model = make_model("cpu")
     model[-1].to(torch.bfloat16)
     ref_model = copy.deepcopy(model)
     ours = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.1)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
-    x, y = _data("cpu")
+    x, y = make_data("cpu")
     for m, opt in ((model, ours), (ref_model, ref)):
         ((m[-1](m[:-1](x).bfloat16()).float() - y) ** 2).mean().backward()
         if opt is ours:
@@ -142,28 +97,28 @@ def test_mixed_dtypes_in_one_model():
             torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
         opt.step()
     torch.testing.assert_close(ours.grad_norm.double(), expected_norm, rtol=1e-5, atol=0)
-    _assert_same_params(model[:-1], ref_model[:-1], rtol=1e-5, atol=1e-5)
-    _assert_same_params(model[-1:], ref_model[-1:], rtol=1e-2, atol=1e-2)
+    assert_same_params(model[:-1], ref_model[:-1], rtol=1e-5, atol=1e-5)
+    assert_same_params(model[-1:], ref_model[-1:], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
 def test_state_dict_interchangeable(direction):
     """Train 5 steps with one optimizer, move its state_dict into the other, train 5 more:
     the same numbers as 10 uninterrupted steps."""
-    model = _model("cpu")
+    model = make_model("cpu")
     straight = copy.deepcopy(model)
-    make_ours = lambda m: AdamW(_groups(m, 1e-2), lr=1e-2, amsgrad=True)  # noqa: E731
-    make_torch = lambda m: torch.optim.AdamW(_groups(m, 1e-2), lr=1e-2, amsgrad=True)  # noqa: E731
+    make_ours = lambda m: AdamW(param_groups(m, 1e-2), lr=1e-2, amsgrad=True)  # noqa: E731
+    make_torch = lambda m: torch.optim.AdamW(param_groups(m, 1e-2), lr=1e-2, amsgrad=True)  # noqa: E731
     first, second = (make_ours, make_torch) if direction == "ours_to_torch" else (make_torch, make_ours)
     opt = first(model)
-    _train(model, opt, 5, "cpu")
+    train(model, opt, 5, "cpu")
     saved = copy.deepcopy(opt.state_dict())
     opt2 = second(model)
     opt2.load_state_dict(saved)
-    _train(model, opt2, 5, "cpu")
+    train(model, opt2, 5, "cpu")
     ref = make_torch(straight)
-    _train(straight, ref, 10, "cpu")
-    _assert_same_params(model, straight, rtol=1e-5, atol=1e-5)
+    train(straight, ref, 10, "cpu")
+    assert_same_params(model, straight, rtol=1e-5, atol=1e-5)
     for p in model.parameters():
         if p in opt2.state:
             assert float(opt2.state[p]["step"]) == 10.0
@@ -171,15 +126,15 @@ def test_state_dict_interchangeable(direction):
 
 @pytest.mark.parametrize("step_as", ["float", "cpu_tensor"])
 def test_loads_step_saved_as_float_or_cpu_tensor(step_as):
-    model = _model("cpu")
+    model = make_model("cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    _train(model, opt, 3, "cpu")
+    train(model, opt, 3, "cpu")
     sd = opt.state_dict()
     for s in sd["state"].values():
         s["step"] = float(s["step"]) if step_as == "float" else torch.tensor(float(s["step"]))
     ours = AdamW(model.parameters(), lr=1e-2)
     ours.load_state_dict(sd)
-    _train(model, ours, 2, "cpu")
+    train(model, ours, 2, "cpu")
     for s in ours.state.values():
         assert isinstance(s["step"], torch.Tensor) and float(s["step"]) == 5.0
 
@@ -190,11 +145,11 @@ def test_grad_scaler(backend_device):
     protocol); an overflowing step is skipped on the device and the scale backs off.
     Reference: torch's AdamW with unscale_ + clip_grad_norm_."""
     backend, device = backend_device
-    model = _model(device)
+    model = make_model(device)
     ref_model = copy.deepcopy(model)
     ours = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05, backend=backend)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
-    x, y = _data(device)
+    x, y = make_data(device)
     scales, norms = [], []
     for m, opt in ((model, ours), (ref_model, ref)):
         scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
@@ -215,7 +170,7 @@ def test_grad_scaler(backend_device):
         scales.append(scaler.get_scale())
     torch.testing.assert_close(norms[0], norms[1], rtol=1e-4, atol=0)
     assert scales[0] == scales[1] == 2.0**12  # x2 three times, /2 once
-    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
+    assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
     for p, pr in zip(model.parameters(), ref_model.parameters()):
         if p in ours.state:
             assert float(ours.state[p]["step"]) == float(ref.state[pr]["step"]) == 7.0
@@ -225,12 +180,12 @@ def test_grad_scaler(backend_device):
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_skip_nonfinite_leaves_everything_unchanged(backend_device, bad):
     backend, device = backend_device
-    model = _model(device)
+    model = make_model(device)
     opt = AdamW(model.parameters(), lr=1e-2, skip_nonfinite=True, backend=backend)
-    _train(model, opt, 3, device)
+    train(model, opt, 3, device)
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict()["state"])
-    x, y = _data(device)
+    x, y = make_data(device)
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     model[2].weight.grad[1, 1] = bad
@@ -242,16 +197,16 @@ def test_skip_nonfinite_leaves_everything_unchanged(backend_device, bad):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[key][name])), name
     assert int(opt.skipped_steps) == 1
     assert not torch.isfinite(opt.grad_norm)
-    _train(model, opt, 1, device)  # and training goes on
+    train(model, opt, 1, device)  # and training goes on
     assert int(opt.skipped_steps) == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_closure_and_add_param_group():
-    model = _model("cpu")
+    model = make_model("cpu")
     extra = nn.Parameter(torch.randn(5))
     ref_model, ref_extra = copy.deepcopy(model), extra.detach().clone().requires_grad_()
-    x, y = _data("cpu")
+    x, y = make_data("cpu")
     ours = AdamW(model.parameters(), lr=1e-2)
     ours.add_param_group(dict(params=[extra], lr=0.1, weight_decay=0.0))
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
@@ -265,7 +220,7 @@ def test_closure_and_add_param_group():
                 return loss
             loss = opt.step(closure)
             assert loss is not None
-    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
+    assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(extra, ref_extra, rtol=1e-5, atol=1e-5)
 
 
@@ -292,7 +247,7 @@ def test_grad_with_other_strides_than_param():
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        AdamW(_model("cpu").parameters(), **kwargs)
+        AdamW(make_model("cpu").parameters(), **kwargs)
 
 
 def test_bad_params():
@@ -313,10 +268,10 @@ def test_bad_params():
 def test_bad_step_input_changes_nothing(case, match):
     """The error names the problem and comes before any param or state is written,
     although the bad param comes last."""
-    model = _model("cpu")
+    model = make_model("cpu")
     opt = AdamW(model.parameters(), lr=1e-2)
-    _train(model, opt, 2, "cpu")
-    x, y = _data("cpu")
+    train(model, opt, 2, "cpu")
+    x, y = make_data("cpu")
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     w = model[-1].weight
@@ -355,9 +310,9 @@ def test_size_one_dims_may_have_any_stride():
 def test_found_inf_summed_over_devices_skips_once():
     """GradScaler hands over found_inf summed over devices (2.0 with two overflowing GPUs):
     still one skipped step, and the step count must not go down."""
-    model = _model("cpu")
+    model = make_model("cpu")
     opt = AdamW(model.parameters(), lr=1e-2)
-    _train(model, opt, 2, "cpu")
+    train(model, opt, 2, "cpu")
     before = copy.deepcopy(opt.state_dict()["state"])
     params = [p.detach().clone() for p in model.parameters()]
     opt.found_inf, opt.grad_scale = torch.tensor(2.0), None
@@ -370,28 +325,28 @@ def test_found_inf_summed_over_devices_skips_once():
 
 
 def test_tensor_lr():
-    model = _model("cpu")
+    model = make_model("cpu")
     ref_model = copy.deepcopy(model)
     ours = AdamW(model.parameters(), lr=torch.tensor(1e-2))
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
-    _train(model, ours, 5, "cpu")
-    _train(ref_model, ref, 5, "cpu")
-    _assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
+    train(model, ours, 5, "cpu")
+    train(ref_model, ref, 5, "cpu")
+    assert_same_params(model, ref_model, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_loaded_state_changes_nothing():
     """A state_dict whose moments do not fit the params is refused at the step, before any
     param or state (of any group) is written."""
-    model = _model("cpu")
-    opt = AdamW(_groups(model, 1e-2), lr=1e-2)
-    _train(model, opt, 2, "cpu")
+    model = make_model("cpu")
+    opt = AdamW(param_groups(model, 1e-2), lr=1e-2)
+    train(model, opt, 2, "cpu")
     sd = opt.state_dict()
     last = max(sd["state"])
     sd["state"][last]["exp_avg"] = torch.zeros(4, 4)
     opt.load_state_dict(sd)
     params = {k: v.clone() for k, v in model.state_dict().items()}
     steps = {k: float(s["step"]) for k, s in opt.state_dict()["state"].items()}
-    x, y = _data("cpu")
+    x, y = make_data("cpu")
     opt.zero_grad()
     ((model(x) - y) ** 2).mean().backward()
     with pytest.raises(RuntimeError, match="exp_avg"):

@@ -26,6 +26,7 @@ class Bucket:
     params: list
     grads: list
     states: Optional[list] = None
+    fresh: Optional[list] = None  # per param: its state was empty before this step
 
 
 @dataclass
@@ -214,6 +215,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         buckets = self._buckets()
         for bucket in buckets:
+            bucket.fresh = [not self.state.get(p) for p in bucket.params]
             bucket.states = [self._state(p, bucket.group, bucket.device) for p in bucket.params]
             self._check_states(bucket)
         control = self._step_control(buckets)

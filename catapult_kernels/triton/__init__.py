@@ -2,9 +2,10 @@
 
   catapult::multi_tensor_norm_triton   (multi_tensor_norm.py)
   catapult::adamw_triton_              (adamw.py)
+  catapult::sgd_triton_                (sgd.py)
 
 Importing this package registers them. They take the same arguments as the C++
-ops of csrc/ops.cpp. adamw.adamw_triton_eager and
+ops of csrc/ops.cpp. adamw.adamw_triton_eager, sgd.sgd_triton_eager and
 multi_tensor_norm.multi_tensor_norm_triton_eager do the same work without going
 through torch.ops in plain eager calls (the dispatcher's Python layers cost
 microseconds per tensor) and fall back to the ops under torch.compile/tracing. CUDA tensors run compiled kernels; CPU tensors run under the
@@ -27,6 +28,8 @@ if not hasattr(torch.library, "triton_op"):  # pragma: no cover
 
 from . import multi_tensor_table  # noqa: E402,F401
 from . import multi_tensor_norm  # noqa: E402,F401  (registers catapult::multi_tensor_norm_triton)
+from . import kernel_common  # noqa: E402,F401
 from . import adamw  # noqa: E402,F401  (registers catapult::adamw_triton_)
+from . import sgd  # noqa: E402,F401  (registers catapult::sgd_triton_)
 
-__all__ = ["multi_tensor_table", "multi_tensor_norm", "adamw"]
+__all__ = ["multi_tensor_table", "kernel_common", "multi_tensor_norm", "adamw", "sgd"]

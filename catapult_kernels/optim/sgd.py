@@ -1,0 +1,66 @@
+"""SGD, a drop-in for torch.optim.SGD (momentum, dampening, nesterov, coupled weight
+decay, maximize) with fused global clipping. Plain SGD (momentum=0), what the catapult
+experiments run, reads p and g and writes p: nothing else."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from .base import Bucket, FusedOptimizer, StepControl
+
+
+class SGD(FusedOptimizer):
+    """torch.optim.SGD's arguments and state key (`momentum_buffer`), plus max_grad_norm,
+    skip_nonfinite and backend as in catapult_kernels.optim.AdamW.
+
+    A momentum buffer starts as the first step's grad, as in torch. If that first step
+    is skipped (GradScaler overflow, skip_nonfinite), the buffer starts at zero instead,
+    which is the same unless dampening != 0."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 *, maximize=False, foreach: Optional[bool] = None, differentiable=False,
+                 fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
+                 skip_nonfinite=False, backend="auto"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite, backend=backend)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        if not group["momentum"] >= 0.0:
+            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+        if not group["weight_decay"] >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _param_like_state_keys(self, group: dict) -> tuple:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
+        if group["momentum"] == 0:
+            return {}  # plain SGD keeps no state, as torch
+        state = self.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update(self, bucket: Bucket, control: StepControl) -> None:
+        group = bucket.group
+        momentum = float(group["momentum"])
+        lr = self._lr_tensor(group, bucket.device)
+        # New buffers are set to the grad (torch's first step), the others updated.
+        for first_step in (True, False) if momentum != 0 else (False,):
+            idx = [i for i, fresh in enumerate(bucket.fresh) if fresh == first_step or momentum == 0]
+            if not idx:
+                continue
+            ops.sgd_([bucket.params[i] for i in idx], [bucket.grads[i] for i in idx],
+                     [bucket.states[i]["momentum_buffer"] for i in idx] if momentum != 0 else [],
+                     lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
+                     bool(group["nesterov"]), bool(group["maximize"]), first_step,
+                     control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, control.skip,
+                     backend=self.backend)
