@@ -87,6 +87,23 @@ inline void check_update_lists(at::TensorList params,
   }
 }
 
+// The checks every update op shares: params on the kernel's device, and the control
+// scalars of the grad pipeline (lr, grad_norm, grad_scale, found_inf) beside them.
+inline void check_step_control(const char* op, at::TensorList params, const at::Tensor& lr,
+                               const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: ", op, ": params are on ",
+              params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
+              " tensors");
+  check_scalar_tensor(lr, "lr", device);
+  check_optional_scalar(grad_norm, "grad_norm", device);
+  check_optional_scalar(grad_scale, "grad_scale", device);
+  check_optional_scalar(found_inf, "found_inf", device);
+  TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(), "catapult: ", op,
+              " needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
+}
+
 // Everything catapult::adamw_ checks, on every backend, before it writes anything.
 // `device` is where the kernel runs (the params' device; CPU for an empty list).
 inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -107,15 +124,7 @@ inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::Te
                        {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
                        state_steps);
   }
-  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: adamw_: params are on ",
-              params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
-              " tensors");
-  check_scalar_tensor(lr, "lr", device);
-  check_optional_scalar(grad_norm, "grad_norm", device);
-  check_optional_scalar(grad_scale, "grad_scale", device);
-  check_optional_scalar(found_inf, "found_inf", device);
-  TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(),
-              "catapult: adamw_ needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
+  check_step_control("adamw_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
 }
 
 // Everything catapult::sgd_ checks, on every backend, before it writes anything.
@@ -130,15 +139,7 @@ inline void check_sgd_args(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(momentum_buffers.empty(), "catapult: sgd_: momentum_buffers must be empty when momentum is 0");
     check_update_lists(params, {{"grads", grads}});
   }
-  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: sgd_: params are on ",
-              params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
-              " tensors");
-  check_scalar_tensor(lr, "lr", device);
-  check_optional_scalar(grad_norm, "grad_norm", device);
-  check_optional_scalar(grad_scale, "grad_scale", device);
-  check_optional_scalar(found_inf, "found_inf", device);
-  TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(),
-              "catapult: sgd_ needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
+  check_step_control("sgd_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
 }
 
 }  // namespace catapult
