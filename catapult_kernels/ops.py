@@ -1,8 +1,8 @@
 """Python entry points over torch.ops.catapult.*: backend choice, fake kernels,
 and the global norm over tensors on several devices.
 
-The C++ ops (catapult::multi_tensor_norm, catapult::adamw_) have CPU and CUDA
-kernels in csrc/; the Triton ops (catapult::*_triton) live in catapult_kernels/triton.
+The C++ ops (catapult::multi_tensor_norm and the update ops adamw_, sgd_, lion_,
+lamb_) have CPU and CUDA kernels in csrc/; the Triton ops (catapult::*_triton) live in catapult_kernels/triton.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _built_kernels() -> dict:
     if _C_ERROR is not None:
         return {"cpu": False, "cuda": False}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    ops_ = ("catapult::multi_tensor_norm", "catapult::adamw_", "catapult::sgd_")
+    ops_ = ("catapult::multi_tensor_norm", "catapult::adamw_", "catapult::sgd_", "catapult::lion_",
+            "catapult::lamb_")
     return {d: all(has(op, d.upper()) for op in ops_) for d in ("cpu", "cuda")}
 
 
@@ -130,34 +131,76 @@ def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str 
     return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), ord)
 
 
+# The regularizer arguments every update op ends with (csrc/ops.cpp: the grad pipeline).
+def _tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
+          grokfast_lamb) -> tuple:
+    return (grad_norm, float(max_grad_norm), grad_scale, found_inf, list(agc_scales), list(grokfast_emas),
+            float(grokfast_alpha), float(grokfast_lamb))
+
+
+def _update_op(name: str, params, backend: str):
+    """torch.ops.catapult.<name>, or for the Triton backend its eager entry point (which
+    is the op itself under torch.compile)."""
+    device = params[0].device if params else torch.device("cpu")
+    if resolve_backend(backend, device) == "triton":
+        from . import triton as triton_ops  # loaded by resolve_backend
+        base = name.rstrip("_")
+        return getattr(getattr(triton_ops, base), f"{base}_triton_eager")
+    return getattr(torch.ops.catapult, name)
+
+
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr: torch.Tensor,
            beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
            grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
-           grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
-           backend: str = "auto") -> None:
-    """One fused AdamW step in place; see csrc/ops.cpp for the contract."""
-    device = params[0].device if params else torch.device("cpu")
-    if resolve_backend(backend, device) == "triton":
-        from .triton.adamw import adamw_triton_eager as op  # the op itself under torch.compile
-    else:
-        op = torch.ops.catapult.adamw_
-    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-       weight_decay, amsgrad, maximize, grad_norm, max_grad_norm, grad_scale, found_inf)
+           grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
+           decoupled_weight_decay: bool = True, agc_scales=(), grokfast_emas=(), grokfast_alpha: float = 0.98,
+           grokfast_lamb: float = 2.0, backend: str = "auto") -> None:
+    """One fused Adam/AdamW step in place; see csrc/ops.cpp for the contract."""
+    _update_op("adamw_", params, backend)(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
+        decoupled_weight_decay, amsgrad, maximize,
+        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
+               grokfast_lamb))
 
 
 def sgd_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, dampening: float,
          weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
          grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
-         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
-         backend: str = "auto") -> None:
-    """One fused SGD step in place; see csrc/ops.cpp for the contract."""
-    device = params[0].device if params else torch.device("cpu")
-    if resolve_backend(backend, device) == "triton":
-        from .triton.sgd import sgd_triton_eager as op  # the op itself under torch.compile
-    else:
-        op = torch.ops.catapult.sgd_
-    op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize,
-       first_step, grad_norm, max_grad_norm, grad_scale, found_inf)
+         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
+         trust_ratios: Optional[torch.Tensor] = None, agc_scales=(), grokfast_emas=(),
+         grokfast_alpha: float = 0.98, grokfast_lamb: float = 2.0, backend: str = "auto") -> None:
+    """One fused SGD (or LARS, with trust_ratios) step in place; see csrc/ops.cpp for the contract."""
+    _update_op("sgd_", params, backend)(
+        params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+        trust_ratios,
+        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
+               grokfast_lamb))
+
+
+def lion_(params, grads, exp_avgs, lr: torch.Tensor, beta1: float, beta2: float, weight_decay: float,
+          maximize: bool, grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
+          grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
+          agc_scales=(), grokfast_emas=(), grokfast_alpha: float = 0.98, grokfast_lamb: float = 2.0,
+          backend: str = "auto") -> None:
+    """One fused Lion step in place; see csrc/ops.cpp for the contract."""
+    _update_op("lion_", params, backend)(
+        params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize,
+        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
+               grokfast_lamb))
+
+
+def lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: torch.Tensor, beta1: float, beta2: float,
+          eps: float, weight_decay: float, bias_correction: bool, max_weight_norm: float, maximize: bool,
+          grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
+          grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
+          agc_scales=(), grokfast_emas=(), grokfast_alpha: float = 0.98, grokfast_lamb: float = 2.0,
+          backend: str = "auto") -> None:
+    """One fused LAMB step (two passes) in place; see csrc/ops.cpp for the contract."""
+    _update_op("lamb_", params, backend)(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
+        max_weight_norm, maximize,
+        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
+               grokfast_lamb))
 
 
 if _C_ERROR is None:
@@ -167,10 +210,5 @@ if _C_ERROR is None:
         return (like.new_empty((), dtype=torch.float32),
                 like.new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float32))
 
-    @torch.library.register_fake("catapult::adamw_")
-    def _adamw_fake(*args):
-        return None
-
-    @torch.library.register_fake("catapult::sgd_")
-    def _sgd_fake(*args):
-        return None
+    for _name in ("adamw_", "sgd_", "lion_", "lamb_"):
+        torch.library.register_fake(f"catapult::{_name}")(lambda *args: None)

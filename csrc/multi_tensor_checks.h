@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace catapult {
 
@@ -41,8 +43,9 @@ inline void check_optional_scalar(const std::optional<at::Tensor>& t, const char
 // The lists of an elementwise update: entry i of every list is the same shape,
 // dtype, device and dense memory layout, so the kernels may walk all of them as
 // flat arrays of params[i].numel() elements.
-inline void check_update_lists(at::TensorList params,
-                               std::initializer_list<std::pair<const char*, at::TensorList>> others) {
+using NamedLists = std::vector<std::pair<const char*, at::TensorList>>;
+
+inline void check_update_lists(at::TensorList params, const NamedLists& others) {
   const auto n = params.size();
   for (const auto& [name, list] : others) {
     TORCH_CHECK(list.size() == n, "catapult: ", name, " has ", list.size(),
@@ -72,8 +75,7 @@ inline void check_update_lists(at::TensorList params,
 }
 
 // The same, plus one float32 step count per param on the params' device.
-inline void check_update_lists(at::TensorList params,
-                               std::initializer_list<std::pair<const char*, at::TensorList>> others,
+inline void check_update_lists(at::TensorList params, const NamedLists& others,
                                at::TensorList state_steps) {
   check_update_lists(params, others);
   TORCH_CHECK(state_steps.size() == params.size(), "catapult: state_steps has ", state_steps.size(),
@@ -104,6 +106,41 @@ inline void check_step_control(const char* op, at::TensorList params, const at::
               " needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
 }
 
+// The rows AGC scales param p by: its size along dim 0 for 2+ dims, else one row.
+inline int64_t agc_rows(const at::Tensor& p) { return p.dim() >= 2 ? p.size(0) : 1; }
+
+// The regularizer lists of every update op: grokfast_emas (empty, or laid out like the
+// params: added to `lists` for check_update_lists) and agc_scales (empty, or per param
+// a contiguous float32 tensor of agc_rows(p) factors on the params' device, with dim 0
+// the outermost dim of p's memory, so that each row is one contiguous run).
+inline void add_regularizer_lists(const char* op, at::TensorList params, at::TensorList agc_scales,
+                                  at::TensorList grokfast_emas, NamedLists& lists) {
+  TORCH_CHECK(grokfast_emas.empty() || grokfast_emas.size() == params.size(), "catapult: ", op,
+              ": grokfast_emas has ", grokfast_emas.size(), " tensors but params has ",
+              params.size(), " (give none to switch Grokfast off)");
+  if (!grokfast_emas.empty()) lists.emplace_back("grokfast_emas", grokfast_emas);
+  TORCH_CHECK(agc_scales.empty() || agc_scales.size() == params.size(), "catapult: ", op,
+              ": agc_scales has ", agc_scales.size(), " tensors but params has ", params.size(),
+              " (give none to switch AGC off)");
+  for (size_t i = 0; i < agc_scales.size(); ++i) {
+    const auto& a = agc_scales[i];
+    const auto& p = params[i];
+    TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 1 && a.is_contiguous(), "catapult: ",
+                op, ": agc_scales[", i, "] must be a contiguous 1-D float32 tensor, got ",
+                a.scalar_type(), " of shape ", a.sizes());
+    TORCH_CHECK(a.numel() == agc_rows(p), "catapult: ", op, ": agc_scales[", i, "] has ",
+                a.numel(), " factors but params[", i, "] has ", agc_rows(p), " rows");
+    TORCH_CHECK(a.device() == p.device(), "catapult: ", op, ": agc_scales[", i, "] is on ",
+                a.device(), " but params[", i, "] is on ", p.device());
+    bool outer = true;  // dim 0 has the largest stride among dims of size > 1
+    for (int64_t d = 1; d < p.dim(); ++d) {
+      outer = outer && (p.size(0) == 1 || p.size(d) == 1 || p.stride(0) >= p.stride(d) * p.size(d));
+    }
+    TORCH_CHECK(outer, "catapult: ", op, ": params[", i, "] (strides ", p.strides(),
+                ") does not keep its rows contiguous, as AGC needs");
+  }
+}
+
 // Everything catapult::adamw_ checks, on every backend, before it writes anything.
 // `device` is where the kernel runs (the params' device; CPU for an empty list).
 inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -111,35 +148,67 @@ inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList state_steps, bool amsgrad, const at::Tensor& lr,
                              const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
                              const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf, const at::Device& device) {
-  if (amsgrad) {
-    check_update_lists(params,
-                       {{"grads", grads},
-                        {"exp_avgs", exp_avgs},
-                        {"exp_avg_sqs", exp_avg_sqs},
-                        {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                       state_steps);
-  } else {
-    check_update_lists(params,
-                       {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                       state_steps);
-  }
+                             const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
+                             at::TensorList grokfast_emas, const at::Device& device) {
+  NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
+  add_regularizer_lists("adamw_", params, agc_scales, grokfast_emas, lists);
+  check_update_lists(params, lists, state_steps);
   check_step_control("adamw_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
 }
 
 // Everything catapult::sgd_ checks, on every backend, before it writes anything.
 inline void check_sgd_args(at::TensorList params, at::TensorList grads,
-                           at::TensorList momentum_buffers, double momentum, const at::Tensor& lr,
+                           at::TensorList momentum_buffers, double momentum,
+                           const std::optional<at::Tensor>& trust_ratios, const at::Tensor& lr,
                            const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
                            const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+                           const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
+                           at::TensorList grokfast_emas, const at::Device& device) {
+  NamedLists lists{{"grads", grads}};
   if (momentum != 0.0) {
-    check_update_lists(params, {{"grads", grads}, {"momentum_buffers", momentum_buffers}});
+    lists.emplace_back("momentum_buffers", momentum_buffers);
   } else {
     TORCH_CHECK(momentum_buffers.empty(), "catapult: sgd_: momentum_buffers must be empty when momentum is 0");
-    check_update_lists(params, {{"grads", grads}});
   }
+  add_regularizer_lists("sgd_", params, agc_scales, grokfast_emas, lists);
+  check_update_lists(params, lists);
   check_step_control("sgd_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
+  if (trust_ratios.has_value()) {
+    const auto& t = *trust_ratios;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous() &&
+                    t.numel() == static_cast<int64_t>(params.size()),
+                "catapult: sgd_: trust_ratios must be a contiguous float32 tensor of ",
+                params.size(), " elements (one per param), got ", t.scalar_type(), " of shape ",
+                t.sizes());
+    TORCH_CHECK(t.device() == device, "catapult: sgd_: trust_ratios is on ", t.device(),
+                " but the params are on ", device);
+  }
+}
+
+// Everything catapult::lion_ checks, on every backend, before it writes anything.
+inline void check_lion_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            const at::Tensor& lr, const std::optional<at::Tensor>& grad_norm,
+                            double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
+                            at::TensorList grokfast_emas, const at::Device& device) {
+  NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}};
+  add_regularizer_lists("lion_", params, agc_scales, grokfast_emas, lists);
+  check_update_lists(params, lists);
+  check_step_control("lion_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
+}
+
+// Everything catapult::lamb_ checks, on every backend, before it writes anything.
+inline void check_lamb_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                            const at::Tensor& lr, const std::optional<at::Tensor>& grad_norm,
+                            double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
+                            at::TensorList grokfast_emas, const at::Device& device) {
+  NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  add_regularizer_lists("lamb_", params, agc_scales, grokfast_emas, lists);
+  check_update_lists(params, lists, state_steps);
+  check_step_control("lamb_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
 }
 
 }  // namespace catapult

@@ -20,28 +20,65 @@ TORCH_LIBRARY(catapult, m) {
   // Deterministic: fixed-size chunks, per-chunk partials, fixed-order reduction.
   m.def("multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor) -> (Tensor, Tensor)");
 
-  // One AdamW step (torch.optim.AdamW's formula, math in float32) over lists of
-  // same-shaped tensors. state_steps hold the step count already incremented for
-  // this step. Every grad is multiplied by a factor computed on the device:
-  //   scale = grad_scale or 1;  clip = min(1, max_grad_norm / (grad_norm / scale + 1e-6))
-  //   (clip = 1 when max_grad_norm <= 0);  g = grad * clip / scale
-  // and nothing at all is written when found_inf is given and nonzero.
+  // The update ops below share one grad pipeline (csrc/grad_pipeline.h), applied to
+  // every grad element in this order, before the optimizer's own weight decay and update:
+  //   1. unscale and global clip: g = grad * mult, mult = min(1, max_grad_norm /
+  //      (grad_norm / scale + 1e-6)) / scale  (scale = grad_scale or 1; no clip when
+  //      max_grad_norm <= 0);
+  //   2. AGC: g *= agc_scales[i][row] (row = the element's index along dim 0 for params of
+  //      2+ dims, else 0; the factors min(1, agc * max(|w_row|, 1e-3) / |g_row|) are
+  //      computed beforehand from row norms; agc_scales empty = off);
+  //   3. Grokfast EMA: ema = alpha * ema + (1 - alpha) * g; g = g + lamb * ema
+  //      (grokfast_emas empty = off; alpha = 0 starts a new ema at the grad);
+  //   4. maximize: g = -g.
+  // Nothing at all is written when found_inf is given and nonzero. Math in float32.
+  // The tail "grad_norm .. grokfast_lamb" is the same on every update op.
+
+  // One Adam/AdamW step (torch.optim.AdamW's formula; with decoupled_weight_decay false,
+  // torch.optim.Adam's coupled L2: g = g + weight_decay * p) over lists of same-shaped
+  // tensors. state_steps hold the step count already incremented for this step.
   // max_exp_avg_sqs is empty unless amsgrad.
   m.def(
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, "
-      "Tensor lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-      "bool maximize, Tensor? grad_norm, float max_grad_norm, Tensor? grad_scale, "
-      "Tensor? found_inf) -> ()");
+      "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled_weight_decay, bool amsgrad, bool maximize, Tensor? grad_norm, "
+      "float max_grad_norm, Tensor? grad_scale, Tensor? found_inf, Tensor[] agc_scales, "
+      "Tensor(e!)[] grokfast_emas, float grokfast_alpha, float grokfast_lamb) -> ()");
 
-  // One SGD step (torch.optim.SGD's formula, math in float32), with the same grad
-  // pipeline as adamw_ (grad_norm / max_grad_norm / grad_scale / found_inf). With
-  // momentum == 0, momentum_buffers is empty and only params are written (12 B/param);
-  // else first_step says the buffers are new: they are set to the step's grad
-  // (torch's first step) instead of updated.
+  // One SGD step (torch.optim.SGD's formula). With momentum == 0, momentum_buffers is
+  // empty and only params are written (12 B/param without the regularizers); else
+  // first_step says the buffers are new: they are set to the step's grad (torch's first
+  // step) instead of updated. trust_ratios (LARS; float32 [len(params)] or None)
+  // multiplies param i's grad after the weight decay term: g = trust[i] * (g + wd * p).
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_step, Tensor? grad_norm, float max_grad_norm, Tensor? grad_scale, "
-      "Tensor? found_inf) -> ()");
+      "bool first_step, Tensor? trust_ratios, Tensor? grad_norm, float max_grad_norm, "
+      "Tensor? grad_scale, Tensor? found_inf, Tensor[] agc_scales, Tensor(e!)[] grokfast_emas, "
+      "float grokfast_alpha, float grokfast_lamb) -> ()");
+
+  // One Lion step (Chen et al. 2023): p = p * (1 - lr * wd); p = p - lr * sign(beta1 * m +
+  // (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g.
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor lr, "
+      "float beta1, float beta2, float weight_decay, bool maximize, Tensor? grad_norm, "
+      "float max_grad_norm, Tensor? grad_scale, Tensor? found_inf, Tensor[] agc_scales, "
+      "Tensor(e!)[] grokfast_emas, float grokfast_alpha, float grokfast_lamb) -> ()");
+
+  // One LAMB step (You et al. 2019), two passes inside the op. Pass 1, per element: the
+  // grad pipeline, m = beta1 * m + (1 - beta1) * g, v = beta2 * v + (1 - beta2) * g^2,
+  // r = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * p (bc = 1 - beta^step when
+  // bias_correction, else 1), and per tensor |r| and |p|. Then per tensor
+  // trust = |w| / |r| with |w| = min(|p|, max_weight_norm) when max_weight_norm > 0, and
+  // trust = 1 where |w| or |r| is 0. Pass 2: p = p - lr * trust * r (r recomputed from
+  // the new m, v and the old p, bit for bit). Norms are deterministic (fixed chunks and
+  // reduction order).
+  m.def(
+      "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, Tensor lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool bias_correction, float max_weight_norm, "
+      "bool maximize, Tensor? grad_norm, float max_grad_norm, Tensor? grad_scale, "
+      "Tensor? found_inf, Tensor[] agc_scales, Tensor(e!)[] grokfast_emas, "
+      "float grokfast_alpha, float grokfast_lamb) -> ()");
 }
