@@ -1,0 +1,207 @@
+// lamb_ on CPU: one LAMB step over lists of tensors in two passes (lamb_math.h).
+// Pass 1 runs the grad pipeline, updates m and v and sums r^2 and p^2 per chunk;
+// the chunk sums of each tensor are then added in chunk order (deterministic for any
+// thread count) into its trust ratio; pass 2 writes p = p - lr * trust * r. Bytes
+// in float32: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v and
+// writes p (40 B/param).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "cpu/update_common.h"  // first: it switches FMA contraction off
+
+#include "lamb_math.h"
+
+namespace {
+
+using namespace catapult::cpu;
+
+struct LAMBVec {
+  Vec beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1,
+      bias_correction2;
+  explicit LAMBVec(const catapult::LAMBStep& s)
+      : beta1(s.beta1),
+        one_minus_beta1(s.one_minus_beta1),
+        beta2(s.beta2),
+        one_minus_beta2(s.one_minus_beta2),
+        eps(s.eps),
+        weight_decay(s.weight_decay),
+        bias_correction1(s.bias_correction1),
+        bias_correction2(s.bias_correction2) {}
+};
+
+// catapult::lamb_direction and lamb_moments on lanes, operation for operation.
+inline Vec lamb_direction_vec(const Vec& p, const Vec& m, const Vec& v, const LAMBVec& s) {
+  return (m / s.bias_correction1) / ((v / s.bias_correction2).sqrt() + s.eps) + s.weight_decay * p;
+}
+
+inline Vec lamb_moments_vec(const Vec& p, const Vec& g, Vec& m, Vec& v, const LAMBVec& s) {
+  m = s.beta1 * m + s.one_minus_beta1 * g;
+  v = s.beta2 * v + s.one_minus_beta2 * g * g;
+  return lamb_direction_vec(p, m, v, s);
+}
+
+struct Entry {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* ema;  // null without Grokfast
+  at::ScalarType dtype;
+  AgcRows agc;
+  catapult::LAMBStep step;
+  float lr_trust;  // lr * trust ratio, set between the passes
+};
+
+// Sums of squares of r and p over a chunk.
+struct Sums {
+  double r = 0.0, p = 0.0;
+};
+
+inline double lane_sum(const Vec& x) {
+  float lanes[Vec::size()];
+  x.store(lanes);
+  double sum = 0.0;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+// Pass 1 over n elements of one tensor from offset b: moments, and r^2, p^2 added to sums.
+template <typename T>
+void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipeline& pl, Sums& sums) {
+  T* p = static_cast<T*>(e.p) + b;
+  const T* g = static_cast<const T*>(e.g) + b;
+  T* m = static_cast<T*>(e.m) + b;
+  T* v = static_cast<T*>(e.v) + b;
+  T* ema = e.ema ? static_cast<T*>(e.ema) + b : nullptr;
+  const LAMBVec sv(e.step);
+  const Vec multv(mult);
+  Vec rr(0.0f), pp(0.0f);
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    Vec p0, p1, g0, g1, m0, m1, v0, v1;
+    pipeline_block(g, ema, i, multv, pl, g0, g1);
+    load_block(p + i, p0, p1);
+    load_block(m + i, m0, m1);
+    load_block(v + i, v0, v1);
+    const Vec r0 = lamb_moments_vec(p0, g0, m0, v0, sv);
+    const Vec r1 = lamb_moments_vec(p1, g1, m1, v1, sv);
+    store_block(m + i, m0, m1);
+    store_block(v + i, v0, v1);
+    rr = rr + r0 * r0 + r1 * r1;
+    pp = pp + p0 * p0 + p1 * p1;
+  }
+  sums.r += lane_sum(rr);
+  sums.p += lane_sum(pp);
+  for (; i < n; ++i) {
+    const float gf = pipeline_element(g, ema, i, mult, pl);
+    const float pf = static_cast<float>(p[i]);
+    float mf = static_cast<float>(m[i]);
+    float vf = static_cast<float>(v[i]);
+    const float r = catapult::lamb_moments(pf, gf, mf, vf, e.step);
+    m[i] = static_cast<T>(mf);
+    v[i] = static_cast<T>(vf);
+    sums.r += static_cast<double>(r) * r;
+    sums.p += static_cast<double>(pf) * pf;
+  }
+}
+
+// Pass 2 over n elements of one tensor from offset b.
+template <typename T>
+void apply_range(const Entry& e, int64_t b, int64_t n) {
+  T* p = static_cast<T*>(e.p) + b;
+  const T* m = static_cast<const T*>(e.m) + b;
+  const T* v = static_cast<const T*>(e.v) + b;
+  const LAMBVec sv(e.step);
+  const Vec lr_trust(e.lr_trust);
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    Vec p0, p1, m0, m1, v0, v1;
+    load_block(p + i, p0, p1);
+    load_block(m + i, m0, m1);
+    load_block(v + i, v0, v1);
+    p0 = p0 - lr_trust * lamb_direction_vec(p0, m0, v0, sv);
+    p1 = p1 - lr_trust * lamb_direction_vec(p1, m1, v1, sv);
+    store_block(p + i, p0, p1);
+  }
+  for (; i < n; ++i) {
+    const float pf = static_cast<float>(p[i]);
+    const float r = catapult::lamb_direction(pf, static_cast<float>(m[i]), static_cast<float>(v[i]), e.step);
+    p[i] = static_cast<T>(pf - e.lr_trust * r);
+  }
+}
+
+void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+              at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
+              double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
+              double max_weight_norm, bool maximize, const std::optional<at::Tensor>& grad_norm,
+              double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
+              at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb) {
+  catapult::check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm,
+                            max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas,
+                            at::Device(at::kCPU));
+  if (skip_step(found_inf)) return;
+  const float mult = grad_multiplier_of(grad_norm, max_grad_norm, grad_scale);
+  const Pipeline pl(grokfast_alpha, grokfast_lamb, maximize);
+  const float lr_value = *lr.const_data_ptr<float>();
+
+  std::vector<Entry> entries;
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first_chunk;  // per entry, its first chunk (its chunks are consecutive)
+  entries.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t numel = params[i].numel();
+    if (numel == 0) continue;
+    const float step = *state_steps[i].const_data_ptr<float>();
+    entries.push_back({params[i].data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
+                       exp_avg_sqs[i].data_ptr(),
+                       grokfast_emas.empty() ? nullptr : grokfast_emas[i].data_ptr(),
+                       params[i].scalar_type(), agc_rows_of(agc_scales, i, params[i]),
+                       catapult::lamb_step_constants(
+                           static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
+                           static_cast<float>(weight_decay), bias_correction, step),
+                       0.0f});
+    first_chunk.push_back(static_cast<int64_t>(chunks.size()));
+    add_chunks(chunks, static_cast<int64_t>(entries.size()) - 1, numel);
+  }
+  first_chunk.push_back(static_cast<int64_t>(chunks.size()));
+
+  std::vector<Sums> sums(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const Chunk& c = chunks[k];
+      const Entry& e = entries[c.entry];
+      dispatch_float_type(e.dtype, [&](auto t) {
+        using T = decltype(t);
+        for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
+          moments_range<T>(e, b, n, m, pl, sums[k]);
+        });
+      });
+    }
+  });
+
+  for (size_t i = 0; i < entries.size(); ++i) {
+    Sums total;
+    for (int64_t k = first_chunk[i]; k < first_chunk[i + 1]; ++k) {
+      total.r += sums[k].r;
+      total.p += sums[k].p;
+    }
+    const float trust = catapult::lamb_trust_ratio(static_cast<float>(std::sqrt(total.p)),
+                                                   static_cast<float>(std::sqrt(total.r)),
+                                                   static_cast<float>(max_weight_norm));
+    entries[i].lr_trust = lr_value * trust;
+  }
+
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    const Entry& e = entries[c.entry];
+    dispatch_float_type(e.dtype, [&](auto t) { apply_range<decltype(t)>(e, c.begin, c.size); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(catapult, CPU, m) { m.impl("lamb_", &lamb_cpu); }
