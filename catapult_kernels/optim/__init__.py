@@ -1,5 +1,9 @@
-"""Drop-in optimizers: `from catapult_kernels.optim import AdamW`."""
-from .adamw import AdamW
+"""Drop-in optimizers: `from catapult_kernels.optim import AdamW`. Every one takes
+max_grad_norm, skip_nonfinite, grokfast, agc and backend (see base.FusedOptimizer)."""
+from .adam import Adam, AdamW
+from .lamb import LAMB
+from .lars import LARS
+from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["AdamW", "SGD"]
+__all__ = ["Adam", "AdamW", "LAMB", "LARS", "Lion", "SGD"]

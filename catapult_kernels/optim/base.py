@@ -2,9 +2,10 @@
 
 step() = validate every grad and every state tensor (before anything changes; missing
 state is created as zeros, as torch does) -> one global grad-norm pass (when clipping or
-skip_nonfinite needs it) -> per (group, device, dtype) bucket: bump the step counts and
-run the optimizer's fused update kernel, which reads the clip coefficient, the GradScaler
-scale and the skip flag from device tensors. No host sync.
+skip_nonfinite needs it) -> per (group, device, dtype) bucket: the AGC row factors (when
+the group has agc) -> bump the step counts and run the optimizer's fused update kernel,
+which reads the clip coefficient, the GradScaler scale and the skip flag from device
+tensors and applies the grad pipeline of regularizers.py. No host sync.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from .regularizers import agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
 
 SUPPORTED_DTYPES = ops.SUPPORTED_DTYPES
 
@@ -26,7 +28,21 @@ class Bucket:
     params: list
     grads: list
     states: Optional[list] = None
-    fresh: Optional[list] = None  # per param: its state was empty before this step
+    fresh: Optional[list] = None      # per param: its state was empty before this step
+    ema_fresh: Optional[list] = None  # per param: its grokfast_ema is new this step
+    agc_scales: Optional[list] = None  # per param: its AGC row factors (group agc set)
+
+
+@dataclass
+class Part:
+    """The params of a bucket that one kernel call takes: those whose state and Grokfast
+    EMA are equally new (a new momentum buffer or EMA is set, not updated)."""
+    idx: list
+    fresh: bool
+    ema_fresh: bool
+
+    def take(self, items: list) -> list:
+        return [items[i] for i in self.idx]
 
 
 @dataclass
@@ -45,15 +61,29 @@ class StepControl:
 
 class FusedOptimizer(torch.optim.Optimizer):
     """Base of the drop-in optimizers. Subclasses set `defaults`, validate their own
-    hyperparameters in `_check_group`, and implement `_state` and `_update`."""
+    hyperparameters in `_check_group`, and implement `_state_keys`, `_state` and `_update`.
+
+    Options every optimizer takes (keyword-only; grokfast and agc are also per-group keys):
+    max_grad_norm: clip the global L2 norm of all grads to this (None: no clipping);
+        equals torch.nn.utils.clip_grad_norm_ then step, but the grads are left as given.
+    skip_nonfinite: skip the whole step on the device when that norm is inf or nan.
+    grokfast: None, or dict(alpha=0.98, lamb=2.0): the Grokfast EMA gradient filter.
+    agc: None, or the adaptive gradient clipping ratio (NFNets; e.g. 0.01).
+    backend: 'auto', 'cpu', 'cuda' or 'triton'.
+    The pipeline order (unscale, global clip, AGC, Grokfast, weight decay, update) is in
+    regularizers.py. After a step, `grad_norm` holds the pre-clip global norm (a 0-d device
+    tensor) when it was computed (max_grad_norm or skip_nonfinite), and `skipped_steps`
+    the count of skips."""
 
     # torch.amp.GradScaler then hands us grad_scale and found_inf instead of unscaling
     # the grads itself, as it does for torch's fused optimizers.
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
-                 skip_nonfinite: bool = False, backend: str = "auto"):
+                 skip_nonfinite: bool = False, grokfast=None, agc: Optional[float] = None,
+                 backend: str = "auto"):
         ops.check_backend_name(backend)
+        defaults = dict(defaults, grokfast=check_grokfast(grokfast), agc=check_agc(agc))
         if max_grad_norm is not None and not (max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0, or None for no clipping)")
         if defaults.get("differentiable"):
@@ -76,6 +106,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError("Tensor lr must have one element")
         elif not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
+        group["grokfast"] = check_grokfast(group.get("grokfast"))
+        group["agc"] = check_agc(group.get("agc"))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -129,8 +161,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if (g.layout is not torch.strided or g.dtype is not key[1] or key[1] not in SUPPORTED_DTYPES
                         or g.shape != p.shape or g.device != key[0] or not (p.is_contiguous() or ops.is_dense(p))):
                     self._raise_bad_grad(gi, group, p)
-                if not (g.is_contiguous() and p.is_contiguous()) and not ops.same_layout(g, p):
-                    g = torch.empty_like(p).copy_(g)  # the kernels walk grads laid out like params
+                if not (g.is_contiguous() and p.is_contiguous()):
+                    if not ops.same_layout(g, p):
+                        g = torch.empty_like(p).copy_(g)  # the kernels walk grads laid out like params
+                    if group["agc"] is not None and not rows_are_contiguous(p):
+                        raise RuntimeError(f"AGC needs each row (dim 0 slice) of a param contiguous in memory; "
+                                           f"param {[id(q) for q in group['params']].index(id(p))} of group {gi} has strides "
+                                           f"{p.stride()}")
                 bucket = by_key.get(key)
                 if bucket is None:
                     bucket = by_key[key] = Bucket(group, key[0], [], [])
@@ -215,13 +252,52 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         buckets = self._buckets()
         for bucket in buckets:
+            group = bucket.group
             bucket.fresh = [not self.state.get(p) for p in bucket.params]
-            bucket.states = [self._state(p, bucket.group, bucket.device) for p in bucket.params]
+            bucket.ema_fresh = [group["grokfast"] is not None and "grokfast_ema" not in self.state.get(p, ())
+                                for p in bucket.params]
+            bucket.states = [self._state(p, group, bucket.device) for p in bucket.params]
+            if group["grokfast"] is not None:
+                bucket.states = [self._with_ema(p) for p in bucket.params]
             self._check_states(bucket)
         control = self._step_control(buckets)
         for bucket in buckets:
-            self._update(bucket, control.on(bucket.device))
+            on_device = control.on(bucket.device)
+            if bucket.group["agc"] is not None:
+                mult = grad_multiplier(on_device.grad_norm, self.max_grad_norm or 0.0, on_device.grad_scale,
+                                       bucket.device)
+                bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult)
+            self._update(bucket, on_device)
         return loss
+
+    def _with_ema(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if "grokfast_ema" not in state:
+            state["grokfast_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _parts(bucket: Bucket, by_fresh: bool = False) -> list[Part]:
+        """The bucket in as few kernel calls as the newness of its states allows: one,
+        except on the step where some params are new and others not."""
+        keys = [(bool(f) and by_fresh, e) for f, e in zip(bucket.fresh, bucket.ema_fresh)]
+        parts: dict[tuple, Part] = {}
+        for i, key in enumerate(keys):
+            parts.setdefault(key, Part([], *key)).idx.append(i)
+        return list(parts.values())
+
+    def _pipeline_args(self, bucket: Bucket, part: Part, control: StepControl) -> dict:
+        """The grad pipeline's arguments of one kernel call (csrc/ops.cpp: the shared tail)."""
+        grokfast = bucket.group["grokfast"]
+        return dict(
+            grad_norm=control.grad_norm, max_grad_norm=self.max_grad_norm or 0.0,
+            grad_scale=control.grad_scale, found_inf=control.skip,
+            agc_scales=part.take(bucket.agc_scales) if bucket.agc_scales is not None else [],
+            grokfast_emas=part.take([s["grokfast_ema"] for s in bucket.states]) if grokfast else [],
+            # alpha = 0 starts a new EMA at the grad
+            grokfast_alpha=0.0 if part.ema_fresh or grokfast is None else grokfast["alpha"],
+            grokfast_lamb=0.0 if grokfast is None else grokfast["lamb"],
+            backend=self.backend)
 
     def _check_states(self, bucket: Bucket) -> None:
         """State tensors (a loaded state_dict may hold anything) laid out like their params,
@@ -236,6 +312,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _param_like_state_keys(self, group: dict) -> tuple:
         """The state tensors shaped like the param, for this group's options."""
+        return self._state_keys(group) + (("grokfast_ema",) if group["grokfast"] is not None else ())
+
+    def _state_keys(self, group: dict) -> tuple:
+        """The optimizer's own state tensors shaped like the param, for this group's options."""
         raise NotImplementedError
 
     def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:

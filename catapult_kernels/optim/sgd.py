@@ -1,6 +1,6 @@
 """SGD, a drop-in for torch.optim.SGD (momentum, dampening, nesterov, coupled weight
-decay, maximize) with fused global clipping. Plain SGD (momentum=0), what the catapult
-experiments run, reads p and g and writes p: nothing else."""
+decay, maximize) with the grad pipeline fused in. Plain SGD (momentum=0), what the
+catapult experiments run, reads p and g and writes p: nothing else."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,8 +12,8 @@ from .base import Bucket, FusedOptimizer, StepControl
 
 
 class SGD(FusedOptimizer):
-    """torch.optim.SGD's arguments and state key (`momentum_buffer`), plus max_grad_norm,
-    skip_nonfinite and backend as in catapult_kernels.optim.AdamW.
+    """torch.optim.SGD's arguments and state key (`momentum_buffer`), plus the options of
+    FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend).
 
     A momentum buffer starts as the first step's grad, as in torch. If that first step
     is skipped (GradScaler overflow, skip_nonfinite), the buffer starts at zero instead,
@@ -22,12 +22,12 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, foreach: Optional[bool] = None, differentiable=False,
                  fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
-                 skip_nonfinite=False, backend="auto"):
+                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, backend=backend)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         grokfast=grokfast, agc=agc, backend=backend)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -38,7 +38,7 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _param_like_state_keys(self, group: dict) -> tuple:
+    def _state_keys(self, group: dict) -> tuple:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
@@ -50,17 +50,24 @@ class SGD(FusedOptimizer):
         return state
 
     def _update(self, bucket: Bucket, control: StepControl) -> None:
+        self._sgd_step(bucket, control, bucket.group["weight_decay"])
+
+    def _sgd_step(self, bucket: Bucket, control: StepControl, weight_decay: float,
+                  trust_ratios=None, only=None) -> None:
+        """The sgd_ kernel over the bucket (or the params listed in `only`), with optional
+        per-param trust ratios (LARS) in bucket order."""
         group = bucket.group
         momentum = float(group["momentum"])
         lr = self._lr_tensor(group, bucket.device)
         # New buffers are set to the grad (torch's first step), the others updated.
-        for first_step in (True, False) if momentum != 0 else (False,):
-            idx = [i for i, fresh in enumerate(bucket.fresh) if fresh == first_step or momentum == 0]
-            if not idx:
-                continue
-            ops.sgd_([bucket.params[i] for i in idx], [bucket.grads[i] for i in idx],
-                     [bucket.states[i]["momentum_buffer"] for i in idx] if momentum != 0 else [],
-                     lr, momentum, float(group["dampening"]), float(group["weight_decay"]),
-                     bool(group["nesterov"]), bool(group["maximize"]), first_step,
-                     control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, control.skip,
-                     backend=self.backend)
+        for part in self._parts(bucket, by_fresh=momentum != 0):
+            if only is not None:
+                part.idx = [i for i in part.idx if i in only]
+                if not part.idx:
+                    continue
+            ops.sgd_(part.take(bucket.params), part.take(bucket.grads),
+                     [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else [],
+                     lr, momentum, float(group["dampening"]), float(weight_decay), bool(group["nesterov"]),
+                     bool(group["maximize"]), part.fresh and momentum != 0,
+                     trust_ratios=None if trust_ratios is None else trust_ratios[part.idx],
+                     **self._pipeline_args(bucket, part, control))

@@ -1,0 +1,81 @@
+"""Adam and AdamW (Kingma & Ba; Loshchilov & Hutter), drop-ins for torch.optim.Adam and
+torch.optim.AdamW: one update pass over everything, with the grad pipeline fused in."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from .base import Bucket, FusedOptimizer, StepControl
+
+
+class Adam(FusedOptimizer):
+    """torch.optim.Adam's arguments and state keys (`step`, `exp_avg`, `exp_avg_sq`,
+    `max_exp_avg_sq`): weight decay is coupled L2 (g += wd * p) unless
+    decoupled_weight_decay, as in torch. Plus the options of FusedOptimizer
+    (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach: Optional[bool] = None, maximize=False, capturable=False,
+                 differentiable=False, fused: Optional[bool] = None, decoupled_weight_decay=False,
+                 max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
+                 agc: Optional[float] = None, backend="auto"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         grokfast=grokfast, agc=agc, backend=backend)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        beta1, beta2 = group["betas"]
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        if not 0.0 <= float(beta1) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        if not 0.0 <= float(beta2) < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    def _state_keys(self, group: dict) -> tuple:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
+        state = self.state[p]
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self._step_tensor(state, device)
+        return state
+
+    def _update(self, bucket: Bucket, control: StepControl) -> None:
+        group = bucket.group
+        amsgrad = group["amsgrad"]
+        self._advance_steps([s["step"] for s in bucket.states], control)
+        beta1, beta2 = group["betas"]
+        lr = self._lr_tensor(group, bucket.device)
+        for part in self._parts(bucket):
+            states = part.take(bucket.states)
+            ops.adamw_(part.take(bucket.params), part.take(bucket.grads),
+                       [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                       [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
+                       lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                       bool(amsgrad), bool(group["maximize"]),
+                       decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
+                       **self._pipeline_args(bucket, part, control))
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with decoupled weight decay (p *= 1 - lr * wd), default 1e-2."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach: Optional[bool] = None, capturable=False,
+                 differentiable=False, fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
+                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
+                         skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend)

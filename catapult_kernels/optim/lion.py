@@ -1,0 +1,53 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of
+an interpolation of momentum and grad, decoupled weight decay. One fused pass."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from .base import Bucket, FusedOptimizer, StepControl
+
+
+class Lion(FusedOptimizer):
+    """update = sign(beta1 * m + (1 - beta1) * g); p <- p * (1 - lr * wd) - lr * update;
+    m <- beta2 * m + (1 - beta2) * g. State key `exp_avg`. The paper's defaults; its
+    advice: an lr 3-10x smaller and a weight_decay 3-10x larger than AdamW's. Plus the
+    options of FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
+                 max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
+                 agc: Optional[float] = None, backend="auto"):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
+                         grokfast=grokfast, agc=agc, backend=backend)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        beta1, beta2 = group["betas"]
+        if not 0.0 <= float(beta1) <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+        if not 0.0 <= float(beta2) <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    def _state_keys(self, group: dict) -> tuple:
+        return ("exp_avg",)
+
+    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update(self, bucket: Bucket, control: StepControl) -> None:
+        group = bucket.group
+        beta1, beta2 = group["betas"]
+        lr = self._lr_tensor(group, bucket.device)
+        for part in self._parts(bucket):
+            ops.lion_(part.take(bucket.params), part.take(bucket.grads),
+                      [s["exp_avg"] for s in part.take(bucket.states)], lr, float(beta1), float(beta2),
+                      float(group["weight_decay"]), bool(group["maximize"]),
+                      **self._pipeline_args(bucket, part, control))
