@@ -1,15 +1,19 @@
 """Optimizer-step microbenchmark: catapult_kernels' optimizers (with and without fused
-global clipping) against torch's fused and foreach ones (+ clip_grad_norm_), on the
-layers of a wide MLP, reported as effective bandwidth and as a fraction of a roof
-measured in the same run on the same device.
+global clipping) against torch's fused and foreach ones (+ clip_grad_norm_) and against the
+unfused plain-PyTorch references (catapult_kernels.optim.reference: Lion, LAMB, LARS, and
+Grokfast/AGC as a grad pass before torch's optimizer), on the layers of a wide MLP,
+reported as effective bandwidth and as a fraction of a roof measured in the same run.
 
-    python -m bench.optim_step [--device cpu|cuda] [--optimizers adamw,sgd,sgd_momentum]
+    python -m bench.optim_step [--device cpu|cuda] [--optimizers adamw,sgd,lion,...]
                                [--sizes 1M,10M] [--reps 20]
 
-Effective GB/s = the bytes the ideal kernel must move / time (DESIGN.md), fp32: AdamW reads
-p, g, m, v and writes p, m, v = 28 B/param; SGD with momentum 20; plain SGD 12; clipping
-reads g once more (+4). The roof: on CPU an in-place stream x.mul_(c) (8 B/elem; a step
-updates in place), on GPU a device-to-device copy (8 B/elem).
+Effective GB/s = the bytes the ideal kernel must move / time (DESIGN.md), fp32 per param:
+AdamW and Adam read p, g, m, v and write p, m, v = 28 B; SGD with momentum 20; plain SGD
+12; Lion 20; LAMB 40 (two passes: p, g, m, v read, m, v written; then p, m, v read, p
+written); LARS 28 (a norm pass over p and g, then momentum SGD). Clipping reads g once
+more (+4), Grokfast reads and writes its EMA (+8), AGC reads p and g for the row norms
+(+8). The roof: on CPU an in-place stream x.mul_(c) (8 B/elem; a step updates in place),
+on GPU a device-to-device copy (8 B/elem).
 """
 from __future__ import annotations
 
@@ -25,20 +29,46 @@ import time
 import torch
 
 from catapult_kernels import ops
-from catapult_kernels.optim import SGD, AdamW
+from catapult_kernels.optim import LAMB, LARS, SGD, Adam, AdamW, Lion
 from catapult_kernels.optim.base import FusedOptimizer
+from catapult_kernels.optim.reference import GradPipeline, LAMBReference, LARSReference, LionReference
 
-# name -> (torch class, ours, kwargs, fp32 bytes per param without clipping; clipping adds 4)
-OPTIMIZERS = {
-    "adamw": (torch.optim.AdamW, AdamW, dict(lr=1e-3), 28),
-    "sgd": (torch.optim.SGD, SGD, dict(lr=1e-3), 12),
-    "sgd_momentum": (torch.optim.SGD, SGD, dict(lr=1e-3, momentum=0.9), 20),
+GROKFAST = dict(alpha=0.98, lamb=2.0)
+AGC = 0.01
+# name -> (ours, kwargs, regularizers, torch class (fused/foreach baselines) or None,
+#          unfused reference class or None, fp32 bytes per param without clipping)
+FAMILIES = {
+    "adamw": (AdamW, dict(lr=1e-3), {}, torch.optim.AdamW, None, 28),
+    "adam": (Adam, dict(lr=1e-3, weight_decay=1e-2), {}, torch.optim.Adam, None, 28),
+    "sgd": (SGD, dict(lr=1e-3), {}, torch.optim.SGD, None, 12),
+    "sgd_momentum": (SGD, dict(lr=1e-3, momentum=0.9), {}, torch.optim.SGD, None, 20),
+    "lion": (Lion, dict(lr=1e-4, weight_decay=0.1), {}, None, LionReference, 20),
+    "lamb": (LAMB, dict(lr=1e-3), {}, None, LAMBReference, 40),
+    "lars": (LARS, dict(lr=1.0, weight_decay=1e-4), {}, None, LARSReference, 28),
+    "adamw_grokfast": (AdamW, dict(lr=1e-3), dict(grokfast=GROKFAST), None, torch.optim.AdamW, 36),
+    "sgd_grokfast": (SGD, dict(lr=1e-3), dict(grokfast=GROKFAST), None, torch.optim.SGD, 20),
+    "adamw_agc": (AdamW, dict(lr=1e-3), dict(agc=AGC), None, torch.optim.AdamW, 36),
+    "sgd_agc": (SGD, dict(lr=1e-3), dict(agc=AGC), None, torch.optim.SGD, 20),
 }
+DEFAULT_FAMILIES = ",".join(FAMILIES)
 CLIP_BYTES = 4
 # Above the grads' norm: torch's clip_grad_norm_ scales the grads in place on every call,
 # and an active clip would shrink the benchmark's fixed grads toward denormals (slow on
 # CPUs), which no training run sees. The clipping work is the same either way.
 MAX_GRAD_NORM = 1e4
+
+
+class Unfused:
+    """The plain-PyTorch way: the grad pipeline rewrites the grads, then the optimizer steps.
+    Grokfast and AGC, having no torch version, use the reference; the grads get restored
+    from a copy outside the timing (a benchmark's grads must not drift)."""
+
+    def __init__(self, params, pipeline: GradPipeline, opt):
+        self.params, self.pipeline, self.opt = params, pipeline, opt
+
+    def step(self):
+        self.pipeline()
+        self.opt.step()
 
 
 def mlp_shapes(n_params: int, depth: int = 4, d_in: int = 256, d_out: int = 10) -> list[tuple]:
@@ -99,21 +129,30 @@ def roof(device):
     return "device-to-device copy", lambda: y.copy_(x), 8 * n
 
 
-def contenders(optimizer: str, backends):
-    """name -> make(params, clip): torch fused, torch foreach, ours on each backend."""
-    torch_cls, ours_cls, kw, _ = OPTIMIZERS[optimizer]
-    title = torch_cls.__name__
-    out = {
-        f"torch {title}(fused=True)": lambda ps, clip: torch_cls(ps, fused=True, **kw),
-        f"torch {title}(foreach=True)": lambda ps, clip: torch_cls(ps, foreach=True, **kw),
-    }
+def contenders(family: str, backends):
+    """name -> make(params, clip): torch fused and foreach (where torch has the optimizer),
+    the unfused plain-PyTorch reference (where it has not, or with a regularizer on), and
+    ours on each backend."""
+    ours_cls, kw, regularizers, torch_cls, ref_cls, _ = FAMILIES[family]
+    out = {}
+    if torch_cls is not None:
+        title = torch_cls.__name__
+        out[f"torch {title}(fused=True)"] = lambda ps, clip: torch_cls(ps, fused=True, **kw)
+        out[f"torch {title}(foreach=True)"] = lambda ps, clip: torch_cls(ps, foreach=True, **kw)
+    if ref_cls is not None:
+        fused_ok = ref_cls in (torch.optim.AdamW, torch.optim.SGD)
+        title = f"unfused: {ref_cls.__name__}" + ("(fused=True)" if fused_ok else "") + \
+            "".join(f" + {k}" for k in regularizers)
+        out[title] = lambda ps, clip: Unfused(
+            ps, GradPipeline(ps, max_grad_norm=MAX_GRAD_NORM if clip else None, **regularizers),
+            ref_cls(ps, fused=True, **kw) if fused_ok else ref_cls(ps, **kw))
     for b in backends:
-        out[f"catapult {title} [{b}]"] = (lambda b: lambda ps, clip: ours_cls(
-            ps, max_grad_norm=MAX_GRAD_NORM if clip else None, backend=b, **kw))(b)
+        out[f"catapult {ours_cls.__name__} [{b}]"] = (lambda b: lambda ps, clip: ours_cls(
+            ps, max_grad_norm=MAX_GRAD_NORM if clip else None, backend=b, **kw, **regularizers))(b)
     return out
 
 
-def bench_case(optimizer, label, shapes, device, backends, reps, rounds=5) -> list[dict]:
+def bench_case(family, label, shapes, device, backends, reps, rounds=5) -> list[dict]:
     """Median step time of each contender, and the roof. They take turns over `rounds`
     rounds, so a slow spell of a shared machine does not land on one of them alone."""
     n_params = sum(math.prod(s) for s in shapes)
@@ -121,10 +160,17 @@ def bench_case(optimizer, label, shapes, device, backends, reps, rounds=5) -> li
     rows = []
     for clip in (False, True):
         steps = {"roof": roof_fn}
-        for name, make in contenders(optimizer, backends).items():
+        for name, make in contenders(family, backends).items():
             params = make_params(shapes, device)
             opt = make(params, clip)
-            if clip and not isinstance(opt, FusedOptimizer):
+            if isinstance(opt, Unfused):
+                grads = [p.grad.clone() for p in params]
+
+                def fn(opt=opt, params=params, grads=grads):
+                    opt.step()
+                    torch._foreach_copy_([p.grad for p in params], grads)  # the same grads every step
+                steps[name] = fn
+            elif clip and not isinstance(opt, FusedOptimizer):
                 def fn(opt=opt, params=params):
                     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
                     opt.step()
@@ -138,10 +184,10 @@ def bench_case(optimizer, label, shapes, device, backends, reps, rounds=5) -> li
         roof_gbs = roof_bytes / statistics.median(times.pop("roof")) / 1e6
         for name, ts in times.items():
             ms = statistics.median(ts)
-            gbs = (OPTIMIZERS[optimizer][3] + CLIP_BYTES * clip) * n_params / ms / 1e6
-            rows.append(dict(optimizer_family=optimizer, case=label, n_params=n_params, n_tensors=len(shapes), clip=clip, optimizer=name,
-                             median_ms=ms, effective_gbs=gbs, roof=roof_name, roof_gbs=roof_gbs,
-                             fraction_of_roof=gbs / roof_gbs))
+            gbs = (FAMILIES[family][5] + CLIP_BYTES * clip) * n_params / ms / 1e6
+            rows.append(dict(optimizer_family=family, case=label, n_params=n_params, n_tensors=len(shapes),
+                             clip=clip, optimizer=name, median_ms=ms, effective_gbs=gbs, roof=roof_name,
+                             roof_gbs=roof_gbs, fraction_of_roof=gbs / roof_gbs))
         del steps
     return rows
 
@@ -166,9 +212,10 @@ def parse_size(s: str) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--optimizers", default="adamw,sgd,sgd_momentum", help=f"of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--optimizers", default=DEFAULT_FAMILIES, help=f"of {', '.join(FAMILIES)}")
     ap.add_argument("--sizes", default=None, help="params per case, e.g. 1M,10M,100M")
-    ap.add_argument("--no-small", action="store_true", help="skip the 5000 x 1000-element case")
+    ap.add_argument("--no-small", action="store_true",
+                    help="skip the 5000 x 1000-element case (run for the families torch has)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
@@ -179,27 +226,30 @@ def main(argv=None):
     backends = [b for b in backends if b != "cuda" or ops.has_cpp_kernels("cuda")]
 
     cases = [(f"MLP {s}", mlp_shapes(parse_size(s))) for s in sizes.split(",")]
-    if not args.no_small:
-        cases.append(("5000 x 1000", [(1000,)] * 5000))
     rows = []
-    for optimizer in args.optimizers.split(","):
-        if optimizer not in OPTIMIZERS:
-            ap.error(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        for label, shapes in cases:
-            rows += bench_case(optimizer, label, shapes, device, backends, reps)
+    for family in args.optimizers.split(","):
+        if family not in FAMILIES:
+            ap.error(f"unknown optimizer {family!r}; choose from {', '.join(FAMILIES)}")
+        small = [] if args.no_small or FAMILIES[family][3] is None else [("5000 x 1000", [(1000,)] * 5000)]
+        for label, shapes in cases + small:
+            rows += bench_case(family, label, shapes, device, backends, reps)
     for r in rows:
-        base = next(x for x in rows if x["optimizer_family"] == r["optimizer_family"] and x["case"] == r["case"]
-                    and x["clip"] == r["clip"] and x["optimizer"].endswith("(fused=True)"))
-        r["speedup_vs_torch_fused"] = base["median_ms"] / r["median_ms"]
+        # the baseline: torch's fused optimizer where torch has one, else the unfused reference
+        same = [x for x in rows if x["optimizer_family"] == r["optimizer_family"] and x["case"] == r["case"]
+                and x["clip"] == r["clip"]]
+        base = next(x for x in same if x["optimizer"].startswith(("torch", "unfused")))
+        r["baseline"] = base["optimizer"]
+        r["speedup_vs_baseline"] = base["median_ms"] / r["median_ms"]
 
     print(f"\n{device_name(device)}, torch {torch.__version__}; roof: {rows[0]['roof']}, "
           "measured beside each case\n")
-    print("| family | case | clip | optimizer | median ms | GB/s | roof GB/s | of roof | vs torch fused |")
+    print("| family | case | clip | optimizer | median ms | GB/s | roof GB/s | of roof | vs baseline |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['optimizer_family']} | {r['case']} | {'clip + step' if r['clip'] else 'step'} | {r['optimizer']} | "
               f"{r['median_ms']:.3f} | {r['effective_gbs']:.1f} | {r['roof_gbs']:.0f} | "
-              f"{r['fraction_of_roof']:.0%} | {r['speedup_vs_torch_fused']:.2f}x |")
+              f"{r['fraction_of_roof']:.0%} | {r['speedup_vs_baseline']:.2f}x |")
+    print("\nbaseline: the first torch or unfused contender of each family (torch's fused optimizer where it exists)")
 
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -207,7 +257,7 @@ def main(argv=None):
     with open(path, "x") as f:  # never overwrite an earlier result
         json.dump(dict(benchmark="optim_step", device=device_name(device), device_type=device.type,
                        torch=torch.__version__, date=stamp,
-                       bytes_per_param={k: v[3] for k, v in OPTIMIZERS.items()}, clip_bytes_per_param=CLIP_BYTES,
+                       bytes_per_param={k: v[5] for k, v in FAMILIES.items()}, clip_bytes_per_param=CLIP_BYTES,
                        max_grad_norm=MAX_GRAD_NORM, reps=reps, rows=rows),
                   f, indent=1)
     print(f"\nwrote {path}")
