@@ -1,9 +1,9 @@
-// Reusable multi-tensor launcher for catapult's CUDA kernels (AdamW, norms; later
-// SGD, Lion, LAMB). One launch processes up to TensorTable::kMaxTensors tensors:
-// the table (per tensor the address of each list, numel, cumulative chunk count)
-// travels in the kernel's parameters, each block handles one fixed-size chunk of
-// one tensor and finds that tensor by a binary search over the cumulative chunk
-// counts. More tensors than fit in one table are launched again.
+// Reusable multi-tensor launcher for catapult's CUDA kernels (norms, AdamW, SGD,
+// Lion, LAMB). One launch processes up to TensorTable::kMaxTensors tensors: the
+// table (per tensor the address of each list, numel, cumulative chunk count, one
+// integer of the op's own) travels in the kernel's parameters, each block handles
+// one fixed-size chunk of one tensor and finds that tensor by a binary search over
+// the cumulative chunk counts. More tensors than fit in one table are launched again.
 //
 // Capturable: nothing is allocated or copied to the device here, and the host
 // never waits for the device; every launch goes to the current stream.
@@ -13,14 +13,19 @@
 //     template <typename Table>
 //     __device__ void operator()(const Table& table, const ChunkInfo& c) const;
 //   };
-//   multi_tensor_apply<NLists, NAux, kWriteMask>(lists, aux, select, MyFunctor{...});
+//   multi_tensor_apply<NLists, NAux, kWriteMask>(lists, aux, select, [extra,] MyFunctor{...});
 // lists: NLists lists walked elementwise, entry i of each the same numel, dtype and
 //        dense layout (check first: catapult::check_update_lists); kWriteMask: bit l
 //        set if list l is written;
-// aux:   NAux lists whose tensors are only passed by address (e.g. step counts);
+// aux:   NAux lists whose tensors are only passed by address (e.g. step counts); an
+//        empty aux list gives nullptr for every entry (an optional input, e.g.
+//        agc_scales when AGC is off);
 // select(i): whether entry i takes part (e.g. one dtype group); entries with 0
-//        elements never do.
-// Inside the functor, chunk_elementwise<T, N, kStoreMask>() does the common loop.
+//        elements never do;
+// extra(i): an int64 the functor finds in table.extra (the update ops: the AGC row
+//        length); 0 when not given.
+// Inside the functor, chunk_elementwise<T, N, kStoreMask>() does the common loop;
+// for_each_dtype_group() runs one multi_tensor_apply per dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -40,8 +45,8 @@
 namespace catapult {
 namespace cuda {
 
-// Threads per block. 256 lets the scheduler pack blocks finely (4 per SM at the
-// fp32 AdamW kernel's 53 registers, 3 for bf16) and keeps most threads busy on
+// Threads per block. 256 lets the scheduler pack blocks finely (5 per SM at the
+// fp32 AdamW kernel's 46 registers, 4 for bf16's 62) and keeps most threads busy on
 // small tensors (1000 fp32 elements = 250 vectors); the fixed-order block
 // reduction of the norm is a tree over its 8 warps. (512 measured the same for
 // fp32 and 5% slower for bf16 AdamW, whose 66 registers then fit 2 blocks per SM.)
@@ -66,14 +71,15 @@ static_assert(kChunkSize <= (int64_t{1} << 30), "in-chunk offsets are int");
 // against an 8 KB one (128) cut the CUDA-graph step from 0.19 to 0.10 ms and the
 // eager step from 12.1 to 7.6 ms (fewer launches; a launch did not get slower in
 // proportion to its parameter size), at no cost for large tensors. 24 KB keeps
-// margin under the limit: 400 tensors per AdamW launch (4 lists + step), 352 with
-// amsgrad, 832 for a norm.
+// margin under the limit: 304 tensors per AdamW or LAMB launch (4 lists + step +
+// AGC scales), 288 with amsgrad or Grokfast, 256 with both, 448 for plain SGD, 656
+// for a norm.
 constexpr size_t kTableBytes = 24 * 1024;
 constexpr int kMaxTensorsCap = 1024;
 
 constexpr int max_tensors_for(int nptrs) {
-  // bytes per tensor: nptrs addresses + numel + chunk_end + index + aligned flag
-  const int per = 8 * nptrs + 8 + 8 + 4 + 1;
+  // bytes per tensor: nptrs addresses + numel + chunk_end + extra + index + aligned flag
+  const int per = 8 * nptrs + 8 + 8 + 8 + 4 + 1;
   const int fit = static_cast<int>((kTableBytes - 64) / per) / 16 * 16;
   return fit < kMaxTensorsCap ? fit : kMaxTensorsCap;
 }
@@ -87,12 +93,14 @@ struct TensorTable {
   static constexpr int kMaxTensors = max_tensors_for(kPtrs);
   static_assert(kMaxTensors >= 16, "too many lists for one table");
 
-  // ptrs[l][t]: list l's tensor t (l < NLists: elementwise lists; then the aux lists).
+  // ptrs[l][t]: list l's tensor t (l < NLists: elementwise lists; then the aux lists,
+  // nullptr where an aux list is empty).
   void* ptrs[kPtrs][kMaxTensors];
   int64_t numel[kMaxTensors];
   // Cumulative chunk count through tensor t (inclusive): blocks
   // [chunk_end[t-1], chunk_end[t]) of this launch belong to tensor t.
   int64_t chunk_end[kMaxTensors];
+  int64_t extra[kMaxTensors];    // the op's own per-tensor integer (multi_tensor_apply's extra)
   int32_t index[kMaxTensors];    // entry's position in the caller's lists
   uint8_t aligned[kMaxTensors];  // all NLists addresses of tensor t are 16-byte aligned
   int32_t ntensors;
@@ -180,14 +188,17 @@ __device__ __forceinline__ T from_float(float x) {
 // ---------------------------------------------------------------------------
 // The common per-chunk loop of an elementwise update over N same-dtype lists.
 // ptr[l] points at the chunk's first element of list l, n <= kChunkSize elements.
-// For each element: x[l] = list l's value as float, op(x), then lists whose bit is
-// set in kStoreMask are written back. All loads of a step are issued before op.
+// For each element: x[l] = list l's value as float, op(x, i) with i the element's
+// index within the chunk (the functor adds ChunkInfo::start for the index within
+// the tensor), then lists whose bit is set in kStoreMask are written back. All
+// loads of a step are issued before op. op may keep state (e.g. a thread's partial
+// sums): each thread calls it for its elements in a fixed order.
 // aligned: all N base addresses are 16-byte aligned (then 16-byte vectors, and a
 // scalar tail of < kVec elements); otherwise the whole chunk takes the scalar path
 // (coalesced, kVec elements per thread per step).
 template <typename T, int N, unsigned kStoreMask, typename Op>
 __device__ __forceinline__ void chunk_elementwise(T* const (&ptr)[N], int n, bool aligned,
-                                                  const Op& op) {
+                                                  Op&& op) {
   using V = Vec16<T>;
   constexpr int kVec = V::kVec;
   int done = 0;
@@ -205,7 +216,7 @@ __device__ __forceinline__ void chunk_elementwise(T* const (&ptr)[N], int n, boo
         float e[N];
 #pragma unroll
         for (int l = 0; l < N; ++l) e[l] = x[l][j];
-        op(e);
+        op(e, v * kVec + j);
 #pragma unroll
         for (int l = 0; l < N; ++l) x[l][j] = e[l];
       }
@@ -231,7 +242,7 @@ __device__ __forceinline__ void chunk_elementwise(T* const (&ptr)[N], int n, boo
         float e[N];
 #pragma unroll
         for (int l = 0; l < N; ++l) e[l] = x[l][j];
-        op(e);
+        op(e, i);
 #pragma unroll
         for (int l = 0; l < N; ++l) {
           if (kStoreMask & (1u << l)) ptr[l][i] = from_float<T>(e[l]);
@@ -288,10 +299,12 @@ inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p)
 // chunks consecutive. Returns the number of chunks launched.
 // kWriteMask: bit l set if the kernel writes elementwise list l; the other lists and
 // the aux lists are taken with const_data_ptr() (no copy-on-write materialization).
-template <int NLists, int NAux, unsigned kWriteMask, typename Select, typename Functor>
+// extra(i) -> int64_t fills table.extra for entry i.
+template <int NLists, int NAux, unsigned kWriteMask, typename Select, typename Extra,
+          typename Functor>
 int64_t multi_tensor_apply(const std::array<at::TensorList, NLists>& lists,
                            const std::array<at::TensorList, NAux>& aux, const Select& select,
-                           const Functor& functor) {
+                           const Extra& extra, const Functor& functor) {
   using Table = TensorTable<NLists, NAux>;
   static_assert(sizeof(Table) <= kTableBytes, "table exceeds its parameter budget");
   static_assert(sizeof(Table) + sizeof(Functor) <= 32000, "kernel parameters too large");
@@ -300,7 +313,9 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, NLists>& lists,
   TORCH_CHECK(n <= static_cast<size_t>(std::numeric_limits<int32_t>::max()),
               "catapult: too many tensors");
   for (int l = 1; l < NLists; ++l) TORCH_CHECK(lists[l].size() == n, "catapult: list sizes differ");
-  for (int a = 0; a < NAux; ++a) TORCH_CHECK(aux[a].size() == n, "catapult: list sizes differ");
+  for (int a = 0; a < NAux; ++a) {
+    TORCH_CHECK(aux[a].empty() || aux[a].size() == n, "catapult: list sizes differ");
+  }
 
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();  // gridDim.x limit
   Table table{};
@@ -343,11 +358,13 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, NLists>& lists,
       aligned = aligned && is_aligned16(p);
     }
     for (int a = 0; a < NAux; ++a) {
-      table.ptrs[NLists + a][k] = const_cast<void*>(aux[a][i].const_data_ptr());
+      table.ptrs[NLists + a][k] =
+          aux[a].empty() ? nullptr : const_cast<void*>(aux[a][i].const_data_ptr());
     }
     table.numel[k] = numel;
     chunks += tc;
     table.chunk_end[k] = chunks;
+    table.extra[k] = extra(i);
     table.index[k] = static_cast<int32_t>(i);
     table.aligned[k] = aligned ? 1 : 0;
     table.ntensors = k + 1;
@@ -355,6 +372,40 @@ int64_t multi_tensor_apply(const std::array<at::TensorList, NLists>& lists,
   }
   if (table.ntensors > 0) launch();
   return launched;
+}
+
+// The same without a per-tensor extra (table.extra is 0).
+template <int NLists, int NAux, unsigned kWriteMask, typename Select, typename Functor>
+int64_t multi_tensor_apply(const std::array<at::TensorList, NLists>& lists,
+                           const std::array<at::TensorList, NAux>& aux, const Select& select,
+                           const Functor& functor) {
+  return multi_tensor_apply<NLists, NAux, kWriteMask>(
+      lists, aux, select, [](size_t) { return int64_t{0}; }, functor);
+}
+
+// Calls f(T{}, select) once per dtype present among params, in the order float32,
+// bfloat16, float16 (T: float, c10::BFloat16, c10::Half), with select(i) true for
+// the entries of that dtype: the update ops run one multi_tensor_apply per dtype
+// (entry i of every list shares params[i]'s dtype: check first).
+template <typename F>
+void for_each_dtype_group(at::TensorList params, F&& f) {
+  for (const at::ScalarType st : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    bool present = false;
+    for (const auto& p : params) present = present || p.scalar_type() == st;
+    if (!present) continue;
+    const auto select = [params, st](size_t i) { return params[i].scalar_type() == st; };
+    switch (st) {
+      case at::kFloat:
+        f(float{}, select);
+        break;
+      case at::kBFloat16:
+        f(c10::BFloat16{}, select);
+        break;
+      default:
+        f(c10::Half{}, select);
+        break;
+    }
+  }
 }
 
 }  // namespace cuda

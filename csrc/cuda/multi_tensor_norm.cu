@@ -3,9 +3,9 @@
 //
 // Deterministic (bit-identical every run) by construction: every chunk's block
 // writes one partial (sum of squares, or max |x|) to its own slot, reduced within
-// the block in a fixed order (per-thread accumulators, a fixed shuffle tree within
-// each warp, then a fixed tree over the warps); a finalize kernel then reduces each
-// tensor's partials, and all partials, again in a fixed order. No atomics.
+// the block in a fixed order (cuda/block_reduce.cuh); a finalize kernel then
+// reduces each tensor's partials, and all partials, again in a fixed order. No
+// atomics.
 //
 // Mixed dtypes: one multi_tensor_apply per dtype group, each writing a disjoint
 // range of slots of the one partials buffer. Capturable: no host sync.
@@ -19,50 +19,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/block_reduce.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "multi_tensor_checks.h"
 
 namespace catapult {
 namespace cuda {
 namespace {
-
-// NaN-propagating reductions; 0 is the identity of both (|x| >= 0).
-template <bool kMax>
-__device__ __forceinline__ float combine(float a, float b) {
-  if constexpr (kMax) {
-    return (a > b || a != a) ? a : b;  // a NaN wins; a NaN b wins through the else
-  } else {
-    return a + b;
-  }
-}
-
-template <bool kMax>
-__device__ __forceinline__ float accumulate(float acc, float x) {
-  if constexpr (kMax) {
-    return combine<true>(acc, fabsf(x));
-  } else {
-    return fmaf(x, x, acc);
-  }
-}
-
-// Fixed-order block reduction; the result is valid in thread 0. Call once per block
-// (it owns a static shared buffer).
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float v) {
-  __shared__ float warp_vals[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = combine<kMax>(v, __shfl_down_sync(0xffffffffu, v, off));
-  if (lane == 0) warp_vals[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? warp_vals[lane] : 0.0f;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v = combine<kMax>(v, __shfl_down_sync(0xffffffffu, v, off));
-  }
-  return v;
-}
 
 // One partial per chunk: partials[slot_base + global_chunk]. The first chunk of each
 // tensor also records (first slot, number of chunks) in ranges[2 * index] when
