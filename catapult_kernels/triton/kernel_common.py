@@ -1,46 +1,75 @@
-"""Pieces shared by the Triton update kernels (adamw.py, sgd.py).
+"""Pieces shared by the Triton update kernels (adamw.py, sgd.py, lion.py, lamb.py).
 
-Device side (@triton.jit):
-* ``grad_multiplier``: csrc/grad_pipeline.h, the factor every grad is multiplied by
-  (unscale, then the global-norm clip), negated for maximize;
+Device side (@triton.jit), the grad pipeline of csrc/grad_pipeline.h and what every
+update kernel needs around it:
+* ``program_block``: the tensor and chunk of one program, from the multi-tensor plan;
+* ``grad_multiplier``: the factor every grad is multiplied by (unscale, then the
+  global-norm clip);
+* ``grad_pipeline_setup`` (once per program) and ``pipeline_grad`` (per block of
+  elements): g = grad * (mult * agc_scale[row]), the Grokfast filter (its ema read
+  and, unless a caller defers it, written), then maximize;
+* ``powf``: the C library's powf (libdevice compiled; float64 under the interpreter);
 * ``store_as``: a float32 value stored as the tensor's dtype, rounded to nearest even
   (also under the interpreter, which truncates to bfloat16).
 
+The address table of an update kernel (``UpdateLaunch``) holds the op's own lists
+first, then the regularizer lists that are on: the Grokfast emas, then the AGC
+factors, so the ema column is L - 1 - AGC and the AGC column L - 1.
+
 Host side: the argument checks of csrc/multi_tensor_checks.h (``check_update_lists``,
-``check_control_args``), the block-size rule of the elementwise updates
-(``update_sizes``) and the plan of one launch per dtype group (``dtype_group_plan``).
+``add_regularizer_lists``, ``check_control_args``), the block-size rule of the
+elementwise updates (``update_sizes``), and ``UpdateLaunch``: the plan, address table
+and grad pipeline arguments of one op's launches, one per dtype group.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+from triton.language.extra import libdevice
 
 from ..ops import same_layout
-from .multi_tensor_table import SUPPORTED_DTYPES, MultiTensorPlan, get_plan, is_dense
+from .multi_tensor_table import (SUPPORTED_DTYPES, TL_DTYPE, address_table, check_runnable, get_plan, is_dense,
+                                 is_interpreted, tensor_ptr)
 
 __all__ = [
+    "program_block",
     "grad_multiplier",
+    "grad_pipeline_setup",
+    "pipeline_grad",
+    "powf",
     "store_as",
     "check_scalar",
     "check_control_args",
     "check_update_lists",
+    "add_regularizer_lists",
+    "nonzero_as_float32",
     "update_sizes",
-    "dtype_group_plan",
+    "UpdateLaunch",
 ]
 
 
 # ------------------------------------------------------------------ device side
 
 @triton.jit
+def program_block(numels, blocks, CHUNK: tl.constexpr):
+    """(row, start, n) of this program: its tensor's row in the tables, the first
+    element of its chunk, and the tensor's numel."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.load(blocks + 2 * pid)
+    start = tl.multiple_of(tl.load(blocks + 2 * pid + 1), CHUNK)
+    return row, start, tl.load(numels + row)
+
+
+@triton.jit
 def grad_multiplier(grad_norm_ptr, grad_scale_ptr, max_grad_norm, CLIP: tl.constexpr,
-                    HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+                    HAS_GRAD_SCALE: tl.constexpr):
     """grad_multiplier of csrc/grad_pipeline.h in float32, correctly rounded divisions
-    (tl.div_rn, as nvcc's default '/'); negated when MAXIMIZE, since grad * (-mult) is
-    bit for bit -(grad * mult). grad_norm_ptr is read only when CLIP, grad_scale_ptr
-    only when HAS_GRAD_SCALE."""
+    (tl.div_rn, as nvcc's default '/'). grad_norm_ptr is read only when CLIP,
+    grad_scale_ptr only when HAS_GRAD_SCALE."""
     if HAS_GRAD_SCALE:
         scale = tl.load(grad_scale_ptr)
     else:
@@ -50,10 +79,62 @@ def grad_multiplier(grad_norm_ptr, grad_scale_ptr, max_grad_norm, CLIP: tl.const
         max_norm = tl.cast(max_grad_norm, tl.float32)  # the interpreter passes Python floats as they are
         clip = tl.div_rn(max_norm, tl.div_rn(tl.load(grad_norm_ptr), scale) + 1e-6)
         clip = tl.where(clip > 1.0, 1.0, clip)  # clip > 1 ? 1 : clip, so a NaN norm propagates
-    mult = tl.div_rn(clip, scale)
+    return tl.div_rn(clip, scale)
+
+
+@triton.jit
+def grad_pipeline_setup(addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
+                        DTYPE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                        AGC: tl.constexpr, GROKFAST: tl.constexpr, ALIGNED: tl.constexpr, L: tl.constexpr):
+    """The per-program part of the grad pipeline for tensor ``row``, chunk at ``start``:
+    (mult, ema_ptr at the chunk, agc_ptr at the tensor's first factor, row_len). The
+    pointers of a regularizer that is off are placeholders, never read."""
+    mult = grad_multiplier(grad_norm_ptr, grad_scale_ptr, max_grad_norm, CLIP, HAS_GRAD_SCALE)
+    ema_ptr = grad_scale_ptr
+    agc_ptr = grad_scale_ptr
+    row_len = start
+    if GROKFAST:
+        ema_ptr = tensor_ptr(addrs, row, L, L - 1 - AGC, DTYPE, ALIGNED) + start
+    if AGC:
+        agc_ptr = tensor_ptr(addrs, row, L, L - 1, tl.float32, False)
+        row_len = tl.load(row_lens + row)
+    return mult, ema_ptr, agc_ptr, row_len
+
+
+@triton.jit
+def pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
+                  grokfast_one_minus_alpha, grokfast_lamb, DTYPE: tl.constexpr, AGC: tl.constexpr,
+                  GROKFAST: tl.constexpr, MAXIMIZE: tl.constexpr, STORE_EMA: tl.constexpr,
+                  INTERPRETED: tl.constexpr):
+    """The grad pipeline (csrc/grad_pipeline.h) on the elements start + idx of one tensor
+    (g_ptr and ema_ptr point at start): g = grad * (mult * agc_scale[row]), the Grokfast
+    filter (ema = alpha * ema + (1 - alpha) * g, stored when STORE_EMA; g = g + lamb * ema),
+    then maximize: g = -g. Returns g in float32."""
+    g = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+    if AGC:
+        g = g * (mult * tl.load(agc_ptr + (start + idx) // row_len, mask=mask))
+    else:
+        g = g * mult
+    if GROKFAST:
+        ema = tl.load(ema_ptr + idx, mask=mask).to(tl.float32)
+        ema = tl.cast(grokfast_alpha, tl.float32) * ema + tl.cast(grokfast_one_minus_alpha, tl.float32) * g
+        g = g + tl.cast(grokfast_lamb, tl.float32) * ema
+        if STORE_EMA:
+            store_as(ema_ptr + idx, ema, mask, DTYPE, INTERPRETED)
     if MAXIMIZE:
-        mult = -mult
-    return mult
+        g = -g
+    return g
+
+
+@triton.jit
+def powf(base, exponent, INTERPRETED: tl.constexpr):
+    if INTERPRETED:
+        # the interpreter has no libdevice: powf through float64, rounded once
+        b = base.to(tl.float64)
+        e = exponent.to(tl.float64)
+        return tl.exp(e * tl.log(b)).to(tl.float32)
+    else:
+        return libdevice.pow(base, exponent)  # __nv_powf, as the CUDA kernel's powf
 
 
 @triton.jit
@@ -87,14 +168,14 @@ def check_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> 
 def check_control_args(op_name: str, lr: torch.Tensor, grad_norm: Optional[torch.Tensor],
                        max_grad_norm: float, grad_scale: Optional[torch.Tensor],
                        found_inf: Optional[torch.Tensor], device: torch.device) -> None:
-    """The checks of the control scalars that end check_adamw_args / check_sgd_args
-    (csrc/multi_tensor_checks.h), in the same order."""
+    """The checks of the control scalars that check_step_control makes for every update
+    op (csrc/multi_tensor_checks.h), in the same order."""
     check_scalar(lr, "lr", device)
     check_scalar(grad_norm, "grad_norm", device)
     check_scalar(grad_scale, "grad_scale", device)
     check_scalar(found_inf, "found_inf", device)
     if max_grad_norm > 0.0 and grad_norm is None:
-        raise RuntimeError(f"catapult: {op_name} needs grad_norm when max_grad_norm > 0")
+        raise RuntimeError(f"catapult: {op_name} needs grad_norm when max_grad_norm > 0 (got {max_grad_norm:g})")
 
 
 def _device_indices(tensors) -> list:
@@ -168,6 +249,59 @@ def _check_update_lists_slow(params, others, state_steps) -> None:
             raise RuntimeError(f"catapult: state_steps[{i}] is on {s.device} but params are on {device}")
 
 
+def add_regularizer_lists(op_name: str, params: Sequence[torch.Tensor], agc_scales: Sequence[torch.Tensor],
+                          grokfast_emas: Sequence[torch.Tensor], others: list) -> Optional[list]:
+    """add_regularizer_lists of csrc/multi_tensor_checks.h (same checks, same messages):
+    appends ("grokfast_emas", grokfast_emas) to ``others`` (for check_update_lists) when
+    Grokfast is on, checks agc_scales, and returns the AGC rows of each param (None
+    when AGC is off). As in check_update_lists, the common case compares whole lists;
+    the loop that names the first bad entry runs only when something is wrong."""
+    n = len(params)
+    if grokfast_emas and len(grokfast_emas) != n:
+        raise RuntimeError(f"catapult: {op_name}: grokfast_emas has {len(grokfast_emas)} tensors but params has "
+                           f"{n} (give none to switch Grokfast off)")
+    if grokfast_emas:
+        others.append(("grokfast_emas", grokfast_emas))
+    if not agc_scales:
+        return None
+    if len(agc_scales) != n:
+        raise RuntimeError(f"catapult: {op_name}: agc_scales has {len(agc_scales)} tensors but params has {n} "
+                           "(give none to switch AGC off)")
+    rows = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
+    devices_of = _device_indices if params[0].get_device() >= 0 else _devices
+    ok = ([a.numel() for a in agc_scales] == rows
+          and all([a.dtype == torch.float32 and a.dim() == 1 and a.is_contiguous() for a in agc_scales])
+          and devices_of(agc_scales) == devices_of(params)
+          and all([p.is_contiguous() for p in params]))  # contiguous: rows are contiguous runs
+    if not ok:
+        _check_agc_scales_slow(op_name, params, agc_scales, rows)
+    return rows
+
+
+def _check_agc_scales_slow(op_name, params, agc_scales, rows) -> None:
+    for i, (a, p, r) in enumerate(zip(agc_scales, params, rows)):
+        if not (a.dtype == torch.float32 and a.dim() == 1 and a.is_contiguous()):
+            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] must be a contiguous 1-D float32 tensor, "
+                               f"got {a.dtype} of shape {tuple(a.shape)}")
+        if a.numel() != r:
+            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] has {a.numel()} factors but params[{i}] "
+                               f"has {r} rows")
+        if a.device != p.device:
+            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] is on {a.device} but params[{i}] is on "
+                               f"{p.device}")
+        # dim 0 has the largest stride among dims of size > 1
+        size, stride = p.shape, p.stride()
+        if not all(size[0] == 1 or size[d] == 1 or stride[0] >= stride[d] * size[d] for d in range(1, p.dim())):
+            raise RuntimeError(f"catapult: {op_name}: params[{i}] (strides {tuple(stride)}) does not keep its rows "
+                               "contiguous, as AGC needs")
+
+
+def nonzero_as_float32(x: float) -> bool:
+    """float(x) rounded to float32 != 0, without a tensor: |x| <= 2**-150 rounds to
+    zero (2**-150 is halfway to the least subnormal and ties to even); NaN is nonzero."""
+    return not abs(x) <= 2.0 ** -150
+
+
 def update_sizes(dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
     """(BLOCK, CHUNK, num_warps) of an elementwise update kernel: elements per vector
     step, elements per program, warps. A rule, not triton.autotune: autotuning runs a
@@ -179,17 +313,63 @@ def update_sizes(dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
     # Measured with AdamW on an H100 (100M parameters in 100 tensors, kernel alone, d2d
     # copy = 3.0 TB/s): float32 (1024, 4096, 4 warps) 97% of the copy roof; bfloat16
     # (512, 2048, 4) 97%. torch's fused AdamW: 79% and 46%. Any BLOCK 512-2048, CHUNK
-    # 1-4x BLOCK was within 4%. SGD uses the same rule (not measured separately).
+    # 1-4x BLOCK was within 4%. SGD, Lion and LAMB use the same rule (not measured separately).
     if dtype == torch.float32:
         return 1024, 4096, 4   # 8 floats (two 16-byte vectors) per thread per tensor
     return 512, 2048, 4        # 4 halves per thread per tensor
 
 
-def dtype_group_plan(params: Sequence[torch.Tensor], device: torch.device,
-                     interpreted: bool) -> tuple[MultiTensorPlan, dict]:
-    """The cached plan of one launch per dtype group over params (and the lists that
-    share their shapes), and {dtype: update_sizes(dtype)} for the groups present."""
-    keys = [p.dtype for p in params]
-    sizes = {dt: update_sizes(dt, interpreted) for dt in set(keys)}
-    plan = get_plan(device, [p.numel() for p in params], keys, {dt: s[1] for dt, s in sizes.items()})
-    return plan, sizes
+class UpdateLaunch:
+    """The launches of one update op's kernels over params: one per dtype group, each
+    covering the group through the multi-tensor tables (the cached plan, with the AGC
+    row lengths when AGC is on, and the address table). Every update kernel takes the
+    same named arguments for the tables, the step control and the grad pipeline;
+    ``launch`` passes them, with the op's own.
+
+    The address table: ``lists`` (the first ``n_elements`` are element lists, walked
+    as flat arrays of the params' dtype; the rest are read as float32 scalars, such as
+    state_steps), then grokfast_emas when Grokfast is on, then agc_scales when AGC is
+    on (agc_rows: add_regularizer_lists' result)."""
+
+    def __init__(self, kernel, params, lists, n_elements, lr, grad_norm, max_grad_norm, grad_scale, found_inf,
+                 maximize, agc_scales, agc_rows, grokfast_emas, grokfast_alpha, grokfast_lamb):
+        device = params[0].device
+        check_runnable(device, kernel)
+        self.interpreted = is_interpreted(kernel)
+        keys = [p.dtype for p in params]
+        self.sizes = {dt: update_sizes(dt, self.interpreted) for dt in set(keys)}
+        self.plan = get_plan(device, [p.numel() for p in params], keys,
+                             {dt: s[1] for dt, s in self.sizes.items()}, agc_rows)
+        if self.plan.n_blocks == 0:
+            return  # nothing to launch: the address table is not needed
+        agc, grokfast = agc_rows is not None, bool(grokfast_emas)
+        regularizers = ([grokfast_emas] if grokfast else []) + ([agc_scales] if agc else [])
+        addrs, aligned = address_table(list(lists) + regularizers, device)
+        clip = max_grad_norm > 0.0
+        self.table = dict(
+            addrs=addrs, numels=self.plan.numels, lr_ptr=lr,
+            found_inf_ptr=found_inf if found_inf is not None else lr,  # lr: a placeholder, never read
+            HAS_FOUND_INF=found_inf is not None, INTERPRETED=self.interpreted,
+            ALIGNED=all(aligned[:n_elements]) and (not grokfast or aligned[len(lists)]),
+            L=len(lists) + len(regularizers))
+        self.pipeline = dict(
+            row_lens=self.plan.row_lens if agc else self.plan.numels,
+            grad_norm_ptr=grad_norm if clip else lr, grad_scale_ptr=grad_scale if grad_scale is not None else lr,
+            max_grad_norm=float(max_grad_norm), grokfast_alpha=float(grokfast_alpha),
+            # 1 - alpha in double, then rounded (grad_pipeline.h's Grokfast)
+            grokfast_one_minus_alpha=float(1.0 - grokfast_alpha), grokfast_lamb=float(grokfast_lamb),
+            CLIP=clip, HAS_GRAD_SCALE=grad_scale is not None, AGC=agc, GROKFAST=grokfast, MAXIMIZE=bool(maximize))
+
+    def launch(self, kernel, per_group: Optional[Callable[[int], dict]] = None, **op_args) -> None:
+        """kernel over every dtype group: the table and grad pipeline arguments, op_args,
+        and per_group(first block of the group)'s."""
+        if self.plan.n_blocks == 0:
+            return
+        for dt, begin, end, chunk in self.plan.groups:
+            if end == begin:
+                continue
+            block, _, warps = self.sizes[dt]
+            wrap_triton(kernel)[(end - begin,)](
+                blocks=self.plan.group_blocks(begin), **self.table, **self.pipeline,
+                **op_args, **(per_group(begin) if per_group is not None else {}),
+                DTYPE=TL_DTYPE[dt], BLOCK=block, CHUNK=chunk, num_warps=warps, enable_fp_fusion=False)

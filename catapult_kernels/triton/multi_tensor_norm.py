@@ -75,9 +75,9 @@ def _norm_partials_kernel(addrs, numels, blocks, partials,
 
 
 @triton.jit
-def _norm_reduce_kernel(partials, segments, total_out, per_tensor_out, n_tensors, first,
-                        IS_INF: tl.constexpr, BLOCK: tl.constexpr):
-    i = first + tl.program_id(0).to(tl.int64)
+def reduce_segment(partials, segments, i, IS_INF: tl.constexpr, BLOCK: tl.constexpr):
+    """The partials of blocks [segments[i, 0], segments[i, 1]) (tensor i's; row n: all)
+    reduced in a fixed order: summed, or for IS_INF max'ed with NaN propagating."""
     begin = tl.load(segments + 2 * i)
     end = tl.load(segments + 2 * i + 1)
     offs = tl.arange(0, BLOCK)
@@ -89,7 +89,14 @@ def _norm_reduce_kernel(partials, segments, total_out, per_tensor_out, n_tensors
             acc = _max_nan(acc, x)
         else:
             acc = acc + x
-    r = _finish(acc, IS_INF)
+    return _finish(acc, IS_INF)
+
+
+@triton.jit
+def _norm_reduce_kernel(partials, segments, total_out, per_tensor_out, n_tensors, first,
+                        IS_INF: tl.constexpr, BLOCK: tl.constexpr):
+    i = first + tl.program_id(0).to(tl.int64)
+    r = reduce_segment(partials, segments, i, IS_INF, BLOCK)
     if not IS_INF:
         r = tl.sqrt_rn(r)
     tl.store(per_tensor_out + i, r, mask=i < n_tensors)
@@ -108,7 +115,8 @@ def _sizes(dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
     return 2048, 8192, 4
 
 
-def _reduce_block(interpreted: bool) -> int:
+def reduce_block(interpreted: bool) -> int:
+    """BLOCK of reduce_segment's kernels."""
     return 128 if interpreted else 1024
 
 
@@ -164,7 +172,7 @@ def _multi_tensor_norm(tensors, ord, per_tensor):
     grid = (n + 1,) if per_tensor else (1,)
     wrap_triton(_norm_reduce_kernel)[grid](
         partials, plan.segments, total, per if per_tensor else total, n, 0 if per_tensor else n,
-        IS_INF=is_inf, BLOCK=_reduce_block(interpreted), num_warps=4)
+        IS_INF=is_inf, BLOCK=reduce_block(interpreted), num_warps=4)
     return total, per
 
 

@@ -12,8 +12,10 @@ tables instead of one launch per tensor:
   (tensor index, first element) per program, each program covering ``chunk``
   elements of one tensor; ``segments`` int64 [n + 1, 2], the [begin, end) range
   of block indices that belong to tensor i (row n: all blocks, for a global
-  reduction). It depends only on the numels, the group of each tensor and the
-  chunk size of each group, and is keyed by them.
+  reduction); when asked with AGC rows, ``row_lens`` int64 [n], the elements per
+  row of each tensor (numel // rows, where the update kernels find their AGC
+  factors). It depends only on the numels, the group of each tensor, the chunk size
+  of each group and the rows, and is keyed by them.
 
 The blocks of one group are contiguous in ``blocks`` (groups in order of first
 appearance, tensors in list order inside a group), so the kernel of a group is
@@ -30,7 +32,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 import torch
 import triton
@@ -74,6 +76,7 @@ class MultiTensorPlan:
     segments: torch.Tensor  # int64 [n + 1, 2] on device: blocks [begin, end) of tensor i; row n: all
     # (group key, first block, end block, chunk), in order of first appearance
     groups: tuple[tuple[Hashable, int, int, int], ...]
+    row_lens: Optional[torch.Tensor] = None  # int64 [max(n, 1)] on device: numel // rows; None without rows
 
     def group_blocks(self, begin: int) -> torch.Tensor:
         """The view of ``blocks`` a group's launch starts at (program 0 = block begin)."""
@@ -95,7 +98,7 @@ def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _build_plan(device: torch.device, numels: Sequence[int], keys: Sequence[Hashable],
-                chunks: dict) -> MultiTensorPlan:
+                chunks: dict, agc_rows: Optional[Sequence[int]]) -> MultiTensorPlan:
     n = len(numels)
     group_members: "collections.OrderedDict[Hashable, list[int]]" = collections.OrderedDict()
     for i, k in enumerate(keys):
@@ -132,30 +135,33 @@ def _build_plan(device: torch.device, numels: Sequence[int], keys: Sequence[Hash
     segments[n, 1] = n_blocks
     if n == 0:
         numel_t = torch.zeros(1, dtype=torch.int64)
+    parts = [numel_t, blocks.flatten(), segments.flatten()]
+    if agc_rows is not None:  # a tensor of 0 rows has 0 elements: its row length is never used
+        parts.append(numel_t // torch.tensor(list(agc_rows) or [1], dtype=torch.int64).clamp(min=1))
     # One host table, one copy to the device; the views live as long as the plan.
-    sizes = [numel_t.numel(), blocks.numel(), segments.numel()]
-    flat = torch.cat([numel_t, blocks.flatten(), segments.flatten()])
-    flat = _to_device(flat, device)
-    a, b, c = torch.split(flat, sizes)
-    return MultiTensorPlan(device=device, n_tensors=n, n_blocks=n_blocks, numels=a,
-                           blocks=b.view(-1, 2), segments=c.view(n + 1, 2), groups=tuple(groups))
+    views = torch.split(_to_device(torch.cat(parts), device), [t.numel() for t in parts])
+    return MultiTensorPlan(device=device, n_tensors=n, n_blocks=n_blocks, numels=views[0],
+                           blocks=views[1].view(-1, 2), segments=views[2].view(n + 1, 2), groups=tuple(groups),
+                           row_lens=views[3] if agc_rows is not None else None)
 
 
 def get_plan(device: torch.device, numels: Sequence[int], keys: Sequence[Hashable],
-             chunks: dict) -> MultiTensorPlan:
+             chunks: dict, agc_rows: Optional[Sequence[int]] = None) -> MultiTensorPlan:
     """The cached plan for tensors of these numels, grouped by ``keys`` (one per tensor,
-    e.g. its dtype), each group cut into chunks of ``chunks[key]`` elements."""
+    e.g. its dtype), each group cut into chunks of ``chunks[key]`` elements; with
+    ``agc_rows`` (one per tensor), also the table of row lengths numel // rows."""
     numels = tuple(int(x) for x in numels)
     keys = tuple(keys)
+    agc_rows = None if agc_rows is None else tuple(int(x) for x in agc_rows)
     present = set(keys)
     chunk_key = tuple(sorted((str(k), int(v)) for k, v in chunks.items() if k in present))
-    cache_key = (str(device), numels, keys, chunk_key)
+    cache_key = (str(device), numels, keys, chunk_key, agc_rows)
     with _PLAN_LOCK:
         plan = _PLAN_CACHE.get(cache_key)
         if plan is not None:
             _PLAN_CACHE.move_to_end(cache_key)
             return plan
-    plan = _build_plan(device, numels, keys, chunks)
+    plan = _build_plan(device, numels, keys, chunks, agc_rows)
     with _PLAN_LOCK:
         _PLAN_CACHE[cache_key] = plan
         while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
