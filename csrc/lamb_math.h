@@ -2,8 +2,9 @@
 // Learning", Algorithm 2), shared by the CPU and CUDA kernels (the Triton kernel
 // mirrors it in catapult_kernels/triton/lamb.py). Two passes: lamb_moments updates
 // m and v and gives the update direction r, whose norm (and the param's) sets the
-// per-tensor trust ratio; lamb_direction recomputes the same r from the new m and v
-// for the second pass, which writes p = p - lr * trust * r.
+// per-tensor trust ratio; the second pass writes p = p - lr * trust * r with the same
+// r (float32: lamb_direction from the stored m and v; 16-bit types, whose stored
+// moments are rounded: lamb_moments again from the old state).
 #pragma once
 #include <cmath>
 

@@ -11,7 +11,8 @@ struct LionStep {
   float decay;  // 1 - lr * weight_decay (decoupled, as in the paper)
 };
 
-// sign(x) as torch.sign: -1, 0 or 1, and NaN for NaN.
+// sign(x): -1, 0 or 1, and NaN for NaN (torch.sign gives 0 on CPU; a NaN must not be
+// hidden in the update).
 CATAPULT_HD float sign_of(float x) {
   return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
 }

@@ -71,9 +71,10 @@ TORCH_LIBRARY(catapult, m) {
   // r = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay * p (bc = 1 - beta^step when
   // bias_correction, else 1), and per tensor |r| and |p|. Then per tensor
   // trust = |w| / |r| with |w| = min(|p|, max_weight_norm) when max_weight_norm > 0, and
-  // trust = 1 where |w| or |r| is 0. Pass 2: p = p - lr * trust * r (r recomputed from
-  // the new m, v and the old p, bit for bit). Norms are deterministic (fixed chunks and
-  // reduction order).
+  // trust = 1 where |w| or |r| is 0. Pass 2: p = p - lr * trust * r with pass 1's r bit
+  // for bit (float32 recomputes it from the stored m, v; 16-bit types, whose stored
+  // moments are rounded, rerun pass 1's math and store m, v in pass 2). Norms are
+  // deterministic (fixed chunks and reduction order).
   m.def(
       "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, Tensor lr, float beta1, float beta2, "

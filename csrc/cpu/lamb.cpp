@@ -1,14 +1,20 @@
 // lamb_ on CPU: one LAMB step over lists of tensors in two passes (lamb_math.h).
-// Pass 1 runs the grad pipeline, updates m and v and sums r^2 and p^2 per chunk;
-// the chunk sums of each tensor are then added in chunk order (deterministic for any
-// thread count) into its trust ratio; pass 2 writes p = p - lr * trust * r. Bytes
-// in float32: pass 1 reads p, g, m, v and writes m, v; pass 2 reads p, m, v and
-// writes p (40 B/param).
+// Pass 1 runs the grad pipeline and lamb_moments and sums r^2 and p^2 per chunk; the
+// chunk sums of each tensor are then added in chunk order (deterministic for any
+// thread count) into its trust ratio; pass 2 writes p = p - lr * trust * r with pass
+// 1's r bit for bit. float32 stores the new m, v exactly: pass 1 writes them (and the
+// Grokfast ema) and pass 2 recomputes r from them (reads p, g, m, v, writes m, v; then
+// reads p, m, v, writes p: 40 B/param). A 16-bit type would round them, and r from
+// rounded moments is not the r the trust ratio measured (v = 1e-8 is 0 in float16,
+// which makes r = m_hat / eps): there pass 1 writes nothing, and pass 2 runs the
+// pipeline and lamb_moments again from the old state, then writes p, m, v (and the
+// ema). The same design as csrc/cuda/lamb.cu.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
@@ -56,6 +62,11 @@ struct Entry {
   float lr_trust;  // lr * trust ratio, set between the passes
 };
 
+// Whether pass 1 stores the new m, v (and ema) for pass 2 to read: only where T holds
+// them exactly.
+template <typename T>
+constexpr bool kStoresMoments = std::is_same_v<T, float>;
+
 // Sums of squares of r and p over a chunk.
 struct Sums {
   double r = 0.0, p = 0.0;
@@ -69,9 +80,13 @@ inline double lane_sum(const Vec& x) {
   return sum;
 }
 
-// Pass 1 over n elements of one tensor from offset b: moments, and r^2, p^2 added to sums.
-template <typename T>
+// The moments over n elements of one tensor from offset b. Pass 1 (kApply false): r^2
+// and p^2 added to sums, and m, v (and the ema) stored when kStoresMoments<T>. Pass 2
+// of a 16-bit type (kApply true): the same r again from the same old state, m, v and
+// the ema stored, and p = p - lr_trust * r.
+template <typename T, bool kApply>
 void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipeline& pl, Sums& sums) {
+  constexpr bool kStore = kApply || kStoresMoments<T>;
   T* p = static_cast<T*>(e.p) + b;
   const T* g = static_cast<const T*>(e.g) + b;
   T* m = static_cast<T*>(e.m) + b;
@@ -79,37 +94,52 @@ void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipel
   T* ema = e.ema ? static_cast<T*>(e.ema) + b : nullptr;
   const LAMBVec sv(e.step);
   const Vec multv(mult);
+  const Vec lr_trust(e.lr_trust);
   Vec rr(0.0f), pp(0.0f);
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     Vec p0, p1, g0, g1, m0, m1, v0, v1;
-    pipeline_block(g, ema, i, multv, pl, g0, g1);
+    pipeline_block<kStore>(g, ema, i, multv, pl, g0, g1);
     load_block(p + i, p0, p1);
     load_block(m + i, m0, m1);
     load_block(v + i, v0, v1);
     const Vec r0 = lamb_moments_vec(p0, g0, m0, v0, sv);
     const Vec r1 = lamb_moments_vec(p1, g1, m1, v1, sv);
-    store_block(m + i, m0, m1);
-    store_block(v + i, v0, v1);
-    rr = rr + r0 * r0 + r1 * r1;
-    pp = pp + p0 * p0 + p1 * p1;
+    if constexpr (kStore) {
+      store_block(m + i, m0, m1);
+      store_block(v + i, v0, v1);
+    }
+    if constexpr (kApply) {
+      store_block(p + i, p0 - lr_trust * r0, p1 - lr_trust * r1);
+    } else {
+      rr = rr + r0 * r0 + r1 * r1;
+      pp = pp + p0 * p0 + p1 * p1;
+    }
   }
-  sums.r += lane_sum(rr);
-  sums.p += lane_sum(pp);
+  if constexpr (!kApply) {
+    sums.r += lane_sum(rr);
+    sums.p += lane_sum(pp);
+  }
   for (; i < n; ++i) {
-    const float gf = pipeline_element(g, ema, i, mult, pl);
+    const float gf = pipeline_element<kStore>(g, ema, i, mult, pl);
     const float pf = static_cast<float>(p[i]);
     float mf = static_cast<float>(m[i]);
     float vf = static_cast<float>(v[i]);
     const float r = catapult::lamb_moments(pf, gf, mf, vf, e.step);
-    m[i] = static_cast<T>(mf);
-    v[i] = static_cast<T>(vf);
-    sums.r += static_cast<double>(r) * r;
-    sums.p += static_cast<double>(pf) * pf;
+    if constexpr (kStore) {
+      m[i] = static_cast<T>(mf);
+      v[i] = static_cast<T>(vf);
+    }
+    if constexpr (kApply) {
+      p[i] = static_cast<T>(pf - e.lr_trust * r);
+    } else {
+      sums.r += static_cast<double>(r) * r;
+      sums.p += static_cast<double>(pf) * pf;
+    }
   }
 }
 
-// Pass 2 over n elements of one tensor from offset b.
+// Pass 2 of float32 over n elements of one tensor from offset b: r from the stored m, v.
 template <typename T>
 void apply_range(const Entry& e, int64_t b, int64_t n) {
   T* p = static_cast<T*>(e.p) + b;
@@ -178,7 +208,7 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       dispatch_float_type(e.dtype, [&](auto t) {
         using T = decltype(t);
         for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
-          moments_range<T>(e, b, n, m, pl, sums[k]);
+          moments_range<T, false>(e, b, n, m, pl, sums[k]);
         });
       });
     }
@@ -198,7 +228,17 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 
   for_each_chunk(chunks, [&](const Chunk& c) {
     const Entry& e = entries[c.entry];
-    dispatch_float_type(e.dtype, [&](auto t) { apply_range<decltype(t)>(e, c.begin, c.size); });
+    dispatch_float_type(e.dtype, [&](auto t) {
+      using T = decltype(t);
+      if constexpr (kStoresMoments<T>) {
+        apply_range<T>(e, c.begin, c.size);
+      } else {
+        Sums unused;
+        for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
+          moments_range<T, true>(e, b, n, m, pl, unused);
+        });
+      }
+    });
   });
 }
 

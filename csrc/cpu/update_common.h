@@ -100,9 +100,10 @@ inline float grad_multiplier_of(const std::optional<at::Tensor>& grad_norm, doub
 }
 
 // The grad pipeline on one block (kBlock elements at g + i): g * mult, the Grokfast
-// filter when ema is given (its block read and written), then maximize. The same
-// operations, in the same order, as catapult::pipeline_grad on one element.
-template <typename T>
+// filter when ema is given (its block read, and written unless !kStoreEma), then
+// maximize. The same operations, in the same order, as catapult::pipeline_grad on one
+// element.
+template <bool kStoreEma = true, typename T>
 inline void pipeline_block(const T* g, T* ema, int64_t i, const Vec& mult, const Pipeline& pl, Vec& g0,
                            Vec& g1) {
   load_block(g + i, g0, g1);
@@ -115,7 +116,7 @@ inline void pipeline_block(const T* g, T* ema, int64_t i, const Vec& mult, const
     e1 = pl.alpha * e1 + pl.one_minus_alpha * g1;
     g0 = g0 + pl.lamb * e0;
     g1 = g1 + pl.lamb * e1;
-    store_block(ema + i, e0, e1);
+    if constexpr (kStoreEma) store_block(ema + i, e0, e1);
   }
   if (pl.maximize) {
     g0 = g0.neg();
@@ -124,14 +125,14 @@ inline void pipeline_block(const T* g, T* ema, int64_t i, const Vec& mult, const
 }
 
 // The same for the one element g[i] of a scalar tail.
-template <typename T>
+template <bool kStoreEma = true, typename T>
 inline float pipeline_element(const T* g, T* ema, int64_t i, float mult, const Pipeline& pl) {
   const float gm = static_cast<float>(g[i]) * mult;
   float e = 0.0f;
   if (ema == nullptr) return catapult::pipeline_grad<false>(gm, e, pl.grokfast, pl.maximize);
   e = static_cast<float>(ema[i]);
   const float out = catapult::pipeline_grad<true>(gm, e, pl.grokfast, pl.maximize);
-  ema[i] = static_cast<T>(e);
+  if constexpr (kStoreEma) ema[i] = static_cast<T>(e);
   return out;
 }
 
