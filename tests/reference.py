@@ -21,22 +21,66 @@ def grad_multiplier_reference(grad_norm, max_grad_norm, grad_scale):
     (torch.nn.utils.clip_grad_norm_'s coefficient, computed on the unscaled norm)."""
     scale = 1.0 if grad_scale is None else float(grad_scale)
     clip = 1.0
-    if max_grad_norm:
+    if max_grad_norm is not None and max_grad_norm > 0:  # <= 0: no clipping
         clip = min(1.0, max_grad_norm / (float(grad_norm) / scale + 1e-6))
     return clip / scale
 
 
-def adamw_reference(p, g, m, v, vmax, step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                    mult=1.0, compute_dtype=torch.float64):
-    """One AdamW step (Loshchilov & Hutter; torch.optim.AdamW's formula) for one tensor.
-    `step` is the step count after incrementing. Math in compute_dtype, results returned
-    in the dtype of the inputs: (p, m, v, vmax)."""
-    dt = p.dtype
-    p, g, m, v = (t.to(compute_dtype) for t in (p, g, m, v))
-    g = g * mult
+def agc_factor_view(factors, like):
+    """AGC's per-row factors shaped to broadcast over `like`: one factor per index along
+    dim 0 for tensors of 2+ dims, a single factor otherwise (csrc/ops.cpp, step 2)."""
+    if like.dim() >= 2:
+        return factors.reshape(-1, *([1] * (like.dim() - 1)))
+    assert factors.numel() == 1, "a tensor of fewer than 2 dims has one AGC row"
+    return factors.reshape(())
+
+
+def grad_pipeline_reference(grad, mult=1.0, agc_scale=None, ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0,
+                            maximize=False, compute_dtype=torch.float64):
+    """The grad pipeline every update op starts with (csrc/ops.cpp), for one tensor:
+      1. unscale and clip: g = grad * mult (mult from grad_multiplier_reference);
+      2. AGC (Brock et al. 2021): g *= agc_scale[row] (agc_scale: one factor per row, or None);
+      3. Grokfast EMA filter (Lee et al. 2024): ema = alpha * ema + (1 - alpha) * g; g = g + lamb * ema
+         (ema: the filter's state, or None for no filter);
+      4. maximize: g = -g.
+    Returns (g, new_ema) in compute_dtype; new_ema is None without the filter."""
+    g = grad.to(compute_dtype)
+    if agc_scale is not None:
+        g = g * (mult * agc_factor_view(agc_scale.cpu().to(compute_dtype), g))
+    else:
+        g = g * mult
+    new_ema = None
+    if ema is not None:
+        new_ema = grokfast_alpha * ema.to(compute_dtype) + (1 - grokfast_alpha) * g
+        g = g + grokfast_lamb * new_ema
     if maximize:
         g = -g
-    p = p * (1 - lr * weight_decay)
+    return g, new_ema
+
+
+def _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb):
+    return grad_pipeline_reference(g, mult, agc_scale, ema, grokfast_alpha, grokfast_lamb, maximize, compute_dtype)
+
+
+def _out(t, dt):
+    return None if t is None else t.to(dt)
+
+
+def adamw_reference(p, g, m, v, vmax, step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                    mult=1.0, compute_dtype=torch.float64, *, decoupled_weight_decay=True, agc_scale=None,
+                    ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0):
+    """One Adam/AdamW step for one tensor: AdamW (Loshchilov & Hutter; torch.optim.AdamW's
+    formula, decay p *= 1 - lr * wd) or, with decoupled_weight_decay=False, Adam with coupled
+    L2 (Kingma & Ba; torch.optim.Adam: g = g + wd * p, no decay of p). `step` is the step
+    count after incrementing; g goes through grad_pipeline_reference first. Math in
+    compute_dtype, results returned in the dtype of the inputs: (p, m, v, vmax, ema)."""
+    dt = p.dtype
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p, m, v = (t.to(compute_dtype) for t in (p, m, v))
+    if decoupled_weight_decay:
+        p = p * (1 - lr * weight_decay)
+    elif weight_decay != 0:
+        g = g + weight_decay * p
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     bias_correction1 = 1 - beta1 ** step
@@ -48,25 +92,82 @@ def adamw_reference(p, g, m, v, vmax, step, lr, beta1, beta2, eps, weight_decay,
         denom = v.sqrt() / math.sqrt(bias_correction2) + eps
     p = p - (lr / bias_correction1) * m / denom
     vmax = vmax.to(dt) if amsgrad else vmax
-    return p.to(dt), m.to(dt), v.to(dt), vmax
+    return p.to(dt), m.to(dt), v.to(dt), vmax, _out(ema, dt)
 
 
 def sgd_reference(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-                  mult=1.0, compute_dtype=torch.float64):
-    """One SGD step (torch.optim.SGD's formula) for one tensor: (p, buf) in the inputs' dtype.
-    buf is None without momentum; on the first step it becomes the step's grad."""
+                  mult=1.0, compute_dtype=torch.float64, *, trust=1.0, agc_scale=None, ema=None,
+                  grokfast_alpha=0.98, grokfast_lamb=2.0):
+    """One SGD step (torch.optim.SGD's formula) for one tensor: (p, buf, ema) in the inputs'
+    dtype. g goes through grad_pipeline_reference first; `trust` is LARS's per-tensor trust
+    ratio (You et al. 2017), multiplying the grad after the weight decay term:
+    g = trust * (g + wd * p). buf is None without momentum; on the first step it becomes
+    the step's grad."""
     dt = p.dtype
-    p, g = p.to(compute_dtype), g.to(compute_dtype) * mult
-    if maximize:
-        g = -g
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p = p.to(compute_dtype)
     if weight_decay != 0:
         g = g + weight_decay * p
+    g = float(trust) * g
     if momentum != 0:
         buf = g if first_step else momentum * buf.to(compute_dtype) + (1 - dampening) * g
         g = g + momentum * buf if nesterov else buf
         buf = buf.to(dt)
     p = p - lr * g
-    return p.to(dt), buf
+    return p.to(dt), buf, _out(ema, dt)
+
+
+def lion_reference(p, g, m, lr, beta1, beta2, weight_decay, maximize, mult=1.0, compute_dtype=torch.float64, *,
+                   agc_scale=None, ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0):
+    """One Lion step (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms",
+    Algorithm 2) for one tensor, g through grad_pipeline_reference first:
+        c = beta1 * m + (1 - beta1) * g
+        p = p * (1 - lr * wd) - lr * sign(c)        (decoupled weight decay)
+        m = beta2 * m + (1 - beta2) * g
+    Returns (p, m, ema) in the inputs' dtype."""
+    dt = p.dtype
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p, m = p.to(compute_dtype), m.to(compute_dtype)
+    c = beta1 * m + (1 - beta1) * g
+    p = p * (1 - lr * weight_decay)
+    p = p - lr * torch.sign(c)
+    m = beta2 * m + (1 - beta2) * g
+    return p.to(dt), m.to(dt), _out(ema, dt)
+
+
+def lamb_trust_ratio_reference(p_norm, r_norm, max_weight_norm):
+    """LAMB's per-tensor trust ratio phi(|w|) / |r|, phi clamping |w| to max_weight_norm
+    when that is > 0, and 1 where |w| or |r| is 0 (csrc/ops.cpp)."""
+    w = float(p_norm)
+    if max_weight_norm > 0:
+        w = min(w, max_weight_norm)
+    r = float(r_norm)
+    return w / r if w > 0 and r > 0 else 1.0
+
+
+def lamb_reference(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, bias_correction, max_weight_norm,
+                   maximize, mult=1.0, compute_dtype=torch.float64, *, agc_scale=None, ema=None,
+                   grokfast_alpha=0.98, grokfast_lamb=2.0, return_trust=False):
+    """One LAMB step (You et al. 2019, "Large Batch Optimization for Deep Learning",
+    Algorithm 2) for one tensor, g through grad_pipeline_reference first:
+        m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g^2
+        r = (m / bc1) / (sqrt(v / bc2) + eps) + wd * p   (bc = 1 - beta^step, or 1 without
+                                                          bias correction)
+        p = p - lr * trust * r,  trust = phi(|p|) / |r|  (lamb_trust_ratio_reference)
+    Returns (p, m, v, ema) in the inputs' dtype (and the trust ratio, a float, last when
+    return_trust)."""
+    dt = p.dtype
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p, m, v = p.to(compute_dtype), m.to(compute_dtype), v.to(compute_dtype)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    bc1 = 1 - beta1 ** step if bias_correction else 1.0
+    bc2 = 1 - beta2 ** step if bias_correction else 1.0
+    r = (m / bc1) / ((v / bc2).sqrt() + eps) + weight_decay * p
+    trust = lamb_trust_ratio_reference(torch.linalg.vector_norm(p), torch.linalg.vector_norm(r), max_weight_norm)
+    p = p - lr * trust * r
+    out = (p.to(dt), m.to(dt), v.to(dt), _out(ema, dt))
+    return out + (trust,) if return_trust else out
 
 
 def assert_close_to_reference(name, got, gold, same):
@@ -87,3 +188,10 @@ def assert_close_to_reference(name, got, gold, same):
     err_same = (same.double() - gold.double()).abs().max()
     floor = torch.finfo(got.dtype).eps / 2 * scale
     assert err <= 2 * max(err_same, floor), f"{name}: error {err} vs the reference's {err_same}"
+
+
+def assert_bitwise_equal(name, a, b):
+    """a and b hold the same bits (NaNs included): for 'nothing was written'."""
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+    int_type = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+    assert torch.equal(a.cpu().contiguous().view(int_type), b.cpu().contiguous().view(int_type)), f"{name} changed"
