@@ -109,6 +109,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         group["grokfast"] = check_grokfast(group.get("grokfast"))
         group["agc"] = check_agc(group.get("agc"))
 
+    @staticmethod
+    def _check_adam_like(group: dict, beta_one_allowed: bool = False) -> None:
+        """torch.optim.Adam's checks, with torch's messages: eps >= 0 (when the group has
+        one), weight_decay >= 0, betas in [0, 1) (or [0, 1] if beta_one_allowed)."""
+        if "eps" in group and not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        for i, beta in enumerate(group["betas"]):
+            if not (0.0 <= float(beta) < 1.0 or (beta_one_allowed and float(beta) == 1.0)):
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

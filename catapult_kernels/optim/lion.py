@@ -25,13 +25,7 @@ class Lion(FusedOptimizer):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        beta1, beta2 = group["betas"]
-        if not 0.0 <= float(beta1) <= 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= float(beta2) <= 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
-        if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        self._check_adam_like(group, beta_one_allowed=True)  # beta = 1: a frozen momentum, still valid
 
     def _state_keys(self, group: dict) -> tuple:
         return ("exp_avg",)
