@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from .base import Bucket, FusedOptimizer, StepControl
-from .regularizers import agc_rows, grad_multiplier
+from .regularizers import grad_multiplier
 from .sgd import SGD
 
 
@@ -40,44 +40,43 @@ class LARS(SGD):
 
     def _update(self, bucket: Bucket, control: StepControl) -> None:
         group = bucket.group
-        adapted = {i for i, p in enumerate(bucket.params) if not (group["exclude_1d"] and p.dim() <= 1)}
+        adapted, rest = [], []
+        for i, p in enumerate(bucket.params):
+            (rest if group["exclude_1d"] and p.dim() <= 1 else adapted).append(i)
         if adapted:
-            trust = self._trust_ratios(bucket, sorted(adapted), control)
+            trust = self._trust_ratios(bucket, adapted, control)
             self._sgd_step(bucket, control, group["weight_decay"], trust_ratios=trust, only=adapted)
-        if len(adapted) < len(bucket.params):
-            rest = set(range(len(bucket.params))) - adapted
+        if rest:
             self._sgd_step(bucket, control, 0.0, only=rest)
 
     def _trust_ratios(self, bucket: Bucket, idx: list, control: StepControl) -> torch.Tensor:
-        """Per param of the bucket (1 for those not in idx), its local lr, on the device."""
+        """The local lr of each param of the bucket listed in idx, in that order, on the device."""
         group = bucket.group
         wd, tc = float(group["weight_decay"]), float(group["trust_coefficient"])
-        w = ops.multi_tensor_norm([bucket.params[i] for i in idx], 2.0, True, self.backend)[1]
-        g = self._update_grad_norms(bucket, idx, control)
-        ratio = torch.where((w > 0) & (g > 0), tc * w / (g + wd * w), torch.ones_like(w))
-        trust = torch.ones(len(bucket.params), dtype=torch.float32, device=bucket.device)
-        trust[idx] = ratio
-        return trust
+        w, g = self._norms(bucket, idx, control)
+        return torch.where((w > 0) & (g > 0), tc * w / (g + wd * w), torch.ones_like(w))
 
-    def _update_grad_norms(self, bucket: Bucket, idx: list, control: StepControl) -> torch.Tensor:
-        """The norm of each param's grad as the update sees it (after the grad pipeline)."""
+    def _norms(self, bucket: Bucket, idx: list, control: StepControl) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per param listed in idx: the norm of the param, and of its grad as the update sees
+        it (after the grad pipeline)."""
         group = bucket.group
         mult = grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, bucket.device)
-        grads = [bucket.grads[i] for i in idx]
-        if group["agc"] is None and group["grokfast"] is None:
-            return ops.multi_tensor_norm(grads, 2.0, True, self.backend)[1] * mult.abs()
+        params, grads = [bucket.params[i] for i in idx], [bucket.grads[i] for i in idx]
+        if group["agc"] is None and group["grokfast"] is None:  # one norm pass over p and g
+            norms = ops.multi_tensor_norm(params + grads, 2.0, True, self.backend)[1]
+            return norms[:len(idx)], norms[len(idx):] * mult.abs()
+        w = ops.multi_tensor_norm(params, 2.0, True, self.backend)[1]
         # With AGC or Grokfast the grad the update sees is only formed inside the kernel:
         # form it here in temporaries (the EMA as the kernel will leave it), for the norms.
         norms = []
         for i, g in zip(idx, grads):
             g = g.float() * mult
-            if bucket.agc_scales is not None:
-                g = g * bucket.agc_scales[i].reshape((agc_rows(g),) + (1,) * (g.dim() - 1)) if g.dim() >= 2 \
-                    else g * bucket.agc_scales[i]
+            if bucket.agc_scales is not None:  # one factor per row (dim 0), or one for the tensor
+                g = g * bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
             grokfast = group["grokfast"]
             if grokfast is not None:
                 alpha = 0.0 if bucket.ema_fresh[i] else grokfast["alpha"]
                 ema = alpha * bucket.states[i]["grokfast_ema"].float() + (1.0 - alpha) * g
                 g = g + grokfast["lamb"] * ema
             norms.append(torch.linalg.vector_norm(g))
-        return torch.stack(norms)
+        return w, torch.stack(norms)

@@ -54,20 +54,23 @@ class SGD(FusedOptimizer):
 
     def _sgd_step(self, bucket: Bucket, control: StepControl, weight_decay: float,
                   trust_ratios=None, only=None) -> None:
-        """The sgd_ kernel over the bucket (or the params listed in `only`), with optional
-        per-param trust ratios (LARS) in bucket order."""
+        """The sgd_ kernel over the params of the bucket listed in `only` (all by default),
+        with optional trust ratios (LARS), one per param of `only`, in its order."""
         group = bucket.group
         momentum = float(group["momentum"])
         lr = self._lr_tensor(group, bucket.device)
+        only = list(range(len(bucket.params))) if only is None else only
+        position = {i: k for k, i in enumerate(only)}
         # New buffers are set to the grad (torch's first step), the others updated.
         for part in self._parts(bucket, by_fresh=momentum != 0):
-            if only is not None:
-                part.idx = [i for i in part.idx if i in only]
-                if not part.idx:
-                    continue
+            part.idx = [i for i in part.idx if i in position]
+            if not part.idx:
+                continue
+            trust = trust_ratios
+            if trust is not None and part.idx != only:  # a subset: its ratios (an index copy)
+                trust = trust[[position[i] for i in part.idx]]
             ops.sgd_(part.take(bucket.params), part.take(bucket.grads),
                      [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else [],
                      lr, momentum, float(group["dampening"]), float(weight_decay), bool(group["nesterov"]),
-                     bool(group["maximize"]), part.fresh and momentum != 0,
-                     trust_ratios=None if trust_ratios is None else trust_ratios[part.idx],
+                     bool(group["maximize"]), part.fresh and momentum != 0, trust_ratios=trust,
                      **self._pipeline_args(bucket, part, control))
