@@ -113,7 +113,9 @@ setup(
     description="Fused optimizer kernels (CPU C++, CUDA C++, Triton) for wide networks at high learning rates",
     packages=find_packages(include=["catapult_kernels", "catapult_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
+    extras_require={"digits": ["scikit-learn"]},
+    entry_points={"console_scripts": ["catapult-train = catapult_kernels.train.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

@@ -1,0 +1,185 @@
+"""catapult-train: one run, a sweep (catapult-train sweep ...) or the muP coordinate check
+(catapult-train coord-check ...). Every option of a run is also an option of the other two."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import config as C
+from .config import TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def _add(parser, flag: str, help: str, **kw) -> None:
+    dest = flag.lstrip("-").replace("-", "_")
+    default = getattr(DEFAULTS, dest, None)
+    shown = f" (default: {default})" if default is not None and not isinstance(default, bool) else ""
+    parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
+
+
+def _choices(parser, flag: str, choices: tuple, help: str) -> None:
+    # no argparse `choices`: the config's own check names every choice in one clear message
+    _add(parser, flag, f"{help}: {' | '.join(choices)}", metavar="NAME")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("task")
+    _choices(g, "--task", C.TASKS, "task")
+    _add(g, "--p", "modular: the prime modulus", type=int)
+    _choices(g, "--op", C.MODULAR_OPS, "modular: the operation")
+    _add(g, "--train-frac", "modular: the fraction of all pairs used for training", type=float)
+    _add(g, "--n-train", "teacher-student, digits: training examples", type=int)
+    _add(g, "--n-val", "teacher-student: validation examples", type=int)
+    _add(g, "--input-dim", "teacher-student: input dimension", type=int)
+    g = parser.add_argument_group("model")
+    _choices(g, "--model", C.MODELS, "model")
+    _add(g, "--depth", "mlp: weight layers (2 = one hidden layer)", type=int)
+    _add(g, "--width", "mlp: hidden units per layer", type=int)
+    _choices(g, "--activation", C.ACTIVATIONS, "mlp activation")
+    _choices(g, "--parametrization", C.PARAMETRIZATIONS, "mlp parametrization")
+    _add(g, "--bias", "mlp: biases (--no-bias: none)", action=argparse.BooleanOptionalAction)
+    _add(g, "--base-width", "muP: the width at which muP equals standard", type=int)
+    _add(g, "--layers", "transformer: blocks", type=int)
+    _add(g, "--d-model", "transformer: model width", type=int)
+    _add(g, "--heads", "transformer: attention heads", type=int)
+    g = parser.add_argument_group("optimization")
+    _choices(g, "--optimizer", C.OPTIMIZERS, "optimizer")
+    _choices(g, "--impl", C.IMPLS, "catapult_kernels.optim, or torch.optim's own (sgd, adam, adamw)")
+    _add(g, "--lr", "a number, or K/lambda0 (K over the top Hessian eigenvalue at init)", metavar="LR")
+    _add(g, "--weight-decay", "weight decay (decoupled for adamw, lion, lamb)", type=float)
+    _add(g, "--momentum", "sgd, lars: momentum", type=float)
+    _add(g, "--nesterov", "sgd, lars: Nesterov momentum", action=argparse.BooleanOptionalAction)
+    _add(g, "--beta1", "adam-like: beta1", type=float)
+    _add(g, "--beta2", "adam-like: beta2", type=float)
+    _add(g, "--eps", "adam, adamw, lamb: epsilon", type=float)
+    _add(g, "--max-grad-norm", "clip the global grad norm to this", type=float)
+    _add(g, "--agc", "adaptive gradient clipping ratio (e.g. 0.01)", type=float)
+    _choices(g, "--grokfast", C.GROKFAST, "gradient filter")
+    _add(g, "--grokfast-alpha", "Grokfast EMA decay", type=float)
+    _add(g, "--grokfast-lamb", "Grokfast amplification", type=float)
+    _choices(g, "--schedule", C.SCHEDULES, "lr schedule after warmup")
+    _add(g, "--warmup", "linear warmup steps", type=int)
+    _add(g, "--decay-steps", "cosine: steps to the minimum (default: --steps)", type=int)
+    _add(g, "--min-lr-ratio", "cosine: the final lr over the peak lr", type=float)
+    _choices(g, "--loss", C.LOSSES, "loss (mse: 0.5 * sum over outputs, mean over examples)")
+    _add(g, "--batch-size", "minibatch size (default: full batch)", type=int)
+    _add(g, "--steps", "optimizer steps", type=int)
+    _add(g, "--seed", "seed of data, init and batch order", type=int)
+    _add(g, "--device", "cpu, cuda, cuda:1, ...")
+    g = parser.add_argument_group("diagnostics and output")
+    _add(g, "--log-every", "steps between metrics records", type=int)
+    _add(g, "--sharpness-every", "steps between sharpness measurements (0: none)", type=int)
+    _add(g, "--sharpness-iters", "Lanczos iterations (Hessian-vector products) per measurement", type=int)
+    _add(g, "--sharpness-batch", "the fixed batch for sharpness and lambda0: the first N training examples",
+         type=int)
+    _add(g, "--grok-threshold", "val accuracy that counts as grokked", type=float)
+    _add(g, "--checkpoint-every", "steps between checkpoints (0: at the end and on Ctrl-C)", type=int)
+    _add(g, "--plots", "write figures (--no-plots: none)", action=argparse.BooleanOptionalAction)
+
+
+def add_run_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--out", help=f"the {what} folder (default: a new folder under runs/)")
+    parser.add_argument("--resume", action="store_true", help=f"continue the {what} in --out")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace the {what} in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _overrides(ns: argparse.Namespace) -> dict:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(ns).items() if k in fields}
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description)
+
+
+def main_train(argv: list[str]) -> int:
+    from .experiment import default_out, describe, resolve_resume, run
+    p = _parser("catapult-train", "Train one run; writes config.json, metrics.jsonl, summary.json, "
+                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check.")
+    add_train_options(p)
+    add_run_options(p, "run")
+    ns = p.parse_args(argv)
+    overrides = _overrides(ns)
+    if ns.resume:
+        if ns.out is None:
+            raise ValueError("--resume needs --out (the run to continue)")
+        cfg = resolve_resume(ns.out, overrides)
+    else:
+        cfg = TrainConfig(**overrides).validate()
+    out = Path(ns.out) if ns.out else default_out(cfg)
+    summary = run(cfg, out, resume=ns.resume, overwrite=ns.overwrite, quiet=ns.quiet)
+    print(f"{out}: {summary['status']}\n{describe(summary)}")
+    return 0
+
+
+def main_sweep(argv: list[str]) -> int:
+    from .sweep import format_table, sweep
+    p = _parser("catapult-train sweep", "Run a grid of widths x learning rates x seeds; writes one "
+                "run folder per cell, sweep.csv and sweep.png.")
+    p.add_argument("--widths", type=int, nargs="+", required=True)
+    p.add_argument("--lrs", nargs="+", required=True, help="numbers or K/lambda0, e.g. 0.5/lambda0 3/lambda0")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    add_train_options(p)
+    add_run_options(p, "sweep")
+    ns = p.parse_args(argv)
+    overrides = _overrides(ns)
+    for name in ("width", "lr", "seed"):
+        overrides.pop(name, None)  # the grid sets these
+    base = TrainConfig(**overrides)
+    out = Path(ns.out) if ns.out else Path("runs") / f"sweep-{base.task}-{base.model}"
+    rows = sweep(base, ns.widths, ns.lrs, ns.seeds, out, resume=ns.resume, overwrite=ns.overwrite, quiet=ns.quiet)
+    print(format_table(rows))
+    print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if base.plots else ""))
+    return 0
+
+
+def main_coord_check(argv: list[str]) -> int:
+    from .coord_check import coord_check, format_growth
+    p = _parser("catapult-train coord-check", "The muP coordinate check: mean |pre-activation| per layer "
+                "over the first steps, across widths, for the standard parametrization and muP.")
+    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
+    p.add_argument("--check-steps", type=int, default=3, help="steps recorded")
+    add_train_options(p)
+    p.add_argument("--out", help="folder for coord_check.json and coord_check.png")
+    p.add_argument("--overwrite", action="store_true")
+    ns = p.parse_args(argv)
+    overrides = _overrides(ns)
+    overrides.pop("width", None)
+    overrides.pop("parametrization", None)
+    base = TrainConfig(**{"depth": 3, **overrides})
+    out = Path(ns.out) if ns.out else Path("runs") / "coord-check"
+    target = out / "coord_check.json"
+    if target.exists() and not ns.overwrite:
+        raise ValueError(f"{target} exists; pass --overwrite to replace it")
+    results = coord_check(base, ns.widths, steps=ns.check_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"config": base.to_dict(), "results": results}, indent=1) + "\n")
+    if base.plots:
+        from .plots import plot_coord_check
+        plot_coord_check(results, out / "coord_check.png")
+    print(format_growth(results))
+    print(f"wrote {target}" + (f" and {out / 'coord_check.png'}" if base.plots else ""))
+    return 0
+
+
+COMMANDS = {"sweep": main_sweep, "coord-check": main_coord_check}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        return command(argv[1:]) if command else main_train(argv)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"catapult-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""A run's configuration: one flat dataclass, validated before anything is built, saved
+as the run folder's config.json and read back on --resume."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+TASKS = ("modular", "teacher-student", "digits")
+MODELS = ("mlp", "transformer")
+ACTIVATIONS = ("relu", "tanh", "quadratic", "linear")
+PARAMETRIZATIONS = ("standard", "ntk", "mup")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lion", "lamb", "lars")
+IMPLS = ("catapult", "torch")  # torch: torch.optim's own class (sgd, adam, adamw only)
+LOSSES = ("ce", "mse")
+SCHEDULES = ("constant", "cosine")
+MODULAR_OPS = ("add", "sub", "mul", "div")
+GROKFAST = ("none", "ema")
+
+_K_OVER_LAMBDA0 = re.compile(r"^\s*([^/\s]+)\s*/\s*lambda0\s*$")
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """A number, or K/lambda0: K over the top Hessian eigenvalue at initialization."""
+    value: float
+    per_lambda0: bool = False
+
+    @classmethod
+    def parse(cls, text: Union[str, float, "LearningRate"]) -> "LearningRate":
+        if isinstance(text, LearningRate):
+            return text
+        if isinstance(text, (int, float)):
+            lr = cls(float(text))
+        else:
+            m = _K_OVER_LAMBDA0.match(str(text))
+            try:
+                lr = cls(float(m.group(1)), True) if m else cls(float(text))
+            except ValueError:
+                raise ValueError(f"--lr {text!r}: expected a number (3e-3) or K/lambda0 (2.5/lambda0)") from None
+        if not (math.isfinite(lr.value) and lr.value > 0):
+            what = "K in K/lambda0" if lr.per_lambda0 else "--lr"
+            raise ValueError(f"{what} must be a finite number > 0, got {lr.value}")
+        return lr
+
+    def resolve(self, lambda0: Optional[float]) -> float:
+        if not self.per_lambda0:
+            return self.value
+        if lambda0 is None or not (lambda0 > 0 and math.isfinite(lambda0)):
+            raise ValueError(f"--lr {self}: lambda0 is {lambda0}, so K/lambda0 has no meaning "
+                             "(the loss is flat along every direction at initialization)")
+        return self.value / lambda0
+
+    def __str__(self) -> str:
+        return f"{self.value:g}/lambda0" if self.per_lambda0 else f"{self.value:g}"
+
+
+@dataclass
+class TrainConfig:
+    # task
+    task: str = "modular"
+    p: int = 97
+    op: str = "add"
+    train_frac: float = 0.4
+    n_train: int = 256
+    n_val: int = 512
+    input_dim: int = 16
+    # model
+    model: str = "mlp"
+    depth: int = 2
+    width: int = 512
+    activation: str = "relu"
+    parametrization: str = "standard"
+    bias: bool = True
+    base_width: int = 128  # muP: the width at which muP equals standard
+    layers: int = 1
+    d_model: int = 128
+    heads: int = 4
+    # optimization
+    optimizer: str = "adamw"
+    impl: str = "catapult"
+    lr: str = "1e-3"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = None
+    agc: Optional[float] = None
+    grokfast: str = "none"
+    grokfast_alpha: float = 0.98
+    grokfast_lamb: float = 2.0
+    schedule: str = "constant"
+    warmup: int = 0
+    decay_steps: Optional[int] = None  # cosine horizon; None: --steps of the first run
+    min_lr_ratio: float = 0.0
+    loss: str = "ce"
+    batch_size: Optional[int] = None  # None: full batch
+    steps: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    # diagnostics and output
+    log_every: int = 10
+    sharpness_every: int = 0  # 0: only lambda0 at step 0 when needed
+    sharpness_iters: int = 20
+    sharpness_batch: int = 1024
+    grok_threshold: float = 0.95
+    checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
+    plots: bool = True
+
+    def validate(self) -> "TrainConfig":
+        _choice("task", self.task, TASKS)
+        _choice("model", self.model, MODELS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("parametrization", self.parametrization, PARAMETRIZATIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("impl", self.impl, IMPLS)
+        _choice("loss", self.loss, LOSSES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("op", self.op, MODULAR_OPS)
+        _choice("grokfast", self.grokfast, GROKFAST)
+        LearningRate.parse(self.lr)
+        for name in ("p", "n_train", "n_val", "input_dim", "depth", "width", "base_width", "layers",
+                     "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch"):
+            _positive_int(name, getattr(self, name))
+        for name in ("warmup", "sharpness_every", "checkpoint_every", "seed"):
+            _nonnegative_int(name, getattr(self, name))
+        if self.batch_size is not None:
+            _positive_int("batch_size", self.batch_size)
+        if self.decay_steps is not None:
+            _positive_int("decay_steps", self.decay_steps)
+        if self.p < 2 or any(self.p % d == 0 for d in range(2, int(self.p ** 0.5) + 1)):
+            raise ValueError(f"--p must be a prime (so that every b != 0 has an inverse), got {self.p}")
+        if not 0.0 < self.train_frac < 1.0:
+            raise ValueError(f"--train-frac must lie in (0, 1), got {self.train_frac}")
+        if self.d_model % self.heads:
+            raise ValueError(f"--d-model {self.d_model} is not divisible by --heads {self.heads}")
+        if self.model == "transformer" and self.task != "modular":
+            raise ValueError(f"the transformer reads modular-arithmetic tokens; task {self.task!r} needs --model mlp")
+        if self.task == "teacher-student" and self.loss != "mse":
+            raise ValueError("task 'teacher-student' is a regression: use --loss mse")
+        for name in ("weight_decay", "momentum", "min_lr_ratio"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        if self.momentum and self.optimizer not in ("sgd", "lars"):
+            raise ValueError(f"--momentum applies to sgd and lars, not {self.optimizer}")
+        if self.nesterov and not self.momentum > 0:
+            raise ValueError("--nesterov needs --momentum > 0")
+        for name in ("beta1", "beta2", "grokfast_alpha"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"--eps must be > 0, got {self.eps}")
+        for name in ("max_grad_norm", "agc"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+        if not math.isfinite(self.grokfast_lamb):
+            raise ValueError(f"--grokfast-lamb must be finite, got {self.grokfast_lamb}")
+        if self.impl == "torch":
+            if self.optimizer not in ("sgd", "adam", "adamw"):
+                raise ValueError(f"--impl torch has sgd, adam and adamw; {self.optimizer} exists only as catapult")
+            if self.grokfast != "none" or self.agc is not None:
+                raise ValueError("--grokfast and --agc are fused into catapult's optimizers: use --impl catapult")
+        if not 0.0 < self.grok_threshold <= 1.0:
+            raise ValueError(f"--grok-threshold must lie in (0, 1], got {self.grok_threshold}")
+        return self
+
+    @property
+    def learning_rate(self) -> LearningRate:
+        return LearningRate.parse(self.lr)
+
+    @property
+    def classification(self) -> bool:
+        return self.task != "teacher-student"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _choice(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+
+
+def _nonnegative_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")

@@ -1,0 +1,450 @@
+"""The training loop: any model, any torch optimizer, tensors or a DataLoader.
+
+Step t's record describes the params after t updates (theta_t): the loss and accuracies at
+theta_t, the norm of the grads taken there (read from the optimizer when it computed one,
+so no extra pass), the weight norm, the lr that update t uses, and the sharpness at theta_t.
+The loss of every step stays on the device and is read once per log step, so the loop adds
+no host sync per step.
+
+A checkpoint holds the state at the start of an iteration (params, optimizer state, global
+RNG, trackers); resuming from it replays the run bit for bit on CPU, because the minibatch
+order is a pure function of (seed, step) and so is the lr schedule."""
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .phase import classify, is_runaway
+from .run_folder import RunFolder
+from .sharpness import top_hessian_eigenvalue
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+def mse_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 * sum over outputs, mean over examples (Lewkowycz et al.); class labels become one-hot."""
+    if not target.is_floating_point():
+        target = F.one_hot(target, out.shape[-1]).to(out.dtype)
+    return 0.5 * (out - target.view_as(out)).square().sum(-1).mean() if out.dim() > 1 else \
+        0.5 * (out - target).square().mean()
+
+
+LOSSES = {"ce": F.cross_entropy, "mse": mse_loss}
+
+
+def loss_by_name(loss: Union[str, Callable]) -> Callable:
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}, or pass a callable")
+    return LOSSES[loss]
+
+
+class TensorBatches:
+    """Full batch, or minibatches without replacement: epoch e is a permutation drawn from
+    (seed, e), so the batch of step t is known without any state."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: Optional[int], seed: int):
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"train inputs and targets must be non-empty and of one length, got {len(x)} and {len(y)}")
+        if batch_size is not None and not 1 <= batch_size <= len(x):
+            raise ValueError(f"batch_size must lie in [1, {len(x)}] (the training set's size), got {batch_size}")
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.per_epoch = len(x) // batch_size if batch_size else 1
+        self._epoch, self._perm = -1, None
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size is None
+
+    def __call__(self, step: int) -> Pair:
+        if self.full_batch:
+            return self.x, self.y
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.x), generator=gen).to(self.x.device)
+            self._epoch = epoch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
+
+    def sample(self, n: int) -> Pair:
+        return self.x[:n], self.y[:n]
+
+
+class LoaderBatches:
+    """Batches from a DataLoader, cycled. A resumed run starts a fresh iterator, so it is
+    bit-identical only when the loader yields the same batches each epoch."""
+
+    def __init__(self, loader: Iterable, device):
+        self.loader, self.device, self._it = loader, device, None
+        self.full_batch = False
+        self._first = None
+
+    def _move(self, batch) -> Pair:
+        x, y = batch[0], batch[1]
+        return x.to(self.device), y.to(self.device)
+
+    def __call__(self, step: int) -> Pair:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return self._move(next(self._it))
+        except StopIteration:
+            self._it = iter(self.loader)
+            return self._move(next(self._it))
+
+    def sample(self, n: int) -> Pair:
+        if self._first is None:
+            self._first = self._move(next(iter(self.loader)))
+        x, y = self._first
+        return x[:n], y[:n]
+
+
+@dataclass
+class Trackers:
+    """What the loop knows beyond the model and the optimizer; saved in every checkpoint."""
+    loss0: Optional[float] = None
+    peak_loss: float = -math.inf
+    memorize_step: Optional[int] = None
+    grok_step: Optional[int] = None
+    lambda0: Optional[float] = None
+    sharpness_last: Optional[float] = None
+    last_record: dict = field(default_factory=dict)
+    diverged: bool = False
+    loop_s: float = 0.0    # time spent in the loop (lambda0's measurement excluded)
+    updates: int = 0       # optimizer steps taken
+
+
+def sharpness(model: torch.nn.Module, loss_fn: Callable, batch: Pair, iters: int, seed: int, step: int) -> float:
+    """The top Hessian eigenvalue of the loss on a fixed batch (the first examples of the
+    training set), from a start vector drawn from (seed, step)."""
+    x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    return top_hessian_eigenvalue(lambda: loss_fn(model(x), y), params, iters=iters, seed=seed * 1_000_003 + step)
+
+
+def global_norm(tensors: list) -> float:
+    if not tensors:
+        return 0.0
+    if all(t.dtype in ops.SUPPORTED_DTYPES for t in tensors) and len({t.device for t in tensors}) == 1:
+        return float(ops.global_norm(tensors))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
+
+
+class Trainer:
+    """Trains `model` with `optimizer` for `steps` updates; see fit()."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 train: Union[Pair, Iterable], val: Optional[Union[Pair, Iterable]] = None, *,
+                 loss: Union[str, Callable] = "ce", steps: int, batch_size: Optional[int] = None,
+                 lr_factor: Optional[Callable[[int], float]] = None, log_every: int = 10,
+                 sharpness_every: int = 0, sharpness_iters: int = 20, sharpness_batch: int = 1024,
+                 measure_lambda0: bool = True, lambda0: Optional[float] = None, grok_threshold: float = 0.95,
+                 max_grad_norm: Optional[float] = None, out=None, resume: bool = False, overwrite: bool = False,
+                 checkpoint_every: int = 0, config: Optional[dict] = None, plots: bool = True,
+                 quiet: bool = False, seed: int = 0):
+        for name, v in (("steps", steps), ("log_every", log_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name, v in (("sharpness_every", sharpness_every), ("checkpoint_every", checkpoint_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if (resume or overwrite or checkpoint_every) and out is None:
+            raise ValueError("resume, overwrite and checkpoint_every need a run folder: pass out=")
+        self.model, self.opt = model, optimizer
+        self.device = next(model.parameters()).device
+        self.loss_fn = loss_by_name(loss)
+        self.steps, self.log_every = steps, log_every
+        self.lr_factor = lr_factor
+        self.sharpness_every, self.sharpness_iters, self.sharpness_batch = sharpness_every, sharpness_iters, sharpness_batch
+        self.measure_lambda0, self.grok_threshold = measure_lambda0, grok_threshold
+        self.max_grad_norm = max_grad_norm  # torch optimizers only: ours clip inside step()
+        self.checkpoint_every, self.plots, self.quiet, self.seed = checkpoint_every, plots, quiet, seed
+        self.batches = (TensorBatches(*train, batch_size, seed) if isinstance(train, (tuple, list))
+                        else LoaderBatches(train, self.device))
+        self.val = val
+        self.folder = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
+        self.config = dict(config or {})
+        self.trackers = Trackers(lambda0=lambda0)
+        self.start = 0
+        for group in self.opt.param_groups:  # the schedule scales each group's lr as first given
+            group.setdefault("initial_lr", group["lr"])
+        if resume:
+            self._load()
+        self._stop_requested = False
+
+    # ---- the loop ----
+    def run(self) -> dict:
+        if self.start == 0 and self.trackers.lambda0 is None and self.measure_lambda0:
+            self.trackers.lambda0 = self._sharpness(0)
+        if self.folder is not None:
+            if self.start == 0:
+                self.folder.write_json("config.json", self.config)
+            self.folder.truncate_metrics(before_step=self.start)
+        bar = self._progress_bar()
+        pending: list[torch.Tensor] = []  # the losses since the last log step, on the device
+        status = "finished"
+        with self._sigint_sets_stop():
+            t0, t = time.perf_counter(), self.start
+            while True:
+                if self._stop_requested:
+                    status = "interrupted"
+                    break
+                if t > self.start and ((self.checkpoint_every and t % self.checkpoint_every == 0) or t == self.steps):
+                    self._flush(t, pending)
+                    self._save(t, time.perf_counter() - t0)
+                record = self._iteration(t, pending)
+                if record is not None:
+                    self._log(record, bar)
+                    if self.trackers.diverged:
+                        status = "divergent"
+                        break
+                if t == self.steps:
+                    break
+                t += 1
+            self.trackers.loop_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if self.folder is not None and status != "finished":
+            self._flush(t, pending)
+            self._save(t, 0.0)  # Ctrl-C: the state at the start of step t; divergent: the last state
+        return self._finish(status, t)
+
+    def _iteration(self, t: int, pending: list) -> Optional[dict]:
+        sharp = self.sharpness_every and (t % self.sharpness_every == 0 or t == self.steps)
+        log = sharp or t % self.log_every == 0 or t == self.steps
+        record = {"step": t} if log else None
+        if sharp:
+            record["sharpness"] = self.trackers.sharpness_last = self._sharpness(t)
+        x, y = self.batches(t)
+        self.opt.zero_grad(set_to_none=True)
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        pending.append(loss.detach())
+        if log:
+            losses = torch.stack(pending).tolist()  # the one host sync per log step
+            pending.clear()
+            self._track_losses(t - len(losses) + 1, losses)
+            record.update(self._measure(t, out, y, losses[-1]))
+        stepped = t < self.steps and not self.trackers.diverged
+        clip_norm = None
+        if stepped:
+            self._set_lr(t)
+            if self.max_grad_norm is not None:
+                clip_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.opt.step()
+            self.trackers.updates += 1
+        if log:
+            record["lr"] = self._base_lr(t)
+            record["grad_norm"] = self._grad_norm(clip_norm, stepped)
+        return record
+
+    def _flush(self, t: int, pending: list) -> None:
+        """Fold the unread losses of steps t - len(pending) .. t - 1 into the trackers."""
+        if pending:
+            self._track_losses(t - len(pending), torch.stack(pending).tolist())
+            pending.clear()
+
+    def _track_losses(self, first_step: int, losses: list) -> None:
+        tr = self.trackers
+        for s, value in enumerate(losses, first_step):
+            if s == 0:
+                tr.loss0 = value
+            if tr.loss0 is not None and is_runaway(value, tr.loss0):
+                tr.diverged = True
+            if math.isfinite(value):
+                tr.peak_loss = max(tr.peak_loss, value)
+
+    def _measure(self, t: int, out: torch.Tensor, y: torch.Tensor, batch_loss: float) -> dict:
+        """Loss, accuracies and weight norm at theta_t, before update t changes the params."""
+        record = {}
+        with torch.no_grad():
+            if self.batches.full_batch or not isinstance(self.batches, TensorBatches):
+                record["loss"] = batch_loss
+                train_acc = _accuracy(out, y)
+            else:
+                record["loss"], train_acc = self._evaluate((self.batches.x, self.batches.y))
+            if train_acc is not None:
+                record["train_acc"] = train_acc
+            if self.val is not None:
+                record["val_loss"], val_acc = self._evaluate(self.val)
+                if val_acc is not None:
+                    record["val_acc"] = val_acc
+            record["weight_norm"] = global_norm([p.detach() for p in self.model.parameters()])
+        tr = self.trackers
+        if tr.memorize_step is None and record.get("train_acc", 0.0) >= 0.99:
+            tr.memorize_step = t
+        if tr.grok_step is None and record.get("val_acc", 0.0) >= self.grok_threshold:
+            tr.grok_step = t
+        return record
+
+    def _evaluate(self, data) -> tuple[float, Optional[float]]:
+        batches = [data] if isinstance(data, (tuple, list)) and torch.is_tensor(data[0]) else data
+        total, correct, loss_sum, classify_ = 0, 0, 0.0, True
+        for x, y, *_ in batches:
+            x, y = x.to(self.device), y.to(self.device)
+            for i in range(0, len(x), 8192):  # bounded memory on large validation sets
+                out = self.model(x[i:i + 8192])
+                yi = y[i:i + 8192]
+                loss_sum += float(self.loss_fn(out, yi)) * len(yi)
+                acc = _accuracy(out, yi)
+                classify_ = classify_ and acc is not None
+                correct += 0 if acc is None else round(acc * len(yi))
+                total += len(yi)
+        return loss_sum / max(total, 1), (correct / max(total, 1) if classify_ else None)
+
+    def _grad_norm(self, clip_norm: Optional[torch.Tensor], stepped: bool) -> float:
+        """The norm the step computed (clip_grad_norm_'s, or our optimizers' opt.grad_norm);
+        a norm pass of its own only when the step computed none."""
+        norm = clip_norm if clip_norm is not None else getattr(self.opt, "grad_norm", None)
+        if stepped and norm is not None:
+            return float(norm)
+        return global_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+
+    def _sharpness(self, t: int) -> float:
+        return sharpness(self.model, self.loss_fn, self.batches.sample(self.sharpness_batch),
+                         self.sharpness_iters, self.seed, t)
+
+    # ---- lr ----
+    def _set_lr(self, t: int) -> None:
+        if self.lr_factor is None:
+            return
+        factor = self.lr_factor(t)
+        for group in self.opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def _base_lr(self, t: Optional[int] = None) -> float:
+        """The lr of update t, without the first group's muP multiplier (the lr the user set)."""
+        group = self.opt.param_groups[0]
+        factor = self.lr_factor(t) if self.lr_factor is not None and t is not None else 1.0
+        return float(group["initial_lr"]) * factor / group.get("lr_mult", 1.0)
+
+    # ---- output ----
+    def _log(self, record: dict, bar) -> None:
+        self.trackers.last_record = record
+        if self.folder is not None:
+            self.folder.append_metrics(record)
+        if bar is not None:
+            bar.n = record["step"]
+            shown = {k: f"{record[k]:.4g}" for k in ("loss", "train_acc", "val_acc", "sharpness") if k in record}
+            bar.set_postfix(shown, refresh=False)
+            bar.refresh()
+
+    def _progress_bar(self):
+        if self.quiet:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.steps, initial=self.start, unit="step", dynamic_ncols=True, leave=True)
+
+    def _finish(self, status: str, t: int) -> dict:
+        tr, last = self.trackers, self.trackers.last_record
+        final_loss = last.get("loss")
+        lr = self._base_lr()
+        summary = {
+            "status": status,
+            "steps": t,
+            "lambda0": tr.lambda0,
+            "lr": lr,
+            "lr_times_lambda0": lr * tr.lambda0 if tr.lambda0 else None,
+            "two_over_lr": 2.0 / lr,
+            "phase": classify(tr.loss0 if tr.loss0 is not None else math.inf, tr.peak_loss, final_loss,
+                              tr.diverged) if status != "interrupted" else None,
+            "loss0": tr.loss0,
+            "peak_loss": tr.peak_loss if math.isfinite(tr.peak_loss) else None,
+            "final_loss": final_loss,
+            "sharpness_final": tr.sharpness_last,
+            "memorize_step": tr.memorize_step,
+            "grok_step": tr.grok_step,
+            "final_train_acc": last.get("train_acc"),
+            "final_val_acc": last.get("val_acc"),
+            "final_val_loss": last.get("val_loss"),
+            "steps_per_s": tr.updates / tr.loop_s if tr.loop_s > 0 else None,
+            "wall_s": tr.loop_s,
+        }
+        if self.folder is not None:
+            self.folder.write_json("summary.json", summary)
+            if self.plots:
+                from .plots import plot_curves
+                plot_curves(self.folder.read_metrics(), self.folder.file("curves.png"), title=self.folder.path.name)
+        return summary
+
+    # ---- checkpoints ----
+    def _save(self, t: int, loop_s_so_far: float) -> None:
+        if self.folder is None:
+            return
+        trackers = asdict(self.trackers)
+        trackers["loop_s"] += loop_s_so_far
+        self.folder.save_checkpoint({
+            "step": t, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "trackers": trackers, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": self.config,
+        })
+
+    def _load(self) -> None:
+        ckpt = self.folder.load_checkpoint(map_location="cpu")
+        if ckpt["trackers"]["diverged"]:
+            raise ValueError(f"{self.folder.path} diverged at step {ckpt['step']}; there is nothing to resume")
+        if self.steps < ckpt["step"]:
+            raise ValueError(f"--resume: the checkpoint is at step {ckpt['step']}; --steps {self.steps} "
+                             "would shorten the run (give the same or a larger --steps)")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.trackers = Trackers(**ckpt["trackers"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        self.start = ckpt["step"]
+
+    # ---- Ctrl-C ----
+    def _sigint_sets_stop(self):
+        trainer = self
+
+        class _Guard:
+            def __enter__(self):
+                self.old = None
+                if threading.current_thread() is threading.main_thread():
+                    def handler(signum, frame):
+                        if trainer._stop_requested:  # a second Ctrl-C: stop at once
+                            raise KeyboardInterrupt
+                        trainer._stop_requested = True
+                    self.old = signal.signal(signal.SIGINT, handler)
+                return self
+
+            def __exit__(self, *exc):
+                if self.old is not None:
+                    signal.signal(signal.SIGINT, self.old)
+        return _Guard()
+
+    def request_stop(self) -> None:
+        """Stop at the next step boundary, writing a checkpoint, as Ctrl-C does."""
+        self._stop_requested = True
+
+
+def _accuracy(out: torch.Tensor, y: torch.Tensor) -> Optional[float]:
+    if y.is_floating_point() or out.dim() != 2:
+        return None
+    return float((out.argmax(-1) == y).float().mean())
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[Pair, Iterable],
+        val: Optional[Union[Pair, Iterable]] = None, **options) -> dict:
+    """Train and return the summary dict. `train`/`val`: (inputs, targets) tensors or a
+    DataLoader of (inputs, targets). Targets of an integer dtype are class labels. Options:
+    loss ("ce", "mse" or a callable), steps, batch_size, lr_factor (step -> lr multiplier),
+    log_every, sharpness_every, grok_threshold, out (a run folder), resume, overwrite,
+    checkpoint_every, quiet, seed; see Trainer."""
+    return Trainer(model, optimizer, train, val, **options).run()

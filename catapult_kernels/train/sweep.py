@@ -1,0 +1,79 @@
+"""A grid of runs: widths x learning rates (numbers or K/lambda0) x seeds. One run folder
+per cell, then one table (sweep.csv, printed) and one figure (sweep.png)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from .config import LearningRate, TrainConfig
+from .experiment import run
+
+COLUMNS = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_times_lambda0", "lr_over_2_over_lambda0",
+           "phase", "loss0", "peak_loss", "final_loss", "sharpness_final", "two_over_lr", "final_train_acc",
+           "final_val_acc", "memorize_step", "grok_step", "steps_per_s", "wall_s")
+
+
+def cell_name(width: int, lr: str, seed: int) -> str:
+    return f"w{width}-lr{re.sub(r'[^0-9A-Za-z.]+', '_', lr)}-s{seed}"
+
+
+def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int], out, *,
+          resume: bool = False, overwrite: bool = False, quiet: bool = False) -> list[dict]:
+    for lr in lrs:
+        LearningRate.parse(lr)  # every bad lr is reported before the first run starts
+    cells = [dataclasses.replace(base, width=w, lr=lr, seed=s).validate()
+             for w in widths for lr in lrs for s in seeds]
+    out = Path(out)
+    if (out / "sweep.csv").exists() and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a sweep (sweep.csv); pass --resume to finish it "
+                         "or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, cfg in enumerate(cells):
+        folder = out / cell_name(cfg.width, cfg.lr, cfg.seed)
+        finished = folder / "summary.json"
+        summary = json.loads(finished.read_text()) if resume and finished.exists() else None
+        if summary is None or summary.get("status") == "interrupted":
+            if not quiet:
+                print(f"[{i + 1}/{len(cells)}] width {cfg.width}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
+            cell_resume = resume and (folder / "checkpoint.pt").exists()
+            summary = run(cfg, folder, resume=cell_resume, overwrite=overwrite or (resume and not cell_resume),
+                          quiet=True)
+        rows.append(row_of(cfg, summary))
+    write_csv(rows, out / "sweep.csv")
+    if base.plots:
+        from .plots import plot_sweep
+        plot_sweep(rows, out / "sweep.png", title=f"{base.task}, {base.model} {base.parametrization}, "
+                                                  f"{base.optimizer}, {base.loss}, {base.steps} steps")
+    return rows
+
+
+def row_of(cfg: TrainConfig, summary: dict) -> dict:
+    row = {"width": cfg.width, "lr_spec": cfg.lr, "seed": cfg.seed}
+    row.update({k: summary.get(k) for k in COLUMNS if k not in row})
+    c = summary.get("lr_times_lambda0")
+    row["lr_over_2_over_lambda0"] = c / 2 if c is not None else None
+    return row
+
+
+def write_csv(rows: list[dict], path) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_over_2_over_lambda0", "phase", "peak_loss",
+            "final_loss", "sharpness_final", "two_over_lr", "final_val_acc", "grok_step")
+    heads = ("width", "lr", "seed", "lambda0", "lr value", "lr/(2/l0)", "phase", "peak loss", "final loss",
+             "sharpness", "2/lr", "val acc", "grok step")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = [heads] + [tuple(fmt(r.get(c)) for c in cols) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in table)

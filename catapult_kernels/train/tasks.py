@@ -1,0 +1,95 @@
+"""Built-in tasks, generated on the fly from the seed (no downloads): modular arithmetic,
+teacher-student regression, and sklearn's bundled digits when scikit-learn is installed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import TrainConfig
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor  # class labels (int64), or float targets of shape (n, out_dim)
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    in_dim: int            # features per example (MLP), or vocabulary size (token inputs)
+    out_dim: int
+    n_classes: Optional[int]  # None for regression
+
+    def to(self, device) -> "Data":
+        move = lambda t: t.to(device)  # noqa: E731
+        return Data(move(self.x_train), move(self.y_train), move(self.x_val), move(self.y_val),
+                    self.in_dim, self.out_dim, self.n_classes)
+
+
+def make_task(cfg: TrainConfig) -> Data:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.task == "modular":
+        return modular(cfg.p, cfg.op, cfg.train_frac, gen, tokens=cfg.model == "transformer")
+    if cfg.task == "teacher-student":
+        return teacher_student(cfg.n_train, cfg.n_val, cfg.input_dim, gen)
+    return digits(cfg.n_train, gen)
+
+
+def modular_table(p: int, op: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pair (a, b) with its c = a op b mod p; division skips b = 0."""
+    a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).unbind(1)
+    if op == "div":
+        keep = b != 0
+        a, b = a[keep], b[keep]
+        inverse = torch.tensor([pow(int(v), p - 2, p) for v in range(p)])  # Fermat: b^(p-2) = 1/b
+        c = a * inverse[b] % p
+    else:
+        c = {"add": a + b, "sub": a - b, "mul": a * b}[op] % p
+    return a, b, c
+
+
+def modular(p: int, op: str, train_frac: float, gen: torch.Generator, tokens: bool = False) -> Data:
+    """a op b mod p. MLP inputs: one-hot a and one-hot b concatenated (2p features).
+    Token inputs (transformer): [a, b, =] with '=' the token p."""
+    a, b, c = modular_table(p, op)
+    if tokens:
+        x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+        in_dim = p + 1
+    else:
+        x = torch.cat([torch.nn.functional.one_hot(a, p), torch.nn.functional.one_hot(b, p)], 1).float()
+        in_dim = 2 * p
+    perm = torch.randperm(len(c), generator=gen)
+    n_train = max(1, min(len(c) - 1, round(train_frac * len(c))))
+    tr, va = perm[:n_train], perm[n_train:]
+    return Data(x[tr], c[tr], x[va], c[va], in_dim, p, p)
+
+
+def teacher_student(n_train: int, n_val: int, input_dim: int, gen: torch.Generator,
+                    teacher_width: int = 32) -> Data:
+    """Gaussian inputs labelled by a random 2-layer tanh teacher, targets of unit variance."""
+    x = torch.randn(n_train + n_val, input_dim, generator=gen)
+    w = torch.randn(input_dim, teacher_width, generator=gen) / input_dim ** 0.5
+    v = torch.randn(teacher_width, 1, generator=gen)
+    y = torch.tanh(x @ w) @ v
+    y = (y - y.mean()) / y.std()
+    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], input_dim, 1, None)
+
+
+def digits(n_train: int, gen: torch.Generator) -> Data:
+    """sklearn's 8x8 digits (1797 images, shipped inside the wheel); pixels standardized
+    with the training split's statistics; the rest of the images are the validation set."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ValueError("task 'digits' needs scikit-learn, which ships the images offline: "
+                         "pip install scikit-learn (or use --task modular / teacher-student)") from None
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    if not n_train < len(y):
+        raise ValueError(f"--n-train {n_train}: digits has {len(y)} images; keep some for validation")
+    perm = torch.randperm(len(y), generator=gen)
+    tr, va = perm[:n_train], perm[n_train:]
+    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-3)  # the border pixels are constant
+    x = (x - mean) / std
+    return Data(x[tr], y[tr], x[va], y[va], x.shape[1], 10, 10)
