@@ -62,7 +62,7 @@ def test_solvable_model_phases_and_exact_updates(c, phase, tmp_path):
     lr = c / lam0
     x, y = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     # the closed form: f' = (1 - lr lam + lr^2 f^2 / n) f and lam' = lam + (lr f^2 / n)(lr lam - 4)
-    f, lam, expected = float(model(x)), lam0, []
+    f, lam, expected = float(model(x).detach()), lam0, []
     for _ in range(6):
         expected.append(0.5 * f * f)
         f, lam = (1 - lr * lam + lr * lr * f * f / n) * f, lam + (lr * f * f / n) * (lr * lam - 4)
