@@ -58,26 +58,34 @@ def plot_curves(metrics: list[dict], path, title: str = "") -> None:
 
 
 def plot_sweep(rows: list[dict], path, title: str = "") -> None:
-    """One panel per width: final val accuracy (or final loss) against lr * lambda0 / 2,
-    each point colored by its phase; the lazy/catapult boundary is at 1."""
+    """One panel per width, lr in units of 2/lambda0 (the lazy/catapult boundary is at 1),
+    each cell colored by its phase. y: the final val accuracy (classification), else the
+    peak loss over the initial loss, the catapult's spike (divergent runs drawn at the top)."""
     plt = _pyplot()
     widths = sorted({r["width"] for r in rows})
     classification = any(r.get("final_val_acc") is not None for r in rows)
+    xs = [r["lr_times_lambda0"] / 2 for r in rows if r.get("lr_times_lambda0")]
     fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.6), squeeze=False, sharey=True)
     for ax, width in zip(axes[0], widths):
         cells = [r for r in rows if r["width"] == width and r.get("lr_times_lambda0")]
+        spikes = [r["peak_loss"] / r["loss0"] for r in cells
+                  if r["phase"] != "divergent" and r.get("peak_loss") and r.get("loss0")]
+        top = max(spikes, default=1.0) * 3
         for r in cells:
-            x = r["lr_times_lambda0"] / 2
-            y = r["final_val_acc"] if classification else r.get("final_loss")
-            if y is None or not math.isfinite(y):
-                y = float("nan")
-            ax.scatter([x], [y if math.isfinite(y) else 0.0], color=PHASE_COLORS.get(r["phase"], "gray"),
+            if classification:
+                y = r.get("final_val_acc") if r["phase"] != "divergent" else 0.0
+            else:
+                y = top if r["phase"] == "divergent" else r["peak_loss"] / r["loss0"]
+            ax.scatter([r["lr_times_lambda0"] / 2], [y], color=PHASE_COLORS.get(r["phase"], "gray"),
                        marker="x" if r["phase"] == "divergent" else "o", s=40)
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
-        ax.set(xscale="log", xlabel="lr / (2 / lambda0)", title=f"width {width}")
+        ax.set(xlabel="lr / (2 / lambda0)", title=f"width {width}")
+        if xs and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
         if not classification:
             ax.set_yscale("log")
-    axes[0][0].set_ylabel("final val accuracy" if classification else "final train loss (divergent at the floor)")
+    axes[0][0].set_ylabel("final val accuracy (divergent at 0)" if classification
+                          else "peak loss / initial loss (divergent at the top)")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=p) for p, c in PHASE_COLORS.items()]
     axes[0][-1].legend(handles=handles, loc="best")
     fig.suptitle(title)
