@@ -13,7 +13,7 @@ from .experiment import run
 
 COLUMNS = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_times_lambda0", "lr_over_2_over_lambda0",
            "phase", "loss0", "peak_loss", "final_loss", "sharpness_final", "two_over_lr", "final_train_acc",
-           "final_val_acc", "memorize_step", "grok_step", "steps_per_s", "wall_s")
+           "final_val_acc", "final_val_loss", "memorize_step", "grok_step", "steps_per_s", "wall_s")
 
 
 def cell_name(width: int, lr: str, seed: int) -> str:
@@ -70,9 +70,9 @@ def write_csv(rows: list[dict], path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     cols = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_over_2_over_lambda0", "phase", "peak_loss",
-            "final_loss", "sharpness_final", "two_over_lr", "final_val_acc", "grok_step")
+            "final_loss", "sharpness_final", "two_over_lr", "final_val_acc", "final_val_loss", "grok_step")
     heads = ("width", "lr", "seed", "lambda0", "lr value", "lr/(2/l0)", "phase", "peak loss", "final loss",
-             "sharpness", "2/lr", "val acc", "grok step")
+             "sharpness", "2/lr", "val acc", "val loss", "grok step")
     fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     table = [heads] + [tuple(fmt(r.get(c)) for c in cols) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
