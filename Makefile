@@ -3,15 +3,24 @@ PY := .venv/bin/python
 # torch's CUDA build brings the CUDA headers that nvcc needs to compile our kernels.
 TORCH ?= torch==2.14.1
 
-.PHONY: test bench demo build clean
+.PHONY: test bench demo build clean FORCE
 
 .venv/.ready: requirements-dev.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q $(TORCH) -r requirements-dev.txt
 	touch $@
 
-build: .venv/.ready
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps --use-pep517 -e .
+# Building the extension takes minutes, so it reruns only when what it is built from changed:
+# a file under csrc/, setup.py, pyproject.toml or the venv, or when the built module is gone.
+# The stamp keeps the build's start time, so a source edited during a build triggers the next one.
+EXTENSION_INPUTS := $(shell find csrc -type f) setup.py pyproject.toml .venv/.ready
+EXTENSION_STAMP := .venv/.extension-built
+$(EXTENSION_STAMP): $(EXTENSION_INPUTS) $(if $(wildcard catapult_kernels/_C*.so),,FORCE)
+	touch $@.started
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	mv $@.started $@
+
+build: $(EXTENSION_STAMP)
 
 test: build
 	$(PY) -m pytest -q tests

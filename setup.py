@@ -12,7 +12,7 @@ import platform
 import sys
 import sysconfig
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _find_cuda_home():
@@ -29,7 +29,14 @@ def _find_cuda_home():
 if _find_cuda_home() and not os.environ.get("CUDA_HOME"):
     os.environ["CUDA_HOME"] = _find_cuda_home()
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ModuleNotFoundError as e:
+    if e.name != "torch":
+        raise
+    # pip's default isolated build lands here too: its fresh environment has no torch
+    sys.exit("catapult_kernels setup: torch is not importable here; install torch first, then build "
+             "in that environment with: pip install --no-build-isolation .")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -107,15 +114,8 @@ def extensions():
     ]
 
 
+# The package's metadata is in pyproject.toml; this file adds the extension.
 setup(
-    name="catapult_kernels",
-    version="0.1.0",
-    description="Fused optimizer kernels (CPU C++, CUDA C++, Triton) for wide networks at high learning rates",
-    packages=find_packages(include=["catapult_kernels", "catapult_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
-    extras_require={"digits": ["scikit-learn"]},
-    entry_points={"console_scripts": ["catapult-train = catapult_kernels.train.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .. import __version__
 from . import config as C
 from .config import TrainConfig
 
@@ -95,7 +96,9 @@ def _overrides(ns: argparse.Namespace) -> dict:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--version", action="version", version=f"catapult-train {__version__}")
+    return p
 
 
 def main_train(argv: list[str]) -> int:
