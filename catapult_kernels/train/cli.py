@@ -45,6 +45,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _choices(g, "--parametrization", C.PARAMETRIZATIONS, "mlp parametrization")
     _add(g, "--bias", "mlp: biases (--no-bias: none)", action=argparse.BooleanOptionalAction)
     _add(g, "--base-width", "muP: the width at which muP equals standard", type=int)
+    _add(g, "--ntk-bias-scale", "NTK: the bias multiplier beta (Jacot et al.; beta^2 is the biases' "
+         "share of the curvature)", type=float)
     _add(g, "--layers", "transformer: blocks", type=int)
     _add(g, "--d-model", "transformer: model width", type=int)
     _add(g, "--heads", "transformer: attention heads", type=int)

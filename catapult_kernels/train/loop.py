@@ -11,15 +11,18 @@ RNG, trackers); resuming from it replays the run bit for bit on CPU, because the
 order is a pure function of (seed, step) and so is the lr schedule."""
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import ops
 from .phase import classify, is_runaway
@@ -76,6 +79,10 @@ class TensorBatches:
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
         return self.x[idx], self.y[idx]
 
+    @property
+    def training_set(self) -> Pair:
+        return self.x, self.y
+
     def sample(self, n: int) -> Pair:
         return self.x[:n], self.y[:n]
 
@@ -87,7 +94,7 @@ class LoaderBatches:
     def __init__(self, loader: Iterable, device):
         self.loader, self.device, self._it = loader, device, None
         self.full_batch = False
-        self._first = None
+        self._sample = None
 
     def _move(self, batch) -> Pair:
         x, y = batch[0], batch[1]
@@ -102,10 +109,24 @@ class LoaderBatches:
             self._it = iter(self.loader)
             return self._move(next(self._it))
 
+    @property
+    def training_set(self) -> Iterable:
+        return self.loader
+
     def sample(self, n: int) -> Pair:
-        if self._first is None:
-            self._first = self._move(next(iter(self.loader)))
-        x, y = self._first
+        """The first n examples of one pass (across batches), drawn once and kept."""
+        if self._sample is None:
+            xs, ys, have = [], [], 0
+            with _unchanged_rng():
+                for batch in self.loader:
+                    x, y = self._move(batch)
+                    xs.append(x)
+                    ys.append(y)
+                    have += len(x)
+                    if have >= n:
+                        break
+            self._sample = torch.cat(xs), torch.cat(ys)
+        x, y = self._sample
         return x[:n], y[:n]
 
 
@@ -124,12 +145,52 @@ class Trackers:
     updates: int = 0       # optimizer steps taken
 
 
+def _unchanged_rng():
+    """Measuring leaves the global CPU RNG as it was: iterating a DataLoader draws from it
+    (each iterator's base seed, its shuffle), and the training's batches and dropout masks
+    must not depend on how often the loop measures."""
+    return torch.random.fork_rng(devices=[])
+
+
+@contextlib.contextmanager
+def _modes(model: torch.nn.Module, training: Callable[[torch.nn.Module], bool]):
+    """Each module's train/eval flag set to training(module), and every flag restored on exit
+    (not model.train(): that would also flip submodules the user had put in eval mode)."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in saved:
+            m.training = training(m)
+        yield
+    finally:
+        for m, was_training in saved:
+            m.training = was_training
+
+
+@contextlib.contextmanager
+def _sharpness_mode(model: torch.nn.Module):
+    """The function the step descends, without its noise and without side effects: Dropout
+    off (a mask would make the Hessian random and draw from the RNG); BatchNorm in the mode
+    the step sees, so a training one normalizes by the batch's own statistics (its running
+    ones are still mean 0, variance 1 at step 0); and every buffer (BatchNorm's running
+    statistics and batch count) put back as it was."""
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        with _modes(model, lambda m: m.training and isinstance(m, _BatchNorm)):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+
+
 def sharpness(model: torch.nn.Module, loss_fn: Callable, batch: Pair, iters: int, seed: int, step: int) -> float:
     """The top Hessian eigenvalue of the loss on a fixed batch (the first examples of the
-    training set), from a start vector drawn from (seed, step)."""
+    training set), from a start vector drawn from (seed, step), in _sharpness_mode."""
     x, y = batch
     params = [p for p in model.parameters() if p.requires_grad]
-    return top_hessian_eigenvalue(lambda: loss_fn(model(x), y), params, iters=iters, seed=seed * 1_000_003 + step)
+    with _sharpness_mode(model):
+        return top_hessian_eigenvalue(lambda: loss_fn(model(x), y), params, iters=iters,
+                                      seed=seed * 1_000_003 + step)
 
 
 def global_norm(tensors: list) -> float:
@@ -185,7 +246,7 @@ class Trainer:
     # ---- the loop ----
     def run(self) -> dict:
         if self.start == 0 and self.trackers.lambda0 is None and self.measure_lambda0:
-            self.trackers.lambda0 = self._sharpness(0)
+            self.trackers.lambda0 = self._lambda0()
         if self.folder is not None:
             if self.start == 0:
                 self.folder.write_json("config.json", self.config)
@@ -266,18 +327,23 @@ class Trainer:
                 tr.peak_loss = max(tr.peak_loss, value)
 
     def _measure(self, t: int, out: torch.Tensor, y: torch.Tensor, batch_loss: float) -> dict:
-        """Loss, accuracies and weight norm at theta_t, before update t changes the params."""
+        """Loss, accuracies and weight norm at theta_t, before update t changes the params.
+        The train metrics cover the whole training set (`train_examples` says how many): on a
+        full batch, the step's own forward (no second pass); else an eval-mode pass over the
+        training tensors or every batch of the DataLoader."""
         record = {}
         with torch.no_grad():
-            if self.batches.full_batch or not isinstance(self.batches, TensorBatches):
-                record["loss"] = batch_loss
-                train_acc = _accuracy(out, y)
+            if self.batches.full_batch:
+                record["loss"], train_examples = batch_loss, len(y)
+                correct = _correct(out, y)
+                train_acc = None if correct is None else float(correct) / len(y)
             else:
-                record["loss"], train_acc = self._evaluate((self.batches.x, self.batches.y))
+                record["loss"], train_acc, train_examples = self._evaluate(self.batches.training_set)
             if train_acc is not None:
                 record["train_acc"] = train_acc
+            record["train_examples"] = train_examples
             if self.val is not None:
-                record["val_loss"], val_acc = self._evaluate(self.val)
+                record["val_loss"], val_acc, _ = self._evaluate(self.val)
                 if val_acc is not None:
                     record["val_acc"] = val_acc
             record["weight_norm"] = global_norm([p.detach() for p in self.model.parameters()])
@@ -288,20 +354,28 @@ class Trainer:
             tr.grok_step = t
         return record
 
-    def _evaluate(self, data) -> tuple[float, Optional[float]]:
+    def _evaluate(self, data) -> tuple[float, Optional[float], int]:
+        """Mean loss, accuracy (None for regression) and example count over `data` (tensors
+        or batches): every module in eval mode (Dropout off, BatchNorm on its running
+        statistics, which stay as they are), no grads, the RNG unchanged, one host sync."""
         batches = [data] if isinstance(data, (tuple, list)) and torch.is_tensor(data[0]) else data
-        total, correct, loss_sum, classify_ = 0, 0, 0.0, True
-        for x, y, *_ in batches:
-            x, y = x.to(self.device), y.to(self.device)
-            for i in range(0, len(x), 8192):  # bounded memory on large validation sets
-                out = self.model(x[i:i + 8192])
-                yi = y[i:i + 8192]
-                loss_sum += float(self.loss_fn(out, yi)) * len(yi)
-                acc = _accuracy(out, yi)
-                classify_ = classify_ and acc is not None
-                correct += 0 if acc is None else round(acc * len(yi))
-                total += len(yi)
-        return loss_sum / max(total, 1), (correct / max(total, 1) if classify_ else None)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        total, classify_ = 0, True
+        with torch.no_grad(), _modes(self.model, lambda m: False), _unchanged_rng():
+            for x, y, *_ in batches:
+                x, y = x.to(self.device), y.to(self.device)
+                for i in range(0, len(x), 8192):  # bounded memory on large validation sets
+                    out = self.model(x[i:i + 8192])
+                    yi = y[i:i + 8192]
+                    loss_sum += self.loss_fn(out, yi).double() * len(yi)
+                    correct = _correct(out, yi)
+                    classify_ = classify_ and correct is not None
+                    if classify_:
+                        correct_sum += correct
+                    total += len(yi)
+        loss_sum, correct_sum = torch.stack([loss_sum, correct_sum]).tolist()
+        return loss_sum / max(total, 1), (correct_sum / max(total, 1) if classify_ else None), total
 
     def _grad_norm(self, clip_norm: Optional[torch.Tensor], stepped: bool) -> float:
         """The norm the step computed (clip_grad_norm_'s, or our optimizers' opt.grad_norm);
@@ -314,6 +388,17 @@ class Trainer:
     def _sharpness(self, t: int) -> float:
         return sharpness(self.model, self.loss_fn, self.batches.sample(self.sharpness_batch),
                          self.sharpness_iters, self.seed, t)
+
+    def _lambda0(self) -> Optional[float]:
+        """The sharpness at step 0; None, with a one-line warning, for a model autograd cannot
+        differentiate twice (a custom autograd.Function, a compiled model): the training does
+        not need it, and sharpness_every, which asks for it, still raises."""
+        try:
+            return self._sharpness(0)
+        except (RuntimeError, NotImplementedError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"lambda0 not measured, recorded as null: {reason}", RuntimeWarning)
+            return None
 
     # ---- lr ----
     def _set_lr(self, t: int) -> None:
@@ -434,10 +519,11 @@ class Trainer:
         self._stop_requested = True
 
 
-def _accuracy(out: torch.Tensor, y: torch.Tensor) -> Optional[float]:
+def _correct(out: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+    """How many argmax predictions are the class label, on the device; None for regression."""
     if y.is_floating_point() or out.dim() != 2:
         return None
-    return float((out.argmax(-1) == y).float().mean())
+    return (out.argmax(-1) == y).sum()
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[Pair, Iterable],
@@ -446,5 +532,19 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     DataLoader of (inputs, targets). Targets of an integer dtype are class labels. Options:
     loss ("ce", "mse" or a callable), steps, batch_size, lr_factor (step -> lr multiplier),
     log_every, sharpness_every, grok_threshold, out (a run folder), resume, overwrite,
-    checkpoint_every, quiet, seed; see Trainer."""
+    checkpoint_every, quiet, seed; see Trainer.
+
+    measure_lambda0 (default True): measure lambda0, the top Hessian eigenvalue at step 0, on
+    the first sharpness_batch (1024) training examples with sharpness_iters (20) Lanczos
+    steps, for the summary's lambda0 and lr_times_lambda0. False skips it; lambda0=<float>
+    gives it instead. It needs double backward: attention runs on the math backend for it,
+    and a model that has none (a custom autograd.Function, a compiled model) gets lambda0
+    null and a one-line warning. Every sharpness is measured with Dropout off, BatchNorm on
+    the batch's own statistics and its running statistics left unchanged.
+
+    Each record's val metrics, and its train metrics unless full batch, come from a pass in
+    eval mode without grads; every module's mode is restored after. The train metrics
+    (`loss`, `train_acc`, hence `memorize_step`) cover the whole training set, every batch
+    of a DataLoader; the record's `train_examples` says how many examples. Full batch reuses
+    the step's own forward (train mode) instead of a second pass."""
     return Trainer(model, optimizer, train, val, **options).run()

@@ -17,21 +17,25 @@ ADAM_LIKE = ("adam", "adamw", "lion", "lamb")  # per-coordinate normalized updat
 
 
 class Dense(nn.Module):
-    """y = multiplier * x W^T + b. The multiplier is the NTK parametrization's 1/sqrt(fan_in);
-    `lr_mult` is the layer's learning-rate multiplier (muP)."""
+    """y = multiplier * x W^T + bias_multiplier * b. The multipliers are the NTK
+    parametrization's 1/sqrt(fan_in) and beta; `lr_mult` is the layer's learning-rate
+    multiplier (muP)."""
 
-    def __init__(self, fan_in: int, fan_out: int, bias: bool, multiplier: float = 1.0):
+    def __init__(self, fan_in: int, fan_out: int, bias: bool, multiplier: float = 1.0,
+                 bias_multiplier: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
         self.bias = nn.Parameter(torch.zeros(fan_out)) if bias else None
-        self.multiplier = multiplier
+        self.multiplier, self.bias_multiplier = multiplier, bias_multiplier
         self.lr_mult = {"weight": 1.0, "bias": 1.0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight.t()
         if self.multiplier != 1.0:
             y = y * self.multiplier
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        return y + (self.bias if self.bias_multiplier == 1.0 else self.bias * self.bias_multiplier)
 
 
 ACTIVATIONS = {
@@ -43,15 +47,18 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """`depth` weight layers (depth 2: one hidden layer of `width` units)."""
+    """`depth` weight layers (depth 2: one hidden layer of `width` units). `ntk_bias_scale`:
+    the NTK parametrization's bias multiplier beta."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, width: int, activation: str = "relu",
-                 parametrization: str = "standard", bias: bool = True, base_width: int = 128):
+                 parametrization: str = "standard", bias: bool = True, base_width: int = 128,
+                 ntk_bias_scale: float = 0.1):
         super().__init__()
         dims = [in_dim] + [width] * (depth - 1) + [out_dim]
         self.layers = nn.ModuleList(Dense(a, b, bias) for a, b in zip(dims[:-1], dims[1:]))
         self.act = ACTIVATIONS[activation]
         self.parametrization = parametrization
+        self.ntk_bias_scale = ntk_bias_scale
         self.width_mult = width / base_width
         for i, layer in enumerate(self.layers):
             self._init(layer, is_input=i == 0, is_output=i == depth - 1)
@@ -66,6 +73,12 @@ class MLP(nn.Module):
         elif self.parametrization == "ntk":
             nn.init.normal_(layer.weight)
             layer.multiplier = 1.0 / math.sqrt(fan_in)
+            if layer.bias is not None:
+                # Jacot et al.: b ~ N(0, 1) used as beta * b. The output bias adds beta^2 to the
+                # curvature, in a direction the weights cannot flatten: at beta = 1 it dominates
+                # lambda0 and lr = 3/lambda0 diverges instead of catapulting.
+                nn.init.normal_(layer.bias)
+                layer.bias_multiplier = self.ntk_bias_scale
         else:  # muP: output weights get variance 1/(fan_in * m), the rest 1/fan_in; biases start at 0
             m = self.width_mult
             nn.init.normal_(layer.weight, std=1.0 / math.sqrt(fan_in * (m if is_output else 1.0)))
@@ -141,4 +154,4 @@ def make_model(cfg: TrainConfig, in_dim: int, out_dim: int) -> nn.Module:
         if cfg.model == "transformer":
             return Transformer(in_dim, out_dim, cfg.layers, cfg.d_model, cfg.heads)
         return MLP(in_dim, out_dim, cfg.depth, cfg.width, cfg.activation, cfg.parametrization, cfg.bias,
-                   cfg.base_width)
+                   cfg.base_width, cfg.ntk_bias_scale)

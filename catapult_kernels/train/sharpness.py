@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Keep the Lanczos basis (for full reorthogonalization) only while it stays this small;
 # beyond, the three-term recurrence alone still gets the top eigenvalue right, with
@@ -19,16 +20,23 @@ def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence
                            iters: int = 20, seed: int = 0) -> float:
     """The largest eigenvalue of d^2 loss / d params^2 at the params' current values.
     loss_fn builds the loss on a fixed batch; the start vector comes from `seed`, so the
-    answer is a deterministic function of the params."""
+    answer is a deterministic function of the params. Attention runs on the math backend:
+    the fused kernels (flash, memory-efficient) have no double backward."""
     params = [p for p in params if p.requires_grad]
-    with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True, allow_unused=True)
+    # a param the loss does not use, or uses only linearly, has a grad that no param moves:
+    # its row (and column) of the Hessian is zero
+    curved = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    if not curved:
+        return 0.0
     n = sum(p.numel() for p in params)
     device, dtype = params[0].device, params[0].dtype
 
     def hvp(flat: torch.Tensor) -> torch.Tensor:
         vs = [c.view_as(p) for c, p in zip(flat.split([p.numel() for p in params]), params)]
-        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad([grads[i] for i in curved], params, grad_outputs=[vs[i] for i in curved],
+                                 retain_graph=True, allow_unused=True)
         return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)])
 
     gen = torch.Generator().manual_seed(seed)
