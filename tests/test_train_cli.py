@@ -10,9 +10,10 @@ import pytest
 from catapult_kernels.train.cli import main
 from catapult_kernels.train.config import LearningRate
 
-TINY = ["--task", "teacher-student", "--loss", "mse", "--n-train", "32", "--n-val", "16", "--input-dim", "4",
-        "--width", "16", "--optimizer", "sgd", "--steps", "4", "--log-every", "2", "--sharpness-iters", "5",
-        "--quiet", "--no-plots"]
+SWEEP_TINY = ["--task", "teacher-student", "--loss", "mse", "--n-train", "32", "--n-val", "16", "--input-dim",
+              "4", "--optimizer", "sgd", "--steps", "4", "--log-every", "2", "--sharpness-iters", "5", "--quiet",
+              "--no-plots"]  # a sweep takes --widths, never --width
+TINY = SWEEP_TINY + ["--width", "16"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -86,7 +87,7 @@ def test_digits_task(tmp_path):
 def test_sweep_table_and_figure(tmp_path, capsys):
     out = tmp_path / "s"
     args = ["sweep", "--widths", "8", "16", "--lrs", "0.5/lambda0", "3/lambda0", "--out", str(out)]
-    assert main(args + [a for a in TINY if a != "--no-plots"]) == 0
+    assert main(args + [a for a in SWEEP_TINY if a != "--no-plots"]) == 0
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["width"], r["lr_spec"]) for r in rows] == [("8", "0.5/lambda0"), ("8", "3/lambda0"),
@@ -95,8 +96,8 @@ def test_sweep_table_and_figure(tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "phase" in printed and "3/lambda0" in printed
-    assert main(args + TINY) == 2  # the sweep exists
-    assert main(args + TINY + ["--resume"]) == 0  # every cell done: nothing reruns
+    assert main(args + SWEEP_TINY) == 2  # the sweep exists
+    assert main(args + SWEEP_TINY + ["--resume"]) == 0  # every cell done: nothing reruns
 
 
 def test_coord_check(tmp_path, capsys):

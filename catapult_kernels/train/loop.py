@@ -139,6 +139,7 @@ class Trackers:
     grok_step: Optional[int] = None
     lambda0: Optional[float] = None
     sharpness_last: Optional[float] = None
+    sharpness_last_step: Optional[int] = None
     last_record: dict = field(default_factory=dict)
     diverged: bool = False
     loop_s: float = 0.0    # time spent in the loop (lambda0's measurement excluded)
@@ -201,6 +202,46 @@ def global_norm(tensors: list) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and `docker stop` send) as a request
+    to stop at the next step boundary, where the loop checkpoints, so the run resumes exactly.
+    A second signal while stopping stops at once (KeyboardInterrupt; the last checkpoint stays).
+    Handlers go in only in the main thread (Python allows no other), never over a signal the
+    process ignores, and the previous ones come back on exit. A nested use shares the outermost
+    one, so one signal stops a sweep and the run in progress alike."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    _installed: Optional["StopSignals"] = None
+
+    def __init__(self):
+        self.signum: Optional[int] = None  # the signal that requested the stop
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "StopSignals":
+        if StopSignals._installed is not None:
+            return StopSignals._installed
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:  # e.g. SIGINT of a background job
+                    self._previous[s] = signal.signal(s, self._handle)
+            StopSignals._installed = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if StopSignals._installed is self:
+            for s, previous in self._previous.items():  # None: a handler not set from Python
+                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+            StopSignals._installed = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
 class Trainer:
     """Trains `model` with `optimizer` for `steps` updates; see fit()."""
 
@@ -254,10 +295,10 @@ class Trainer:
         bar = self._progress_bar()
         pending: list[torch.Tensor] = []  # the losses since the last log step, on the device
         status = "finished"
-        with self._sigint_sets_stop():
+        with StopSignals() as signals:
             t0, t = time.perf_counter(), self.start
             while True:
-                if self._stop_requested:
+                if self._stop_requested or signals.requested:
                     status = "interrupted"
                     break
                 if t > self.start and ((self.checkpoint_every and t % self.checkpoint_every == 0) or t == self.steps):
@@ -277,7 +318,7 @@ class Trainer:
             bar.close()
         if self.folder is not None and status != "finished":
             self._flush(t, pending)
-            self._save(t, 0.0)  # Ctrl-C: the state at the start of step t; divergent: the last state
+            self._save(t, 0.0)  # a stop: the state at the start of step t; divergent: the last state
         return self._finish(status, t)
 
     def _iteration(self, t: int, pending: list) -> Optional[dict]:
@@ -286,6 +327,7 @@ class Trainer:
         record = {"step": t} if log else None
         if sharp:
             record["sharpness"] = self.trackers.sharpness_last = self._sharpness(t)
+            self.trackers.sharpness_last_step = t
         x, y = self.batches(t)
         self.opt.zero_grad(set_to_none=True)
         out = self.model(x)
@@ -449,8 +491,10 @@ class Trainer:
                               tr.diverged) if status != "interrupted" else None,
             "loss0": tr.loss0,
             "peak_loss": tr.peak_loss if math.isfinite(tr.peak_loss) else None,
+            "final_step": last.get("step"),  # the step of final_loss and the other final_* values
             "final_loss": final_loss,
             "sharpness_final": tr.sharpness_last,
+            "sharpness_final_step": tr.sharpness_last_step,
             "memorize_step": tr.memorize_step,
             "grok_step": tr.grok_step,
             "final_train_acc": last.get("train_acc"),
@@ -494,28 +538,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self.start = ckpt["step"]
 
-    # ---- Ctrl-C ----
-    def _sigint_sets_stop(self):
-        trainer = self
-
-        class _Guard:
-            def __enter__(self):
-                self.old = None
-                if threading.current_thread() is threading.main_thread():
-                    def handler(signum, frame):
-                        if trainer._stop_requested:  # a second Ctrl-C: stop at once
-                            raise KeyboardInterrupt
-                        trainer._stop_requested = True
-                    self.old = signal.signal(signal.SIGINT, handler)
-                return self
-
-            def __exit__(self, *exc):
-                if self.old is not None:
-                    signal.signal(signal.SIGINT, self.old)
-        return _Guard()
-
+    # ---- Ctrl-C, SIGTERM ----
     def request_stop(self) -> None:
-        """Stop at the next step boundary, writing a checkpoint, as Ctrl-C does."""
+        """Stop at the next step boundary, writing a checkpoint, as Ctrl-C and SIGTERM do."""
         self._stop_requested = True
 
 

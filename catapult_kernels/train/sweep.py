@@ -1,5 +1,7 @@
 """A grid of runs: widths x learning rates (numbers or K/lambda0) x seeds. One run folder
-per cell, then one table (sweep.csv, printed) and one figure (sweep.png)."""
+per cell, then one table (sweep.csv, printed) and one figure (sweep.png). Ctrl-C or SIGTERM
+stops the sweep once the cell in progress has checkpointed; sweep.csv then holds the cells
+done, and resume=True finishes the rest."""
 from __future__ import annotations
 
 import csv
@@ -10,10 +12,12 @@ from pathlib import Path
 
 from .config import LearningRate, TrainConfig
 from .experiment import run
+from .loop import StopSignals
 
 COLUMNS = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_times_lambda0", "lr_over_2_over_lambda0",
-           "phase", "loss0", "peak_loss", "final_loss", "sharpness_final", "two_over_lr", "final_train_acc",
-           "final_val_acc", "final_val_loss", "memorize_step", "grok_step", "steps_per_s", "wall_s")
+           "phase", "loss0", "peak_loss", "final_step", "final_loss", "sharpness_final", "sharpness_final_step",
+           "two_over_lr", "final_train_acc", "final_val_acc", "final_val_loss", "memorize_step", "grok_step",
+           "steps_per_s", "wall_s")
 
 
 def cell_name(width: int, lr: str, seed: int) -> str:
@@ -22,8 +26,8 @@ def cell_name(width: int, lr: str, seed: int) -> str:
 
 def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int], out, *,
           resume: bool = False, overwrite: bool = False, quiet: bool = False) -> list[dict]:
-    for lr in lrs:
-        LearningRate.parse(lr)  # every bad lr is reported before the first run starts
+    """The rows of the cells done: all of them, unless a signal stopped the sweep."""
+    check_grid(widths, lrs, seeds)
     cells = [dataclasses.replace(base, width=w, lr=lr, seed=s).validate()
              for w in widths for lr in lrs for s in seeds]
     out = Path(out)
@@ -32,23 +36,47 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
                          "or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, cfg in enumerate(cells):
-        folder = out / cell_name(cfg.width, cfg.lr, cfg.seed)
-        finished = folder / "summary.json"
-        summary = json.loads(finished.read_text()) if resume and finished.exists() else None
-        if summary is None or summary.get("status") == "interrupted":
-            if not quiet:
-                print(f"[{i + 1}/{len(cells)}] width {cfg.width}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
-            cell_resume = resume and (folder / "checkpoint.pt").exists()
-            summary = run(cfg, folder, resume=cell_resume, overwrite=overwrite or (resume and not cell_resume),
-                          quiet=True)
-        rows.append(row_of(cfg, summary))
-    write_csv(rows, out / "sweep.csv")
-    if base.plots:
+    with StopSignals() as signals:  # shared with the run in progress: one signal stops both
+        try:
+            for i, cfg in enumerate(cells):
+                if signals.requested:
+                    break
+                folder = out / cell_name(cfg.width, cfg.lr, cfg.seed)
+                finished = folder / "summary.json"
+                summary = json.loads(finished.read_text()) if resume and finished.exists() else None
+                if summary is None or summary.get("status") == "interrupted":
+                    if not quiet:
+                        print(f"[{i + 1}/{len(cells)}] width {cfg.width}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
+                    cell_resume = resume and (folder / "checkpoint.pt").exists()
+                    summary = run(cfg, folder, resume=cell_resume,
+                                  overwrite=overwrite or (resume and not cell_resume), quiet=True)
+                    if summary["status"] == "interrupted":  # checkpointed: resume=True continues it
+                        break
+                rows.append(row_of(cfg, summary))
+        finally:  # also when a second signal stops at once
+            write_csv(rows, out / "sweep.csv")
+    if base.plots and rows:
         from .plots import plot_sweep
         plot_sweep(rows, out / "sweep.png", title=f"{base.task}, {base.model} {base.parametrization}, "
                                                   f"{base.optimizer}, {base.loss}, {base.steps} steps")
     return rows
+
+
+def check_grid(widths: list[int], lrs: list[str], seeds: list[int]) -> None:
+    """Every bad value of the grid, named by its sweep option, before the first run starts."""
+    for name, values in (("--widths", widths), ("--lrs", lrs), ("--seeds", seeds)):
+        if not values:
+            raise ValueError(f"{name} needs at least one value")
+    for name, values, least in (("--widths", widths, 1), ("--seeds", seeds, 0)):
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < least]
+        if bad:
+            raise ValueError(f"{name} takes integers >= {least}, got {bad[0]!r}")
+    for lr in lrs:
+        try:
+            LearningRate.parse(lr)
+        except ValueError:
+            raise ValueError(f"--lrs {lr!r}: expected a number > 0 (3e-3) or K/lambda0 with K > 0 "
+                             "(2.5/lambda0)") from None
 
 
 def row_of(cfg: TrainConfig, summary: dict) -> dict:
