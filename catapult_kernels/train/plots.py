@@ -3,7 +3,11 @@ matplotlib is imported here only, with the file-only Agg backend."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from .config import LearningRate
 
 PHASE_COLORS = {"lazy": "#4c72b0", "catapult": "#dd8452", "divergent": "#c44e52"}
 
@@ -57,37 +61,85 @@ def plot_curves(metrics: list[dict], path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_sweep(rows: list[dict], path, title: str = "") -> None:
-    """One panel per width, lr in units of 2/lambda0 (the lazy/catapult boundary is at 1),
-    each cell colored by its phase. y: the final val accuracy (classification), else the
-    peak loss over the initial loss, the catapult's spike (divergent runs drawn at the top)."""
-    plt = _pyplot()
-    widths = sorted({r["width"] for r in rows})
+@dataclass
+class SweepPanel:
+    """What one width's panel of the sweep figure draws."""
+    width: int
+    points: list         # (x, y, phase) of the cells that did not diverge, at their measured y
+    divergent_xs: list   # the x of divergent cells: markers on a band above the panel, no y
+
+
+@dataclass
+class SweepFigure:
+    """What plot_sweep draws, apart from matplotlib. x: the lr in units of 2/lambda0 (the
+    lazy/catapult boundary is at 1). y: the final val accuracy (classification), else the
+    peak loss over the initial loss, the catapult's spike."""
+    panels: list
+    classification: bool
+    log_x: bool
+
+
+def sweep_figure(rows: list[dict]) -> SweepFigure:
     classification = any(r.get("final_val_acc") is not None for r in rows)
-    xs = [r["lr_times_lambda0"] / 2 for r in rows if r.get("lr_times_lambda0")]
-    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.6), squeeze=False, sharey=True)
-    for ax, width in zip(axes[0], widths):
-        cells = [r for r in rows if r["width"] == width and r.get("lr_times_lambda0")]
-        spikes = [r["peak_loss"] / r["loss0"] for r in cells
-                  if r["phase"] != "divergent" and r.get("peak_loss") and r.get("loss0")]
-        top = max(spikes, default=1.0) * 3
-        for r in cells:
-            if classification:
-                y = r.get("final_val_acc") if r["phase"] != "divergent" else 0.0
-            else:
-                y = top if r["phase"] == "divergent" else r["peak_loss"] / r["loss0"]
-            ax.scatter([r["lr_times_lambda0"] / 2], [y], color=PHASE_COLORS.get(r["phase"], "gray"),
-                       marker="x" if r["phase"] == "divergent" else "o", s=40)
+    cells = [r for r in rows if r.get("lr_times_lambda0")]
+    panels = []
+    for width in sorted({r["width"] for r in cells}):
+        panel = SweepPanel(width, [], [])
+        for r in (r for r in cells if r["width"] == width):
+            x = r["lr_times_lambda0"] / 2
+            if r["phase"] == "divergent":  # its loss has no meaningful height: marked, never placed
+                panel.divergent_xs.append(x)
+                continue
+            y = r.get("final_val_acc") if classification else _spike(r)
+            if y is not None:
+                panel.points.append((x, y, r["phase"]))
+        panels.append(panel)
+    xs = [r["lr_times_lambda0"] / 2 for r in cells]
+    plain_lrs = all(not LearningRate.parse(r["lr_spec"]).per_lambda0 for r in cells)
+    log_x = bool(xs) and ((plain_lrs and len({r["lr"] for r in cells}) > 1) or max(xs) / min(xs) > 20)
+    return SweepFigure(panels, classification, log_x)
+
+
+def _spike(row: dict) -> Optional[float]:
+    peak, loss0 = row.get("peak_loss"), row.get("loss0")
+    return peak / loss0 if peak is not None and loss0 else None
+
+
+def plot_sweep(rows: list[dict], path, title: str = "") -> None:
+    """One panel per width, each cell colored by its phase (see SweepFigure); divergent
+    cells as crosses on a band above the panels."""
+    plt = _pyplot()
+    data = sweep_figure(rows)
+    band = any(p.divergent_xs for p in data.panels)
+    n = len(data.panels)
+    fig, axes = plt.subplots(1 + band, n, figsize=(4.2 * n, 3.6 + 0.5 * band), squeeze=False, sharex="col",
+                             sharey="row", gridspec_kw={"height_ratios": [1, 7]} if band else None)
+    for i, panel in enumerate(data.panels):
+        ax = axes[-1][i]
+        for x, y, phase in panel.points:
+            ax.scatter([x], [y], color=PHASE_COLORS.get(phase, "gray"), marker="o", s=40)
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
-        ax.set(xlabel="lr / (2 / lambda0)", title=f"width {width}")
-        if xs and max(xs) / min(xs) > 20:
+        ax.set(xlabel="lr / (2 / lambda0)")
+        if data.log_x:  # ticks at the cells: a log axis over less than a decade has no labels of its own
             ax.set_xscale("log")
-        if not classification:
+            xs = sorted({x for x, _, _ in panel.points} | set(panel.divergent_xs))
+            ax.set_xticks(xs, [f"{x:.3g}" for x in xs], rotation=45 if len(xs) > 4 else 0)
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        if not data.classification and any(p.points for p in data.panels):
             ax.set_yscale("log")
-    axes[0][0].set_ylabel("final val accuracy (divergent at 0)" if classification
-                          else "peak loss / initial loss (divergent at the top)")
-    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=p) for p, c in PHASE_COLORS.items()]
-    axes[0][-1].legend(handles=handles, loc="best")
+        if band:
+            top = axes[0][i]
+            top.scatter(panel.divergent_xs, [0.5] * len(panel.divergent_xs), color=PHASE_COLORS["divergent"],
+                        marker="x", s=40)
+            top.axvline(1.0, color="k", lw=0.8, ls="--")
+            top.set(ylim=(0, 1), yticks=[])
+        axes[0][i].set_title(f"width {panel.width}")
+    axes[-1][0].set_ylabel("final val accuracy" if data.classification else "peak loss / initial loss")
+    if band:
+        axes[0][0].set_ylabel("divergent", rotation=0, ha="right", va="center")
+    handles = [plt.Line2D([], [], color=c, marker="x" if p == "divergent" else "o", ls="", label=p)
+               for p, c in PHASE_COLORS.items()]
+    axes[-1][-1].legend(handles=handles, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
