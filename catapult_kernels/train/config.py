@@ -75,7 +75,6 @@ class TrainConfig:
     parametrization: str = "standard"
     bias: bool = True
     base_width: int = 128  # muP: the width at which muP equals standard
-    ntk_bias_scale: float = 0.1  # NTK: the bias multiplier beta (Jacot et al.)
     layers: int = 1
     d_model: int = 128
     heads: int = 4
@@ -155,9 +154,6 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
-        if not (self.ntk_bias_scale > 0 and math.isfinite(self.ntk_bias_scale)):
-            raise ValueError(f"--ntk-bias-scale must be a finite number > 0 (--no-bias: no biases), "
-                             f"got {self.ntk_bias_scale}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"--eps must be > 0, got {self.eps}")
         for name in ("max_grad_norm", "agc"):
@@ -193,6 +189,22 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**d)
+
+
+# What a resumed run may change: how long it runs and how often it logs and writes, never
+# what it computes.
+RESUMABLE = ("steps", "log_every", "checkpoint_every", "plots")
+
+
+def computation_changes(cfg: TrainConfig, values: dict) -> list[str]:
+    """The options in `values` (option name -> value) whose value differs from cfg's and is
+    not RESUMABLE, as '--name old -> new'. Values, not spellings: --lr 1e-2 is --lr 0.01."""
+    return [f"--{k.replace('_', '-')} {getattr(cfg, k)!r} -> {v!r}" for k, v in sorted(values.items())
+            if k not in RESUMABLE and not _same_value(k, getattr(cfg, k), v)]
+
+
+def _same_value(name: str, a, b) -> bool:
+    return LearningRate.parse(a) == LearningRate.parse(b) if name == "lr" else a == b
 
 
 def _choice(name: str, value: str, choices: tuple) -> None:

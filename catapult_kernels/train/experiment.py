@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 import torch
 
-from .config import TrainConfig
+from .config import RESUMABLE, TrainConfig, computation_changes
 from .loop import Trainer, TensorBatches, loss_by_name, sharpness
 from .models import make_model
 from .optimizers import make_optimizer
@@ -13,22 +13,36 @@ from .run_folder import RunFolder
 from .schedule import lr_factor
 from .tasks import make_task
 
-# What a resumed run may change: how long it runs and what it writes, never what it computes.
-RESUMABLE = ("steps", "checkpoint_every", "plots")
-
 
 def resolve_resume(out, overrides: dict) -> TrainConfig:
-    """The stored config of the run in `out`, with the options a resume may change."""
-    stored = RunFolder(out, resume=True).read_json("config.json")
+    """The config the run in `out` computes with (the one its checkpoint holds), with the
+    RESUMABLE options taken from its config.json, then from `overrides`. Any other option
+    that config.json or `overrides` would change is refused, by name."""
+    with RunFolder(out, resume=True) as folder:
+        computed = folder.load_checkpoint(map_location="cpu", mmap=True).get("config")
+        stored = folder.read_json("config.json")
+        checkpoint, config_json = folder.file("checkpoint.pt"), folder.file("config.json")
+    if not computed:
+        raise ValueError(f"--resume: {checkpoint} holds no run config (fit() wrote it, not catapult-train)")
     if stored is None:
         raise ValueError(f"--resume: {out} has no config.json")
-    cfg = TrainConfig.from_dict(stored)
-    changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE and getattr(cfg, k) != v)
+    cfg = TrainConfig.from_dict(computed)
+    try:
+        edited = TrainConfig.from_dict(stored).validate()
+    except ValueError as e:
+        raise ValueError(f"{config_json}: {e}") from None
+    changed = computation_changes(cfg, edited.to_dict())
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)!r} -> {overrides[k]!r}" for k in changed)
+        raise ValueError(f"--resume: {config_json} was edited after the run began: {', '.join(changed)} "
+                         f"would change what it computes (its checkpoint was computed with the first "
+                         f"values); put them back, or start a new run in another --out")
+    changed = computation_changes(cfg, overrides)
+    if changed:
         raise ValueError(f"--resume continues the run as configured; these options differ from its "
-                         f"config.json: {diffs} (start a new run in another --out instead)")
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+                         f"config: {', '.join(changed)} (start a new run in another --out instead)")
+    resumable = {k: getattr(edited, k) for k in RESUMABLE}
+    resumable.update({k: v for k, v in overrides.items() if k in RESUMABLE})
+    return dataclasses.replace(cfg, **resumable)
 
 
 def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = False,
@@ -61,16 +75,29 @@ def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = F
         max_grad_norm=cfg.max_grad_norm if cfg.impl == "torch" else None,
         out=out, resume=resume, overwrite=overwrite, checkpoint_every=cfg.checkpoint_every,
         config=cfg.to_dict(), plots=cfg.plots and out is not None, quiet=quiet, seed=cfg.seed)
-    return trainer.run()
+    try:
+        if resume:  # the checkpoint loaded: config.json now says how long the run goes and what it writes
+            trainer.folder.read_metrics(allow_cut_last_line=True)  # a corrupt line: refused before any write
+            trainer.folder.write_json("config.json", cfg.to_dict())
+        return trainer.run()
+    finally:
+        if trainer.folder is not None:
+            trainer.folder.close()  # let go of the folder's lock now, not whenever the trainer is collected
 
 
 def default_out(cfg: TrainConfig, root: str = "runs") -> Path:
-    """runs/<task>-<model>-w<width>-<n>: the first n whose folder does not exist yet."""
+    """runs/<task>-<model>-w<width>-<n>, made here: the first n whose folder this call creates
+    (mkdir is atomic), so runs started at once never pick the same folder."""
     stem = f"{cfg.task}-{cfg.model}" + (f"-w{cfg.width}" if cfg.model == "mlp" else f"-d{cfg.d_model}")
+    Path(root).mkdir(parents=True, exist_ok=True)
     n = 0
-    while (Path(root) / f"{stem}-{n}").exists():
-        n += 1
-    return Path(root) / f"{stem}-{n}"
+    while True:
+        out = Path(root) / f"{stem}-{n}"
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
 
 
 def describe(summary: dict) -> str:

@@ -2,7 +2,6 @@
 matplotlib is imported here only, with the file-only Agg backend."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
