@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +49,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _choices(g, "--parametrization", C.PARAMETRIZATIONS, "mlp parametrization")
     _add(g, "--bias", "mlp: biases (--no-bias: none)", action=argparse.BooleanOptionalAction)
     _add(g, "--base-width", "muP: the width at which muP equals standard", type=int)
+    _add(g, "--ntk-bias-scale", "NTK: the bias multiplier beta (Jacot et al.; beta^2 is the biases' "
+         "share of the curvature)", type=float)
     _add(g, "--layers", "transformer: blocks", type=int)
     _add(g, "--d-model", "transformer: model width", type=int)
     _add(g, "--heads", "transformer: attention heads", type=int)
@@ -103,6 +107,39 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_out(out: Path) -> None:
+    """--out is a folder this process can write in, or can be made in one: checked before any
+    work, with nothing left behind (the probe is an unnamed temporary file)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        folder = out
+        while not folder.exists():  # the nearest existing folder: the output is made in it
+            folder = folder.parent
+        if not folder.is_dir():
+            raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def check_device(device: str) -> None:
+    """--device names a device this machine has: checked before any work."""
+    import torch
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if kind.type == "cuda":
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise ValueError(f"--device {device}: no CUDA device is visible")
+        if kind.index is not None and kind.index >= visible:
+            raise ValueError(f"--device {device}: {visible} CUDA device(s) visible, cuda:0 to cuda:{visible - 1}")
+
+
 def _check_resume_or_overwrite(ns: argparse.Namespace) -> None:
     if ns.resume and ns.overwrite:
         raise ValueError("--resume continues what is in --out and --overwrite replaces it: pass one of them")
@@ -117,6 +154,7 @@ def _remove_if_empty(folder: Path) -> None:
 
 def main_train(argv: list[str]) -> int:
     from .experiment import default_out, describe, resolve_resume, run
+    from .loop import StopSignals
     p = _parser("catapult-train", "Train one run; writes config.json, metrics.jsonl, summary.json, "
                 "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check.")
     add_train_options(p)
@@ -132,16 +170,24 @@ def main_train(argv: list[str]) -> int:
         cfg = TrainConfig(**overrides).validate()
     out = Path(ns.out) if ns.out else default_out(cfg)  # made now, atomically: no other run picks it
     try:
-        summary = run(cfg, out, resume=ns.resume, overwrite=ns.overwrite, quiet=ns.quiet)
+        check_out(out)
+        check_device(cfg.device)
+        with StopSignals() as signals:  # Ctrl-C or SIGTERM, even during setup: checkpoint at a step boundary
+            summary = run(cfg, out, resume=ns.resume, overwrite=ns.overwrite, quiet=ns.quiet)
     except BaseException:
         if ns.out is None:
             _remove_if_empty(out)
         raise
     print(f"{out}: {summary['status']}\n{describe(summary)}")
+    if summary["status"] == "interrupted":
+        print(f"catapult-train: interrupted at step {summary['steps']}; continue with: "
+              f"catapult-train --resume --out {out}", file=sys.stderr)
+        return 128 + (signals.signum or signal.SIGINT)
     return 0
 
 
 def main_sweep(argv: list[str]) -> int:
+    from .loop import StopSignals
     from .sweep import format_table, sweep
     p = _parser("catapult-train sweep", "Run a grid of widths x learning rates x seeds; writes one "
                 "run folder per cell, sweep.csv and sweep.png.")
@@ -153,21 +199,30 @@ def main_sweep(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     overrides = _overrides(ns)
     _check_resume_or_overwrite(ns)
-    for name in ("width", "lr", "seed"):
-        overrides.pop(name, None)  # the grid sets these
+    for name in ("width", "lr", "seed"):  # the grid sets these: a single value would be ignored
+        if name in overrides:
+            raise ValueError(f"sweep takes --{name}s (one cell per value), not --{name}")
     base = TrainConfig(**overrides)
     out = Path(ns.out) if ns.out else Path("runs") / f"sweep-{base.task}-{base.model}"
+    check_out(out)
+    check_device(base.device)
     made = not out.exists()
     try:
-        with FolderLock(out):  # one sweep at a time in a folder
+        with FolderLock(out), StopSignals() as signals:  # one sweep at a time in a folder
             rows = sweep(base, ns.widths, ns.lrs, ns.seeds, out, resume=ns.resume, overwrite=ns.overwrite,
                          quiet=ns.quiet)
     except BaseException:
         if made:
             _remove_if_empty(out)
         raise
-    print(format_table(rows))
-    print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if base.plots else ""))
+    if rows:
+        print(format_table(rows))
+    print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if base.plots and rows else ""))
+    cells = len(ns.widths) * len(ns.lrs) * len(ns.seeds)
+    if len(rows) < cells:
+        print(f"catapult-train: sweep interrupted after {len(rows)} of {cells} cells; finish it with "
+              "the same command and --resume", file=sys.stderr)
+        return 128 + (signals.signum or signal.SIGINT)
     return 0
 
 
@@ -186,6 +241,8 @@ def main_coord_check(argv: list[str]) -> int:
     overrides.pop("parametrization", None)
     base = TrainConfig(**{"depth": 3, **overrides})
     out = Path(ns.out) if ns.out else Path("runs") / "coord-check"
+    check_out(out)
+    check_device(base.device)
     target = out / "coord_check.json"
     if target.exists() and not ns.overwrite:
         raise ValueError(f"{target} exists; pass --overwrite to replace it")
@@ -214,6 +271,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as e:  # the disk, not the input (e.g. a full disk): one clear line too
         print(f"catapult-train: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while stopping, or Ctrl-C outside a run
+        print("catapult-train: stopped at once; a run continues from its last checkpoint with --resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class TrainConfig:
     parametrization: str = "standard"
     bias: bool = True
     base_width: int = 128  # muP: the width at which muP equals standard
+    ntk_bias_scale: float = 0.1  # NTK: the bias multiplier beta (Jacot et al.)
     layers: int = 1
     d_model: int = 128
     heads: int = 4
@@ -154,6 +155,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
+        if not (self.ntk_bias_scale > 0 and math.isfinite(self.ntk_bias_scale)):
+            raise ValueError(f"--ntk-bias-scale must be a finite number > 0 (--no-bias: no biases), "
+                             f"got {self.ntk_bias_scale}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"--eps must be > 0, got {self.eps}")
         for name in ("max_grad_norm", "agc"):
