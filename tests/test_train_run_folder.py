@@ -4,7 +4,6 @@ resumes that refuse, by name, any change to what the run computes."""
 import errno
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
