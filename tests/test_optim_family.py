@@ -193,17 +193,3 @@ def test_skip_nonfinite_leaves_everything_unchanged(backend_device, name):
 def test_bad_constructor_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make(make_model("cpu").parameters())
-
-
-def test_agc_on_a_transposed_param_is_refused_before_any_change():
-    model = make_model("cpu")
-    w = nn.Parameter(torch.randn(8, 5).t())  # rows not contiguous
-    opt = SGD([w] + list(model.parameters()), lr=0.1, momentum=0.9, agc=0.01, grokfast=GF)
-    w.grad = torch.randn(5, 8)
-    x, y = make_data("cpu")
-    ((model(x) - y) ** 2).mean().backward()
-    before = [p.detach().clone() for p in [w, *model.parameters()]]
-    with pytest.raises(RuntimeError, match="AGC needs each row"):
-        opt.step()
-    assert all(torch.equal(p, q) for p, q in zip([w, *model.parameters()], before))
-    assert not opt.state

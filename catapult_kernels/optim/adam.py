@@ -16,6 +16,8 @@ class Adam(FusedOptimizer):
     decoupled_weight_decay, as in torch. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
 
+    _has_step = True
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach: Optional[bool] = None, maximize=False, capturable=False,
                  differentiable=False, fused: Optional[bool] = None, decoupled_weight_decay=False,
@@ -28,8 +30,8 @@ class Adam(FusedOptimizer):
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          grokfast=grokfast, agc=agc, backend=backend)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _check_group(self, group: dict, full: bool = True) -> None:
+        super()._check_group(group, full)
         self._check_adam_like(group)
 
     def _state_keys(self, group: dict) -> tuple:

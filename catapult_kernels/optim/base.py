@@ -1,23 +1,29 @@
 """What every fused optimizer shares: the step pipeline around its update kernel.
 
-step() = validate every grad and every state tensor (before anything changes; missing
-state is created as zeros, as torch does) -> one global grad-norm pass (when clipping or
-skip_nonfinite needs it) -> per (group, device, dtype) bucket: the AGC row factors (when
-the group has agc) -> bump the step counts and run the optimizer's fused update kernel,
-which reads the clip coefficient, the GradScaler scale and the skip flag from device
-tensors and applies the grad pipeline of regularizers.py. No host sync.
+step() = validate every grad, every state tensor and every hyperparameter (before anything
+changes; missing state is created as zeros, as torch does) -> one global grad-norm pass
+(when clipping or skip_nonfinite needs it) -> the AGC row factors of every group (when it
+has agc) -> per (group, device, dtype) bucket: bump the step counts and run the optimizer's
+fused update kernel, which reads the clip coefficient, the GradScaler scale and the skip
+flag from device tensors and applies the grad pipeline of regularizers.py. No host sync.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .. import ops
+from .layout import check_no_overlap, gather_if_strided, has_internal_overlap
 from .regularizers import agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
+from .unwritten import UnwrittenFlag, gate
 
 SUPPORTED_DTYPES = ops.SUPPORTED_DTYPES
+
+# The kinds of new state whose first step sets it rather than updates it (unwritten.py).
+OWN, EMA = "own", "grokfast_ema"
 
 
 @dataclass
@@ -25,24 +31,33 @@ class Bucket:
     """The params of one group on one device with one dtype, their grads and states."""
     group: dict
     device: torch.device
-    params: list
-    grads: list
+    keys: list     # the params: the keys of the optimizer's state
+    params: list   # what the kernels update: the params, or a dense copy of a strided one
+    grads: list    # the grads, laid out like `params`
     states: Optional[list] = None
-    fresh: Optional[list] = None      # per param: its state was empty before this step
-    ema_fresh: Optional[list] = None  # per param: its grokfast_ema is new this step
-    agc_scales: Optional[list] = None  # per param: its AGC row factors (group agc set)
+    fresh: Optional[list] = None      # per param: its own state is new (True), not (False), or UnwrittenFlag
+    ema_fresh: Optional[list] = None  # the same for its grokfast_ema
+    agc_scales: Optional[list] = None  # per param: its AGC row factors, or None: in its grad (group agc set)
 
 
 @dataclass
 class Part:
     """The params of a bucket that one kernel call takes: those whose state and Grokfast
-    EMA are equally new (a new momentum buffer or EMA is set, not updated)."""
+    EMA are equally new (a new momentum buffer or EMA is set, not updated). `run_if`:
+    (flag, unwritten) conditions on the device under which the call runs (unwritten.py).
+    `agc`: whether the call applies AGC factors (not where the grads come pre-scaled)."""
     idx: list
     fresh: bool
     ema_fresh: bool
+    run_if: list
+    agc: bool
 
     def take(self, items: list) -> list:
         return [items[i] for i in self.idx]
+
+    def found_inf(self, skip: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The skip flag of this call: the step's, or the gate of its conditions."""
+        return gate(skip, self.run_if)
 
 
 @dataclass
@@ -73,11 +88,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     The pipeline order (unscale, global clip, AGC, Grokfast, weight decay, update) is in
     regularizers.py. After a step, `grad_norm` holds the pre-clip global norm (a 0-d device
     tensor) when it was computed (max_grad_norm or skip_nonfinite), and `skipped_steps`
-    the count of skips."""
+    the count of skips (also in state_dict()). A skipped step leaves params and state as
+    if it never happened. Params that share memory are refused (their updates would race)."""
 
     # torch.amp.GradScaler then hands us grad_scale and found_inf instead of unscaling
     # the grads itself, as it does for torch's fused optimizers.
     _step_supports_amp_scaling = True
+    # Whether the optimizer's own new state is set on its first step (SGD's momentum
+    # buffer starts at the grad) rather than starting at zeros (Adam's moments).
+    _sets_new_state = False
+    # Whether the state holds a step count (`step`), as torch's Adam does.
+    _has_step = False
+    # Attributes that pickle, copy.deepcopy and torch.save(optimizer) keep besides torch's.
+    _options = ("backend", "max_grad_norm", "skip_nonfinite", "_report")
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
                  skip_nonfinite: bool = False, grokfast=None, agc: Optional[float] = None,
@@ -95,15 +118,34 @@ class FusedOptimizer(torch.optim.Optimizer):
         # What step() reports. A dict mutated in place, not attributes set on self:
         # torch.compile (dynamo) refuses attribute writes on an optimizer inside a step.
         self._report: dict[str, Optional[torch.Tensor]] = {"grad_norm": None, "skipped_steps": None}
+        # param -> {OWN or EMA: UnwrittenFlag} for new state a skippable step created.
+        self._unwritten: dict = {}
         super().__init__(params, defaults)
 
+    # ---- pickle, deepcopy, torch.save(optimizer) --------------------------------------
+    def __getstate__(self) -> dict:
+        self._settle_unwritten(sync=True)
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._options}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
+        self._unwritten = {}
+
     # ---- hyperparameters ------------------------------------------------------------
-    def _check_group(self, group: dict) -> None:
-        """Raise ValueError naming the bad hyperparameter. Subclasses extend this."""
+    def _check_group(self, group: dict, full: bool = True) -> None:
+        """Raise ValueError naming the bad hyperparameter. Subclasses extend this. `full`
+        also reads tensor hyperparameters' values (a host sync on CUDA): at construction,
+        add_param_group and load_state_dict; each step checks what it can without one."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError("Tensor lr must have one element")
+            if full and not bool(lr.detach() >= 0):  # also refuses nan, as torch does
+                raise ValueError(f"Invalid learning rate: {lr.item()}")
         elif not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         group["grokfast"] = check_grokfast(group.get("grokfast"))
@@ -129,21 +171,59 @@ class FusedOptimizer(torch.optim.Optimizer):
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
                 raise ValueError(f"the params of one group must be on one device, got {sorted(map(str, devices))}")
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise ValueError(f"complex params are not supported (a param of dtype {p.dtype})")
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise ValueError(f"param dtype {p.dtype} is not supported; use float32, bfloat16 or float16")
+                if has_internal_overlap(p):
+                    raise ValueError(f"param {i} of group {len(self.param_groups) - 1} has elements that share "
+                                     f"memory (strides {p.stride()}, an expand()ed view?): an update cannot "
+                                     "write it; pass a clone(), as torch.optim needs too")
+            check_no_overlap([[p for p in g["params"]] for g in self.param_groups])
         except ValueError:
             self.param_groups.pop()
             raise
 
+    # ---- state_dict -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's state_dict, plus `skipped_steps`. Reads the device flags of new state
+        whose first steps were all skipped (a sync), and leaves that state out."""
+        self._settle_unwritten(sync=True)
+        state_dict = super().state_dict()
+        state_dict["skipped_steps"] = self.skipped_steps.clone()
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, after checking, before anything changes, that every
+        group's hyperparameters are valid and every param's state has exactly the keys this
+        optimizer keeps for it (a state_dict of another optimizer is refused, naming the key)."""
+        state_dict = dict(state_dict)
+        skipped = state_dict.pop("skipped_steps", None)
+        groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
+        for gi, group in enumerate(groups):
+            self._check_group(group)
+            needed = set(self._state_keys(group)) | ({"step"} if self._has_step else set())
+            known = needed | {EMA}
+            for idx in group["params"]:
+                state = state_dict["state"].get(idx)
+                if not state:
+                    continue
+                for key in state:
+                    if key not in known:
+                        raise KeyError(f"state of param {idx} (group {gi}) has key {key!r}, which "
+                                       f"{type(self).__name__} does not keep (it keeps {sorted(known)}): "
+                                       "a state_dict of another optimizer?")
+                for key in sorted(needed - set(state)):
+                    raise KeyError(f"state of param {idx} (group {gi}) lacks {key!r}, which "
+                                   f"{type(self).__name__} needs: a state_dict of another optimizer?")
         super().load_state_dict(state_dict)
         # A state_dict from torch (or an older torch) may lack some of our group keys.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self._unwritten = {}
+        self._report["skipped_steps"] = None if skipped is None else torch.as_tensor(skipped).clone()
 
     # ---- the step -------------------------------------------------------------------
     @property
@@ -163,7 +243,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         A step over thousands of small tensors is bound by this loop: keep it lean."""
         buckets: list[Bucket] = []
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group)
+            self._check_group(group, full=False)
             by_key: dict[tuple, Bucket] = {}
             for p in group["params"]:
                 g = p.grad
@@ -171,19 +251,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 key = (p.device, p.dtype)
                 if (g.layout is not torch.strided or g.dtype is not key[1] or key[1] not in SUPPORTED_DTYPES
-                        or g.shape != p.shape or g.device != key[0] or not (p.is_contiguous() or ops.is_dense(p))):
+                        or g.shape != p.shape or g.device != key[0]):
                     self._raise_bad_grad(gi, group, p)
-                if not (g.is_contiguous() and p.is_contiguous()):
-                    if not ops.same_layout(g, p):
-                        g = torch.empty_like(p).copy_(g)  # the kernels walk grads laid out like params
-                    if group["agc"] is not None and not rows_are_contiguous(p):
-                        raise RuntimeError(f"AGC needs each row (dim 0 slice) of a param contiguous in memory; "
-                                           f"param {[id(q) for q in group['params']].index(id(p))} of group {gi} has strides "
-                                           f"{p.stride()}")
+                kernel_p = p
+                if not p.is_contiguous():
+                    kernel_p = gather_if_strided(p)
+                    if not (g.is_contiguous() and kernel_p.is_contiguous()) and not ops.same_layout(g, kernel_p):
+                        g = torch.empty_like(kernel_p).copy_(g)  # the kernels walk grads laid out like params
+                elif not g.is_contiguous():
+                    g = g.contiguous()
                 bucket = by_key.get(key)
                 if bucket is None:
-                    bucket = by_key[key] = Bucket(group, key[0], [], [])
-                bucket.params.append(p)
+                    bucket = by_key[key] = Bucket(group, key[0], [], [], [])
+                bucket.keys.append(p)
+                bucket.params.append(kernel_p)
                 bucket.grads.append(g)
             devices = {device for device, _ in by_key}
             if len(devices) > 1:
@@ -202,11 +283,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"complex params are not supported ({where})")
         if p.dtype not in SUPPORTED_DTYPES:
             raise RuntimeError(f"param dtype {p.dtype} is not supported ({where}); use float32, bfloat16 or float16")
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise RuntimeError(f"the grad of {where} is {tuple(g.shape)} {g.dtype} on {g.device} "
-                               f"but the param is {tuple(p.shape)} {p.dtype} on {p.device}")
-        raise RuntimeError(f"{where} is a strided view (strides {p.stride()}); "
-                           "the fused kernels need params that are dense in memory")
+        raise RuntimeError(f"the grad of {where} is {tuple(g.shape)} {g.dtype} on {g.device} "
+                           f"but the param is {tuple(p.shape)} {p.dtype} on {p.device}")
 
     def _step_control(self, buckets: list[Bucket]) -> StepControl:
         grad_scale = getattr(self, "grad_scale", None)   # set by GradScaler.step
@@ -244,6 +322,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """state['step'] as the kernels read it: a float32 tensor on the param's device.
         torch may have saved it as a CPU tensor or a float; convert once."""
         step = state.get("step", 0.0)
+        if isinstance(step, torch.Tensor) and step.numel() != 1:
+            raise RuntimeError(f"state['step'] of a param has {step.numel()} elements; it must hold one number")
         if type(step) is not torch.Tensor or step.dtype is not torch.float32 or step.device != device:
             step = torch.as_tensor(step, dtype=torch.float32).to(device).reshape(())
             state["step"] = step
@@ -254,7 +334,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
-        return torch.full((), lr, dtype=torch.float32, device=device)
+        # ones * lr, not torch.full((), lr): torch.compile keeps a float lr symbolic in a
+        # product, so a scheduler's new lr each step does not recompile the step.
+        return torch.ones((), dtype=torch.float32, device=device) * lr
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -262,40 +344,120 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._settle_unwritten()
         buckets = self._buckets()
-        for bucket in buckets:
-            group = bucket.group
-            bucket.fresh = [not self.state.get(p) for p in bucket.params]
-            bucket.ema_fresh = [group["grokfast"] is not None and "grokfast_ema" not in self.state.get(p, ())
-                                for p in bucket.params]
-            bucket.states = [self._state(p, group, bucket.device) for p in bucket.params]
-            if group["grokfast"] is not None:
-                bucket.states = [self._with_ema(p) for p in bucket.params]
-            self._check_states(bucket)
+        for bucket in buckets:  # every state made and checked before anything changes
+            self._prepare_states(bucket)
         control = self._step_control(buckets)
+        on_device = {b.device: control.on(b.device) for b in buckets}
         for bucket in buckets:
-            on_device = control.on(bucket.device)
             if bucket.group["agc"] is not None:
-                mult = grad_multiplier(on_device.grad_norm, self.max_grad_norm or 0.0, on_device.grad_scale,
-                                       bucket.device)
-                bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult)
-            self._update(bucket, on_device)
+                self._agc(bucket, on_device[bucket.device])
+        for bucket in buckets:
+            self._update(bucket, on_device[bucket.device])
+        for bucket in buckets:
+            for p, kernel_p in zip(bucket.keys, bucket.params):
+                if kernel_p is not p:  # a strided param: its dense copy was updated
+                    p.copy_(kernel_p)
+        self._track_unwritten(buckets, on_device)
         return loss
 
-    def _with_ema(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if "grokfast_ema" not in state:
-            state["grokfast_ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    def _prepare_states(self, bucket: Bucket) -> None:
+        """The bucket's states (new ones as zeros), whether each is new, and their checks."""
+        group = bucket.group
+        own_keys = self._state_keys(group)
+        bucket.fresh, bucket.ema_fresh, bucket.states = [], [], []
+        for p, kernel_p in zip(bucket.keys, bucket.params):
+            state = self.state.get(p, {})
+            flags = self._unwritten.get(p, {})
+            bucket.fresh.append(flags.get(OWN, any(k not in state for k in own_keys)))
+            bucket.ema_fresh.append(group["grokfast"] is not None and flags.get(EMA, EMA not in state))
+            state = self._state(p, group, bucket.device)
+            if group["grokfast"] is not None:
+                state = self.state[p]  # also for plain SGD, which keeps no state of its own
+                if EMA not in state:
+                    state[EMA] = torch.zeros_like(kernel_p)
+            bucket.states.append(state)
+        self._check_states(bucket)
+
+    def _agc(self, bucket: Bucket, control: StepControl) -> None:
+        """The AGC row factors of the bucket. A param whose rows are not contiguous in memory
+        (a transposed weight) takes them in a pre-scaled copy of its grad instead (its factors
+        become None): the kernels find an element's row from its offset."""
+        mult = grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, bucket.device)
+        bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult)
+        for i, p in enumerate(bucket.params):
+            if not rows_are_contiguous(p):
+                g = bucket.grads[i]
+                rows = bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
+                bucket.grads[i] = (g.float() * rows).to(g.dtype)
+                bucket.agc_scales[i] = None
+
+    def _track_unwritten(self, buckets: list[Bucket], on_device: dict) -> None:
+        """After the kernels: flag new state that a skippable step created, carry the flags of
+        state still unwritten, drop those a step that cannot be skipped has written."""
+        made: dict = {}   # one new flag per device per step
+        carried: dict = {}  # id(old flag) -> its successor
+        for bucket in buckets:
+            skip = on_device[bucket.device].skip
+            for p, fresh, ema_fresh in zip(bucket.keys, bucket.fresh, bucket.ema_fresh):
+                kinds = ((OWN, fresh if self._sets_new_state else False), (EMA, ema_fresh))
+                flags = {}
+                for kind, status in kinds:
+                    if isinstance(status, UnwrittenFlag):
+                        if id(status) not in carried:
+                            carried[id(status)] = status.after(skip)
+                        flags[kind] = carried[id(status)]
+                    elif status and skip is not None:
+                        if bucket.device not in made:
+                            made[bucket.device] = UnwrittenFlag(skip)
+                        flags[kind] = made[bucket.device]
+                flags = {k: f for k, f in flags.items() if f is not None}
+                if flags:
+                    self._unwritten[p] = flags
+                else:
+                    self._unwritten.pop(p, None)
+
+    def _settle_unwritten(self, sync: bool = False) -> None:
+        """Drop the flags whose value the host can read (without a sync, unless sync):
+        state written since is plain state; state never written is removed, as if the
+        skipped steps never happened (the next step makes it anew)."""
+        for p in list(self._unwritten):
+            flags = self._unwritten[p]
+            for kind in list(flags):
+                unwritten = flags[kind].known(sync)
+                if unwritten is None:
+                    continue
+                del flags[kind]
+                if unwritten:
+                    state = self.state.get(p, {})
+                    for key in (self._state_keys(self._group_of(p)) if kind == OWN else (EMA,)):
+                        state.pop(key, None)
+                    if not state:
+                        self.state.pop(p, None)
+            if not flags:
+                del self._unwritten[p]
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
     @staticmethod
     def _parts(bucket: Bucket, by_fresh: bool = False) -> list[Part]:
         """The bucket in as few kernel calls as the newness of its states allows: one,
-        except on the step where some params are new and others not."""
-        keys = [(bool(f) and by_fresh, e) for f, e in zip(bucket.fresh, bucket.ema_fresh)]
+        except on the step where some params are new and others not. State that may or
+        may not have been written (an UnwrittenFlag) takes both calls, gated on the device."""
         parts: dict[tuple, Part] = {}
-        for i, key in enumerate(keys):
-            parts.setdefault(key, Part([], *key)).idx.append(i)
+        for i, (fresh, ema_fresh) in enumerate(zip(bucket.fresh, bucket.ema_fresh)):
+            agc = bucket.agc_scales is not None and bucket.agc_scales[i] is not None
+            statuses = (fresh if by_fresh else False, ema_fresh)
+            flags = list({id(s): s for s in statuses if isinstance(s, UnwrittenFlag)}.values())
+            for choice in itertools.product((True, False), repeat=len(flags)):
+                unwritten = {id(f): c for f, c in zip(flags, choice)}
+                new = [unwritten[id(s)] if isinstance(s, UnwrittenFlag) else bool(s) for s in statuses]
+                key = (*new, tuple(unwritten.items()), agc)
+                if key not in parts:
+                    parts[key] = Part([], new[0], new[1], list(zip(flags, choice)), agc)
+                parts[key].idx.append(i)
         return list(parts.values())
 
     def _pipeline_args(self, bucket: Bucket, part: Part, control: StepControl) -> dict:
@@ -303,9 +465,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         grokfast = bucket.group["grokfast"]
         return dict(
             grad_norm=control.grad_norm, max_grad_norm=self.max_grad_norm or 0.0,
-            grad_scale=control.grad_scale, found_inf=control.skip,
-            agc_scales=part.take(bucket.agc_scales) if bucket.agc_scales is not None else [],
-            grokfast_emas=part.take([s["grokfast_ema"] for s in bucket.states]) if grokfast else [],
+            grad_scale=control.grad_scale, found_inf=part.found_inf(control.skip),
+            agc_scales=part.take(bucket.agc_scales) if part.agc else [],
+            grokfast_emas=part.take([s[EMA] for s in bucket.states]) if grokfast else [],
             # alpha = 0 starts a new EMA at the grad
             grokfast_alpha=0.0 if part.ema_fresh or grokfast is None else grokfast["alpha"],
             grokfast_lamb=0.0 if grokfast is None else grokfast["lamb"],
@@ -324,7 +486,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _param_like_state_keys(self, group: dict) -> tuple:
         """The state tensors shaped like the param, for this group's options."""
-        return self._state_keys(group) + (("grokfast_ema",) if group["grokfast"] is not None else ())
+        return self._state_keys(group) + ((EMA,) if group["grokfast"] is not None else ())
 
     def _state_keys(self, group: dict) -> tuple:
         """The optimizer's own state tensors shaped like the param, for this group's options."""

@@ -18,6 +18,8 @@ class LAMB(FusedOptimizer):
     State keys `step`, `exp_avg`, `exp_avg_sq`. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
 
+    _has_step = True
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
                  bias_correction=True, max_weight_norm: Optional[float] = None, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
@@ -27,8 +29,8 @@ class LAMB(FusedOptimizer):
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          grokfast=grokfast, agc=agc, backend=backend)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _check_group(self, group: dict, full: bool = True) -> None:
+        super()._check_group(group, full)
         self._check_adam_like(group)
         clamp = group["max_weight_norm"]
         if clamp is not None and not clamp > 0:

@@ -11,6 +11,7 @@ import torch
 from .. import ops
 from .base import Bucket, FusedOptimizer, StepControl
 from .regularizers import grad_multiplier
+from .unwritten import UnwrittenFlag
 from .sgd import SGD
 
 
@@ -33,8 +34,8 @@ class LARS(SGD):
         FusedOptimizer.__init__(self, params, defaults, max_grad_norm=max_grad_norm,
                                 skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _check_group(self, group: dict, full: bool = True) -> None:
+        super()._check_group(group, full)
         if not group["trust_coefficient"] > 0:
             raise ValueError(f"Invalid trust_coefficient: {group['trust_coefficient']} (must be > 0)")
 
@@ -71,12 +72,20 @@ class LARS(SGD):
         norms = []
         for i, g in zip(idx, grads):
             g = g.float() * mult
-            if bucket.agc_scales is not None:  # one factor per row (dim 0), or one for the tensor
+            if bucket.agc_scales is not None and bucket.agc_scales[i] is not None:  # one per row (dim 0)
                 g = g * bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
             grokfast = group["grokfast"]
             if grokfast is not None:
-                alpha = 0.0 if bucket.ema_fresh[i] else grokfast["alpha"]
+                alpha = new_ema_alpha(bucket.ema_fresh[i], grokfast["alpha"])
                 ema = alpha * bucket.states[i]["grokfast_ema"].float() + (1.0 - alpha) * g
                 g = g + grokfast["lamb"] * ema
             norms.append(torch.linalg.vector_norm(g))
         return w, torch.stack(norms)
+
+
+def new_ema_alpha(ema_fresh, alpha: float):
+    """The EMA decay a kernel call uses: 0 starts a new EMA at the grad; where the EMA may
+    be unwritten (its first steps skipped), the device flag chooses."""
+    if isinstance(ema_fresh, UnwrittenFlag):
+        return alpha * (1.0 - ema_fresh.value)
+    return 0.0 if ema_fresh else alpha

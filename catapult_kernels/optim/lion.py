@@ -23,8 +23,8 @@ class Lion(FusedOptimizer):
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          grokfast=grokfast, agc=agc, backend=backend)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _check_group(self, group: dict, full: bool = True) -> None:
+        super()._check_group(group, full)
         self._check_adam_like(group, beta_one_allowed=True)  # beta = 1: a frozen momentum, still valid
 
     def _state_keys(self, group: dict) -> tuple:

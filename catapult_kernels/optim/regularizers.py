@@ -76,8 +76,9 @@ def grad_multiplier(grad_norm: Optional[torch.Tensor], max_grad_norm: float,
 
 def row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of every AGC unit of every tensor, concatenated (float32)."""
-    return torch.cat([torch.linalg.vector_norm(t.reshape(agc_rows(t), -1), dim=1, dtype=torch.float32)
-                      for t in tensors])
+    # flatten(1), not reshape(rows, -1): a (0, N) tensor has no -1 to infer
+    return torch.cat([torch.linalg.vector_norm(t.flatten(1) if t.dim() >= 2 else t.reshape(1, -1), dim=1,
+                                               dtype=torch.float32) for t in tensors])
 
 
 def agc_scales(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clipping: float,

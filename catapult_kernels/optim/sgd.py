@@ -15,9 +15,10 @@ class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments and state key (`momentum_buffer`), plus the options of
     FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend).
 
-    A momentum buffer starts as the first step's grad, as in torch. If that first step
-    is skipped (GradScaler overflow, skip_nonfinite), the buffer starts at zero instead,
-    which is the same unless dampening != 0."""
+    A momentum buffer starts as the first step's grad, as in torch, also when the steps
+    before were skipped (GradScaler overflow, skip_nonfinite)."""
+
+    _sets_new_state = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, foreach: Optional[bool] = None, differentiable=False,
@@ -29,8 +30,8 @@ class SGD(FusedOptimizer):
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          grokfast=grokfast, agc=agc, backend=backend)
 
-    def _check_group(self, group: dict) -> None:
-        super()._check_group(group)
+    def _check_group(self, group: dict, full: bool = True) -> None:
+        super()._check_group(group, full)
         if not group["momentum"] >= 0.0:
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         if not group["weight_decay"] >= 0.0:

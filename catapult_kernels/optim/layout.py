@@ -1,0 +1,64 @@
+"""Where params lie in memory: params that share memory (refused: their updates would
+race in the kernels), and strided params (updated through a dense copy)."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of t are one memory location (an expand()ed view): torch's
+    in-place ops refuse to write such a tensor, and so do we."""
+    return t.device.type != "meta" and torch._debug_has_internal_overlap(t) == 1
+
+
+def gather_if_strided(p: torch.Tensor) -> torch.Tensor:
+    """p itself when its elements fill one dense block of memory (the kernels walk such a
+    block in its own order), else a contiguous copy for the kernels to update, to be
+    copied back (x[:, ::2]: rare, so the common layouts pay nothing)."""
+    return p if ops.is_dense(p) else p.contiguous()
+
+
+def _span(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that t's elements touch."""
+    size = t.element_size()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    start = t.storage_offset() * size
+    return t.untyped_storage().data_ptr(), start, start + (last + 1) * size
+
+
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """The storage offset of every element of t."""
+    idx = torch.tensor(t.storage_offset(), dtype=torch.int64)
+    for n, s in zip(t.shape, t.stride()):
+        idx = idx.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
+    return idx.flatten()
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b, whose spans overlap, have an element in common."""
+    if ops.is_dense(a) and ops.is_dense(b) or a.dtype != b.dtype:
+        return True  # a dense span is all elements; other dtypes: any byte counts
+    return bool(torch.isin(_offsets(a), _offsets(b)).any())
+
+
+def check_no_overlap(groups: list[list[torch.Tensor]]) -> None:
+    """Refuse two params that share memory (two Parameters over one storage, overlapping
+    views): the kernels update params in parallel, so such updates would be lost at random.
+    Disjoint views of one buffer (a flat parameter layout) are fine."""
+    spans = []
+    for gi, params in enumerate(groups):
+        for i, p in enumerate(params):
+            if p.device.type != "meta" and p.numel() > 0:
+                spans.append((*_span(p), gi, i, p))
+    spans.sort(key=lambda s: s[:2])
+    open_spans: list = []  # spans of the current storage that reach past the current start
+    for ptr, start, end, gi, i, p in spans:
+        open_spans = [s for s in open_spans if s[0] == ptr and s[2] > start]
+        for _, _, _, gj, j, q in open_spans:
+            if q is p or _share_elements(p, q):
+                raise ValueError(f"param {j} of group {gj} and param {i} of group {gi} share memory: "
+                                 "their fused updates would race and lose updates; give each param its "
+                                 "own storage (clone()), or pass one of them once")
+        open_spans.append((ptr, start, end, gi, i, p))
