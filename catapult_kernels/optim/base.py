@@ -35,9 +35,11 @@ class Bucket:
     params: list   # what the kernels update: the params, or a dense copy of a strided one
     grads: list    # the grads, laid out like `params`
     states: Optional[list] = None
-    fresh: Optional[list] = None      # per param: its own state is new (True), not (False), or UnwrittenFlag
+    fresh: Optional[list] = None      # per param: its own state is new and set, not zeroed, on its first
+    #                                   step (True), not (False), or maybe (an UnwrittenFlag)
     ema_fresh: Optional[list] = None  # the same for its grokfast_ema
     agc_scales: Optional[list] = None  # per param: its AGC row factors, or None: in its grad (group agc set)
+    maybe_written: bool = False  # some state of the bucket has an UnwrittenFlag
 
 
 @dataclass
@@ -365,13 +367,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _prepare_states(self, bucket: Bucket) -> None:
         """The bucket's states (new ones as zeros), whether each is new, and their checks."""
         group = bucket.group
-        own_keys = self._state_keys(group)
+        own_keys = self._state_keys(group) if self._sets_new_state else ()
+        grokfast = group["grokfast"] is not None
+        unwritten, no_flags = self._unwritten, {}
         bucket.fresh, bucket.ema_fresh, bucket.states = [], [], []
         for p, kernel_p in zip(bucket.keys, bucket.params):
-            state = self.state.get(p, {})
-            flags = self._unwritten.get(p, {})
-            bucket.fresh.append(flags.get(OWN, any(k not in state for k in own_keys)))
-            bucket.ema_fresh.append(group["grokfast"] is not None and flags.get(EMA, EMA not in state))
+            state = self.state.get(p, no_flags)
+            flags = unwritten.get(p, no_flags) if unwritten else no_flags
+            bucket.maybe_written |= bool(flags)
+            bucket.fresh.append(bool(own_keys) and flags.get(OWN, any(k not in state for k in own_keys)))
+            bucket.ema_fresh.append(grokfast and flags.get(EMA, EMA not in state))
             state = self._state(p, group, bucket.device)
             if group["grokfast"] is not None:
                 state = self.state[p]  # also for plain SGD, which keeps no state of its own
@@ -396,12 +401,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _track_unwritten(self, buckets: list[Bucket], on_device: dict) -> None:
         """After the kernels: flag new state that a skippable step created, carry the flags of
         state still unwritten, drop those a step that cannot be skipped has written."""
+        if not self._unwritten and not any(any(b.fresh) or any(b.ema_fresh) for b in buckets):
+            return  # the common step: no new state, nothing unwritten
         made: dict = {}   # one new flag per device per step
         carried: dict = {}  # id(old flag) -> its successor
         for bucket in buckets:
             skip = on_device[bucket.device].skip
             for p, fresh, ema_fresh in zip(bucket.keys, bucket.fresh, bucket.ema_fresh):
-                kinds = ((OWN, fresh if self._sets_new_state else False), (EMA, ema_fresh))
+                kinds = ((OWN, fresh), (EMA, ema_fresh))
                 flags = {}
                 for kind, status in kinds:
                     if isinstance(status, UnwrittenFlag):
@@ -445,18 +452,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _parts(bucket: Bucket, by_fresh: bool = False) -> list[Part]:
         """The bucket in as few kernel calls as the newness of its states allows: one,
         except on the step where some params are new and others not. State that may or
-        may not have been written (an UnwrittenFlag) takes both calls, gated on the device."""
-        parts: dict[tuple, Part] = {}
+        may not have been written (an UnwrittenFlag) takes both calls, gated on the device;
+        grads that come with their AGC factors applied take a call without factors."""
+        agc = bucket.agc_scales is not None
+        if not bucket.maybe_written and not (agc and None in bucket.agc_scales):  # the common step
+            keys = [(bool(f) and by_fresh, bool(e)) for f, e in zip(bucket.fresh, bucket.ema_fresh)]
+            parts: dict[tuple, Part] = {}
+            for i, key in enumerate(keys):
+                parts.setdefault(key, Part([], *key, [], agc)).idx.append(i)
+            return list(parts.values())
+        parts = {}
         for i, (fresh, ema_fresh) in enumerate(zip(bucket.fresh, bucket.ema_fresh)):
-            agc = bucket.agc_scales is not None and bucket.agc_scales[i] is not None
             statuses = (fresh if by_fresh else False, ema_fresh)
             flags = list({id(s): s for s in statuses if isinstance(s, UnwrittenFlag)}.values())
+            applies_agc = agc and bucket.agc_scales[i] is not None
             for choice in itertools.product((True, False), repeat=len(flags)):
                 unwritten = {id(f): c for f, c in zip(flags, choice)}
                 new = [unwritten[id(s)] if isinstance(s, UnwrittenFlag) else bool(s) for s in statuses]
-                key = (*new, tuple(unwritten.items()), agc)
+                key = (*new, tuple(unwritten.items()), applies_agc)
                 if key not in parts:
-                    parts[key] = Part([], new[0], new[1], list(zip(flags, choice)), agc)
+                    parts[key] = Part([], new[0], new[1], list(zip(flags, choice)), applies_agc)
                 parts[key].idx.append(i)
         return list(parts.values())
 
