@@ -273,3 +273,23 @@ def test_resume_and_overwrite_together_are_refused(finished_run, capsys):
     assert main(SWEEP + ["--resume", "--overwrite", "--out", str(finished_run)]) == 2
     assert "pass one of them" in one_line_error(capsys)
     assert snapshot(finished_run) == before
+
+
+
+def test_fit_lets_go_of_its_folder_when_it_returns(tmp_path):
+    """Another process may continue a fit() run as soon as fit() returns, even while the
+    garbage collector has not yet collected the trainer."""
+    import gc
+    from catapult_kernels.train import fit
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    gc.disable()
+    try:
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.01), (x, y), loss="mse", steps=2,
+            out=tmp_path / "r", measure_lambda0=False, quiet=True)
+        probe = subprocess.run([sys.executable, "-c", "import sys; from catapult_kernels.train.run_folder import "
+                                "RunFolder; RunFolder(sys.argv[1], resume=True)", str(tmp_path / "r")],
+                               capture_output=True, text=True)
+    finally:
+        gc.enable()
+    assert probe.returncode == 0, probe.stderr

@@ -572,4 +572,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     (`loss`, `train_acc`, hence `memorize_step`) cover the whole training set, every batch
     of a DataLoader; the record's `train_examples` says how many examples. Full batch reuses
     the step's own forward (train mode) instead of a second pass."""
-    return Trainer(model, optimizer, train, val, **options).run()
+    trainer = Trainer(model, optimizer, train, val, **options)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.folder is not None:
+            trainer.folder.close()  # the folder's lock ends with the run, not when the trainer is collected
