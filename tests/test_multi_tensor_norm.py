@@ -87,17 +87,72 @@ def test_deterministic(backend_device):
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 @pytest.mark.parametrize("ord", [2.0, math.inf], ids=["l2", "inf"])
-def test_nonfinite_propagates(backend_device, bad, ord):
+def test_nonfinite_propagates(backend_device, dtype, bad, ord):
     backend, device = backend_device
-    tensors = _tensors([(1000,), (33,)], torch.float32, device)
+    tensors = _tensors([(1000,), (33,)], dtype, device)
     tensors[1][7] = bad
+    tensors[1][9] = HUGE[dtype]  # a finite neighbour beyond float32 squares changes nothing
     total, per = ops.multi_tensor_norm(tensors, ord, True, backend)
     expect = math.nan if math.isnan(bad) else math.inf
     for value in (total, per[1]):
         assert math.isnan(expect) and math.isnan(value.item()) or value.item() == expect
     assert math.isfinite(per[0].item())
+
+
+# Per dtype, a finite element whose square overflows float32 (float16 has none: its largest
+# square fits float32), and one whose square underflows it.
+HUGE = {torch.float32: 3e19, torch.bfloat16: 3e19, torch.float16: 6e4}
+TINY = {torch.float32: 1e-30, torch.bfloat16: 1e-30, torch.float16: 1e-7}
+# Above one chunk on every backend (CPU 2^16, CUDA 2^14, Triton 8192; interpreted 1024).
+SCALING_SHAPES = [(1000,), (70001,), (3,)]
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where", [0, 5000, 70000], ids=["first", "middle", "last"])
+def test_huge_finite_element_gives_finite_norm(backend_device, dtype, where):
+    """One element of 3e19 among normal values: its square (9e38) overflows float32, but the
+    norm (3e19) does not, and must come out finite and exact, total and per tensor."""
+    backend, device = backend_device
+    tensors = _tensors(SCALING_SHAPES, dtype, device)
+    tensors[1][where] = HUGE[dtype]
+    total, per = ops.multi_tensor_norm(tensors, 2.0, True, backend)
+    ref_total, ref_per = norm_reference(tensors)
+    assert math.isfinite(total.item())
+    torch.testing.assert_close(total.double().cpu(), ref_total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per.double().cpu(), ref_per, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiny_elements_do_not_vanish(backend_device, dtype):
+    """Elements of 1e-30: their squares (1e-60) underflow float32, their norm does not."""
+    backend, device = backend_device
+    tensors = [t * TINY[dtype] for t in _tensors(SCALING_SHAPES, torch.float64, "cpu")]
+    tensors = [t.to(dtype=dtype, device=device) for t in tensors]
+    total, per = ops.multi_tensor_norm(tensors, 2.0, True, backend)
+    ref_total, ref_per = norm_reference(tensors)
+    assert total.item() > 0
+    torch.testing.assert_close(total.double().cpu(), ref_total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per.double().cpu(), ref_per, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_elements_near_float32_max(backend_device, dtype):
+    """Every element near float32's max: the norm is exact while it fits a float32 (9 elements
+    of 1e38 give 3e38), and inf once it does not, as the float64 norm rounded to float32."""
+    backend, device = backend_device
+    fits = torch.full((9,), 1e38, dtype=dtype, device=device)
+    beyond = torch.full((20000,), 3e38, dtype=dtype, device=device)
+    total, per = ops.multi_tensor_norm([fits, beyond], 2.0, True, backend)
+    ref_total, ref_per = norm_reference([fits, beyond])
+    assert math.isfinite(per[0].item())
+    torch.testing.assert_close(per.double().cpu(), ref_per.float().double(), rtol=1e-6, atol=0)
+    assert total.item() == ref_total.float().item() == math.inf
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)

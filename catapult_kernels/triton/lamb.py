@@ -10,7 +10,8 @@ no a*b+c is contracted into an FMA (powf aside, as in adamw.py).
 Three launches (the passes once per dtype group), no atomics and no host sync:
 1. ``_lamb_kernel`` pass 1: each program runs the grad pipeline and lamb_moments over
    one chunk of one tensor and writes the chunk's sums of r^2 and p^2 into its slots
-   of two partials buffers (one float32 per block of the multi-tensor plan);
+   of two partials buffers (one float64 per block of the multi-tensor plan: summed in
+   float64, they are finite for any finite r and p, as multi_tensor_norm's);
 2. ``_lamb_trust_kernel``: program i reduces tensor i's partials in a fixed order
    (multi_tensor_norm.reduce_segment, as the per-tensor norms there) into |r| and
    |p|, and writes its trust ratio;
@@ -117,8 +118,8 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
         lr_trust = bc1  # unused in pass 1
 
     offs = tl.arange(0, BLOCK)
-    r_acc = tl.zeros([BLOCK], dtype=tl.float32)  # pass 1: sums of r^2 and p^2, lane by lane
-    p_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    r_acc = tl.zeros([BLOCK], dtype=tl.float64)  # pass 1: sums of r^2 and p^2, lane by lane
+    p_acc = tl.zeros([BLOCK], dtype=tl.float64)
     rem = n - start
     if rem >= CHUNK:
         # a full chunk: no masks, so loads and stores vectorize
@@ -127,8 +128,10 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
                                mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps,
                                weight_decay, bc1, bc2, lr_trust, DTYPE, PASS, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
             if PASS == 1:
-                r_acc = r_acc + r * r
-                p_acc = p_acc + p * p
+                r64 = r.to(tl.float64)
+                p64 = p.to(tl.float64)
+                r_acc = r_acc + r64 * r64
+                p_acc = p_acc + p64 * p64
     else:
         for tail_off in tl.range(0, rem, BLOCK):
             idx = tail_off + offs
@@ -137,8 +140,10 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
                                mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps,
                                weight_decay, bc1, bc2, lr_trust, DTYPE, PASS, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
             if PASS == 1:
-                r_acc = r_acc + tl.where(mask, r * r, 0.0)
-                p_acc = p_acc + tl.where(mask, p * p, 0.0)
+                r64 = tl.where(mask, r, 0.0).to(tl.float64)
+                p64 = tl.where(mask, p, 0.0).to(tl.float64)
+                r_acc = r_acc + r64 * r64
+                p_acc = p_acc + p64 * p64
     if PASS == 1:
         pid = tl.program_id(0)
         tl.store(r_partials + pid, tl.sum(r_acc, 0))
@@ -152,8 +157,9 @@ def _lamb_trust_kernel(r_partials, p_partials, segments, trust_out, found_inf_pt
         if tl.load(found_inf_ptr) != 0.0:
             return  # pass 1 wrote no partials, and pass 2 writes nothing
     i = tl.program_id(0).to(tl.int64)
-    r_norm = tl.sqrt_rn(reduce_segment(r_partials, segments, i, False, BLOCK))
-    p_norm = tl.sqrt_rn(reduce_segment(p_partials, segments, i, False, BLOCK))
+    # float64 sqrt (correctly rounded), then float32, as the C++ kernels
+    r_norm = tl.sqrt(reduce_segment(r_partials, segments, i, False, BLOCK)).to(tl.float32)
+    p_norm = tl.sqrt(reduce_segment(p_partials, segments, i, False, BLOCK)).to(tl.float32)
     # lamb_trust_ratio (lamb_math.h)
     max_norm = tl.cast(max_weight_norm, tl.float32)
     w = tl.where((max_norm > 0.0) & (p_norm > max_norm), max_norm, p_norm)
@@ -178,7 +184,7 @@ def _lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, e
     plan = run.plan
     if plan.n_blocks == 0:
         return
-    partials = torch.empty((2, plan.n_blocks), dtype=torch.float32, device=device)  # r^2 and p^2 per block
+    partials = torch.empty((2, plan.n_blocks), dtype=torch.float64, device=device)  # r^2 and p^2 per block
     trust = torch.empty((len(params),), dtype=torch.float32, device=device)
     args = dict(trust_ptr=trust, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                 weight_decay=float(weight_decay), BIAS_CORRECTION=bool(bias_correction))

@@ -6,11 +6,14 @@ Same contract as the C++ catapult::multi_tensor_norm (csrc/ops.cpp):
 Two kernels, no atomics, so the result is deterministic:
 1. ``_norm_partials_kernel``, one launch per dtype group: each program reduces one
    chunk of one tensor (sum of squares, or max |x|) into its slot of a partials
-   buffer (one float32 per block of the multi-tensor plan);
+   buffer (one float64 per block of the multi-tensor plan);
 2. ``_norm_reduce_kernel``: program i reduces the partials of tensor i, in a fixed
    order, into per_tensor[i]; program n reduces all partials into the total.
 The total is computed from the partials in the same order whether or not
 per-tensor norms are asked for, so both calls give the same bits.
+Squares are summed in float64: every float32 square fits one, so any finite input
+gives a finite sum and tiny inputs do not vanish (a float32 sum overflows at one
+element of 2e19), as in the C++ kernels (csrc/cuda/block_reduce.cuh).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def _accumulate(acc, x, IS_INF: tl.constexpr):
     if IS_INF:
         return _max_nan(acc, tl.abs(x))
     else:
+        x = x.to(tl.float64)
         return acc + x * x
 
 
@@ -59,7 +63,7 @@ def _norm_partials_kernel(addrs, numels, blocks, partials,
     n = tl.load(numels + row)
     x_ptr = tensor_ptr(addrs, row, 1, 0, DTYPE, ALIGNED) + start
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float32 if IS_INF else tl.float64)
     rem = n - start
     if rem >= CHUNK:
         # a full chunk: no masks, so loads vectorize
@@ -76,12 +80,12 @@ def _norm_partials_kernel(addrs, numels, blocks, partials,
 
 @triton.jit
 def reduce_segment(partials, segments, i, IS_INF: tl.constexpr, BLOCK: tl.constexpr):
-    """The partials of blocks [segments[i, 0], segments[i, 1]) (tensor i's; row n: all)
-    reduced in a fixed order: summed, or for IS_INF max'ed with NaN propagating."""
+    """The float64 partials of blocks [segments[i, 0], segments[i, 1]) (tensor i's; row n:
+    all) reduced in a fixed order: summed, or for IS_INF max'ed with NaN propagating."""
     begin = tl.load(segments + 2 * i)
     end = tl.load(segments + 2 * i + 1)
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for off in tl.range(begin, end, BLOCK):
         idx = off + offs
         x = tl.load(partials + idx, mask=idx < end, other=0.0)
@@ -98,7 +102,8 @@ def _norm_reduce_kernel(partials, segments, total_out, per_tensor_out, n_tensors
     i = first + tl.program_id(0).to(tl.int64)
     r = reduce_segment(partials, segments, i, IS_INF, BLOCK)
     if not IS_INF:
-        r = tl.sqrt_rn(r)
+        r = tl.sqrt(r)  # float64: correctly rounded (sqrt.rn.f64), as C++'s sqrt(double)
+    r = r.to(tl.float32)
     tl.store(per_tensor_out + i, r, mask=i < n_tensors)
     tl.store(total_out, r, mask=i == n_tensors)
 
@@ -158,7 +163,7 @@ def _multi_tensor_norm(tensors, ord, per_tensor):
     plan = get_plan(device, [t.numel() for t in tensors], keys, {dt: s[1] for dt, s in sizes.items()})
     total = torch.empty((), dtype=torch.float32, device=device)
     per = torch.empty((n if per_tensor else 0,), dtype=torch.float32, device=device)
-    partials = torch.empty((max(plan.n_blocks, 1),), dtype=torch.float32, device=device)
+    partials = torch.empty((max(plan.n_blocks, 1),), dtype=torch.float64, device=device)
     if plan.n_blocks:
         addrs, aligned = address_table([tensors], device)
         for dt, begin, end, chunk in plan.groups:

@@ -19,6 +19,7 @@
 
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
 
+#include "cpu/square_sum.h"
 #include "lamb_math.h"
 
 namespace {
@@ -67,24 +68,22 @@ struct Entry {
 template <typename T>
 constexpr bool kStoresMoments = std::is_same_v<T, float>;
 
-// Sums of squares of r and p over a chunk.
+// Sums of squares of r and p over a chunk: in float lanes, and again in double when a
+// float sum may be off (cpu/square_sum.h), so the trust ratio is finite and exact for
+// any finite r and p (a weight of 2e19 overflowed |p|, weights of 1e-20 made it 0).
 struct Sums {
   double r = 0.0, p = 0.0;
+
+  bool need_double() const {
+    return catapult::cpu::needs_double_sum(r) || catapult::cpu::needs_double_sum(p);
+  }
 };
 
-inline double lane_sum(const Vec& x) {
-  float lanes[Vec::size()];
-  x.store(lanes);
-  double sum = 0.0;
-  for (float lane : lanes) sum += lane;
-  return sum;
-}
-
 // The moments over n elements of one tensor from offset b. Pass 1 (kApply false): r^2
-// and p^2 added to sums, and m, v (and the ema) stored when kStoresMoments<T>. Pass 2
-// of a 16-bit type (kApply true): the same r again from the same old state, m, v and
-// the ema stored, and p = p - lr_trust * r.
-template <typename T, bool kApply>
+// and p^2 added to sums in Acc's lanes, and m, v (and the ema) stored when
+// kStoresMoments<T>. Pass 2 of a 16-bit type (kApply true): the same r again from the
+// same old state, m, v and the ema stored, and p = p - lr_trust * r.
+template <typename T, bool kApply, typename Acc = FloatSquareSum>
 void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipeline& pl, Sums& sums) {
   constexpr bool kStore = kApply || kStoresMoments<T>;
   T* p = static_cast<T*>(e.p) + b;
@@ -95,7 +94,7 @@ void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipel
   const LAMBVec sv(e.step);
   const Vec multv(mult);
   const Vec lr_trust(e.lr_trust);
-  Vec rr(0.0f), pp(0.0f);
+  Acc rr, pp;
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     Vec p0, p1, g0, g1, m0, m1, v0, v1;
@@ -112,13 +111,15 @@ void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipel
     if constexpr (kApply) {
       store_block(p + i, p0 - lr_trust * r0, p1 - lr_trust * r1);
     } else {
-      rr = rr + r0 * r0 + r1 * r1;
-      pp = pp + p0 * p0 + p1 * p1;
+      rr.add(r0);
+      rr.add(r1);
+      pp.add(p0);
+      pp.add(p1);
     }
   }
   if constexpr (!kApply) {
-    sums.r += lane_sum(rr);
-    sums.p += lane_sum(pp);
+    sums.r += rr.total();
+    sums.p += pp.total();
   }
   for (; i < n; ++i) {
     const float gf = pipeline_element<kStore>(g, ema, i, mult, pl);
@@ -161,6 +162,34 @@ void apply_range(const Entry& e, int64_t b, int64_t n) {
     const float pf = static_cast<float>(p[i]);
     const float r = catapult::lamb_direction(pf, static_cast<float>(m[i]), static_cast<float>(v[i]), e.step);
     p[i] = static_cast<T>(pf - e.lr_trust * r);
+  }
+}
+
+// r^2 and p^2 in double over n elements of one float32 tensor from offset b after pass
+// 1, r from the stored m, v: pass 1's r bit for bit, as pass 2 recomputes it.
+void stored_direction_sums(const Entry& e, int64_t b, int64_t n, Sums& sums) {
+  const float* p = static_cast<const float*>(e.p) + b;
+  const float* m = static_cast<const float*>(e.m) + b;
+  const float* v = static_cast<const float*>(e.v) + b;
+  const LAMBVec sv(e.step);
+  SquareSum rr, pp;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    Vec p0, p1, m0, m1, v0, v1;
+    load_block(p + i, p0, p1);
+    load_block(m + i, m0, m1);
+    load_block(v + i, v0, v1);
+    rr.add(lamb_direction_vec(p0, m0, v0, sv));
+    rr.add(lamb_direction_vec(p1, m1, v1, sv));
+    pp.add(p0);
+    pp.add(p1);
+  }
+  sums.r += rr.total();
+  sums.p += pp.total();
+  for (; i < n; ++i) {
+    const double r = catapult::lamb_direction(p[i], m[i], v[i], e.step);
+    sums.r += r * r;
+    sums.p += static_cast<double>(p[i]) * p[i];
   }
 }
 
@@ -210,6 +239,15 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
         for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
           moments_range<T, false>(e, b, n, m, pl, sums[k]);
         });
+        if (!sums[k].need_double()) return;
+        sums[k] = Sums{};  // the rare chunk: its sums again, in double
+        if constexpr (kStoresMoments<T>) {
+          stored_direction_sums(e, c.begin, c.size, sums[k]);
+        } else {  // pass 1 stored nothing: the same math from the same old state
+          for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
+            moments_range<T, false, SquareSum>(e, b, n, m, pl, sums[k]);
+          });
+        }
       });
     }
   });

@@ -1,7 +1,10 @@
 // multi_tensor_norm on CPU: the 2- or inf-norm of a list of tensors taken together
 // and, if asked, of each tensor. Deterministic whatever the thread count: every
 // tensor is cut into fixed-size chunks, each chunk's partial is computed in a fixed
-// order, and the partials are reduced serially in a fixed order.
+// order, and the partials are reduced serially in a fixed order. A chunk's squares are
+// summed in float, and again in double when that sum may be off (cpu/square_sum.h):
+// the norm is finite whenever the inputs are and the norm itself fits a float; inf and
+// NaN inputs still give inf and NaN.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -16,13 +19,17 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/square_sum.h"
 #include "multi_tensor_checks.h"
 
 namespace {
 
+using catapult::cpu::FloatSquareSum;
+using catapult::cpu::needs_double_sum;
+using catapult::cpu::SquareSum;
 using Vec = at::vec::Vectorized<float>;
 
-// Independent accumulators, so that the add/max latency never limits the loop.
+// Independent accumulators of max_abs, so that the max latency never limits the loop.
 constexpr int64_t kAccumulators = 8;
 // Elements per chunk (a multiple of every vector block below): large enough that the
 // per-chunk overhead vanishes, small enough that float lanes sum a chunk accurately.
@@ -40,34 +47,35 @@ inline Vec load_float(const T* x) {
 // max that returns NaN if either argument is NaN, as the norm must.
 inline double max_nan(double a, double b) { return (a > b || std::isnan(a)) ? a : b; }
 
-template <typename T>
-double sum_of_squares(const T* x, int64_t n) {
-  constexpr int64_t kBlock = kAccumulators * Vec::size();
-  Vec acc[kAccumulators];
-  for (auto& a : acc) a = Vec(0.0f);
+// Sum of x^2 over n elements in Acc's lanes (cpu/square_sum.h), with eight vector add
+// chains in flight, so that the add latency never limits the loop.
+template <typename Acc, typename T>
+double sum_of_squares_in(const T* x, int64_t n) {
+  constexpr int64_t kSums = 8 / Acc::kVectors;
+  constexpr int64_t kBlock = kSums * Vec::size();
+  Acc acc[kSums];
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    for (int64_t k = 0; k < kAccumulators; ++k) {
-      const Vec v = load_float(x + i + k * Vec::size());
-      acc[k] = at::vec::fmadd(v, v, acc[k]);
-    }
+    for (int64_t k = 0; k < kSums; ++k) acc[k].add(load_float(x + i + k * Vec::size()));
   }
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec v = load_float(x + i);
-    acc[0] = at::vec::fmadd(v, v, acc[0]);
+  for (; i + Vec::size() <= n; i += Vec::size()) acc[0].add(load_float(x + i));
+  for (int64_t width = kSums / 2; width > 0; width /= 2) {
+    for (int64_t k = 0; k < width; ++k) acc[k].add(acc[k + width]);
   }
-  for (int64_t width = kAccumulators / 2; width > 0; width /= 2) {
-    for (int64_t k = 0; k < width; ++k) acc[k] = acc[k] + acc[k + width];
-  }
-  float lanes[Vec::size()];
-  acc[0].store(lanes);
-  double sum = 0.0;
-  for (float lane : lanes) sum += lane;
+  double sum = acc[0].total();
   for (; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
+    const double v = static_cast<float>(x[i]);
     sum += v * v;
   }
   return sum;
+}
+
+// In float lanes, and again in double where that sum may be off (an element beyond
+// 1.8e19, or squares too small for float): finite for any finite input.
+template <typename T>
+double sum_of_squares(const T* x, int64_t n) {
+  const double sum = sum_of_squares_in<FloatSquareSum>(x, n);
+  return needs_double_sum(sum) ? sum_of_squares_in<SquareSum>(x, n) : sum;
 }
 
 // max |x| from the bits: with the sign bit cleared, the bits of an IEEE float read

@@ -2,9 +2,10 @@
 // csrc/lamb_math.h) over lists of tensors, in three launches (per dtype group for
 // the two passes), all through the generic multi_tensor_apply:
 //   pass 1 (every chunk of every tensor): the grad pipeline (cuda/grad_pipeline.cuh)
-//     and lamb_moments, and the chunk's partial sums of r^2 and p^2 written to its
-//     own slot (fixed-order block reduction, cuda/block_reduce.cuh); the first chunk
-//     of each tensor records its slot range;
+//     and lamb_moments, and the chunk's partial sums of r^2 and p^2 (in double, so
+//     finite for any finite r and p) written to its own slot (fixed-order block
+//     reduction, cuda/block_reduce.cuh); the first chunk of each tensor records its
+//     slot range;
 //   trust (one block per tensor): the tensor's partials reduced in a fixed order,
 //     trust = lamb_trust_ratio(|p|, |r|, max_weight_norm) into a float32 [n] buffer;
 //   pass 2: p = p - lr * trust * r, with pass 1's r bit for bit.
@@ -96,8 +97,8 @@ template <bool kGrokfast>
 struct MomentsOp {
   LAMBStep s;
   ChunkGrad<kGrokfast> grad;
-  float rr = 0.0f;  // this thread's sum of r^2 over its elements, in its fixed order
-  float pp = 0.0f;  // and of p^2
+  double rr = 0.0;  // this thread's sum of r^2 over its elements, in its fixed order
+  double pp = 0.0;  // and of p^2
 
   __device__ __forceinline__ void operator()(float (&e)[moments_lists<kGrokfast>()], int i) {
     const float r = moments_of(e, i, s, grad);
@@ -111,7 +112,7 @@ struct MomentsFunctor {
   GradPipelineArgs pipe;
   float beta1, beta2, eps, weight_decay;
   bool bias_correction;
-  float2* partials;  // per chunk (sum r^2, sum p^2), at slot slot_base + global_chunk
+  double2* partials;  // per chunk (sum r^2, sum p^2), at slot slot_base + global_chunk
   int64_t slot_base;
   int64_t* ranges;  // per param (caller's index): first slot, number of chunks
 
@@ -129,11 +130,11 @@ struct MomentsFunctor {
     for (int l = 0; l < N; ++l) ptr[l] = chunk_ptr<T>(table, l, c);
     chunk_elementwise<T, N, pass1_mask<T, kGrokfast>()>(ptr, c.n, table.aligned[c.t] != 0, op);
 
-    float sums[2] = {op.rr, op.pp};
+    double sums[2] = {op.rr, op.pp};
     block_reduce<false, 2>(sums);
     if (threadIdx.x == 0) {
       const int64_t slot = slot_base + c.global_chunk;
-      partials[slot] = make_float2(sums[0], sums[1]);
+      partials[slot] = make_double2(sums[0], sums[1]);
       if (c.chunk == 0) {
         // A tensor's chunks are numbered consecutively (multi_tensor_apply).
         const int64_t i = table.index[c.t];
@@ -149,20 +150,21 @@ struct MomentsFunctor {
 // Fixed order: thread k takes partials k, k + kBlockSize, ... in order, then
 // block_reduce, as the norm's finalize.
 __global__ void __launch_bounds__(kBlockSize)
-    lamb_trust_kernel(const float2* __restrict__ partials, const int64_t* __restrict__ ranges,
+    lamb_trust_kernel(const double2* __restrict__ partials, const int64_t* __restrict__ ranges,
                       float max_weight_norm, float* __restrict__ trust) {
   const int64_t b = blockIdx.x;
   const int64_t start = ranges[2 * b];
   const int64_t count = ranges[2 * b + 1];
-  float sums[2] = {0.0f, 0.0f};  // r^2, p^2
+  double sums[2] = {0.0, 0.0};  // r^2, p^2
   for (int64_t i = threadIdx.x; i < count; i += kBlockSize) {
-    const float2 q = partials[start + i];
+    const double2 q = partials[start + i];
     sums[0] = combine<false>(sums[0], q.x);
     sums[1] = combine<false>(sums[1], q.y);
   }
   block_reduce<false, 2>(sums);
   if (threadIdx.x == 0) {
-    trust[b] = lamb_trust_ratio(sqrtf(sums[1]), sqrtf(sums[0]), max_weight_norm);
+    trust[b] = lamb_trust_ratio(static_cast<float>(sqrt(sums[1])), static_cast<float>(sqrt(sums[0])),
+                                max_weight_norm);
   }
 }
 
@@ -283,12 +285,12 @@ void lamb_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   int64_t total_chunks = 0;
   for (const auto& p : params) total_chunks += num_chunks(p.numel());
   const auto fopts = at::TensorOptions().dtype(at::kFloat).device(device);
-  at::Tensor partials = at::empty({total_chunks, 2}, fopts);
+  at::Tensor partials = at::empty({total_chunks, 2}, fopts.dtype(at::kDouble));
   at::Tensor ranges = at::zeros({2 * n}, fopts.dtype(at::kLong));
   at::Tensor trust = at::empty({n}, fopts);
-  // at::empty storage is at least 16-byte aligned: float2 accesses are fine.
-  float2* partials_ptr =
-      total_chunks > 0 ? reinterpret_cast<float2*>(partials.data_ptr<float>()) : nullptr;
+  // at::empty storage is at least 16-byte aligned: double2 accesses are fine.
+  double2* partials_ptr =
+      total_chunks > 0 ? reinterpret_cast<double2*>(partials.data_ptr<double>()) : nullptr;
   int64_t* ranges_ptr = ranges.data_ptr<int64_t>();
   float* trust_ptr = trust.data_ptr<float>();
 

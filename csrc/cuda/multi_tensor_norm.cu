@@ -5,7 +5,8 @@
 // writes one partial (sum of squares, or max |x|) to its own slot, reduced within
 // the block in a fixed order (cuda/block_reduce.cuh); a finalize kernel then
 // reduces each tensor's partials, and all partials, again in a fixed order. No
-// atomics.
+// atomics. Squares are summed in double (block_reduce.cuh says why), so the norm is
+// finite whenever the inputs are and the norm itself fits a float.
 //
 // Mixed dtypes: one multi_tensor_apply per dtype group, each writing a disjoint
 // range of slots of the one partials buffer. Capturable: no host sync.
@@ -27,12 +28,13 @@ namespace catapult {
 namespace cuda {
 namespace {
 
-// One partial per chunk: partials[slot_base + global_chunk]. The first chunk of each
+// One partial per chunk: partials[slot_base + global_chunk] (double: a sum of squares
+// beyond float's range, or a max |x|, exact). The first chunk of each
 // tensor also records (first slot, number of chunks) in ranges[2 * index] when
 // per-tensor norms are wanted (a tensor's chunks take consecutive slots).
 template <typename T, bool kMax>
 struct NormPartials {
-  float* partials;
+  double* partials;
   int64_t slot_base;
   int64_t* ranges;  // nullptr unless per_tensor
 
@@ -42,9 +44,9 @@ struct NormPartials {
     constexpr int kVec = V::kVec;
     const T* p = static_cast<const T*>(table.ptrs[0][c.t]) + c.start;
     const int n = c.n;
-    float acc[kVec];
+    Acc<kMax> acc[kVec];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) acc[j] = 0.0f;
+    for (int j = 0; j < kVec; ++j) acc[j] = 0;
 
     // Thread k owns the kVec-element groups k, k + kBlockSize, ... and element j of a
     // group always goes to acc[j], whether the group is read as one 16-byte vector
@@ -69,7 +71,7 @@ struct NormPartials {
       for (int j = 0; j < kVec; ++j) acc[j] = accumulate<kMax>(acc[j], x[j]);
     }
 
-    float a = acc[0];
+    Acc<kMax> a = acc[0];
 #pragma unroll
     for (int j = 1; j < kVec; ++j) a = combine<kMax>(a, acc[j]);
     a = block_reduce<kMax>(a);
@@ -91,7 +93,7 @@ struct NormPartials {
 // then block_reduce.
 template <bool kMax>
 __global__ void __launch_bounds__(kBlockSize)
-    norm_finalize_kernel(const float* __restrict__ partials, int64_t total_chunks,
+    norm_finalize_kernel(const double* __restrict__ partials, int64_t total_chunks,
                          const int64_t* __restrict__ ranges, int64_t n_tensors,
                          float* __restrict__ total_out, float* __restrict__ per_tensor_out) {
   const int64_t b = blockIdx.x;
@@ -103,18 +105,18 @@ __global__ void __launch_bounds__(kBlockSize)
     count = ranges[2 * b + 1];
     out = per_tensor_out + b;
   }
-  float acc = 0.0f;
+  double acc = 0.0;
 #pragma unroll 4
   for (int64_t i = threadIdx.x; i < count; i += kBlockSize) {
     acc = combine<kMax>(acc, partials[start + i]);
   }
   acc = block_reduce<kMax>(acc);
-  if (threadIdx.x == 0) *out = kMax ? acc : sqrtf(acc);
+  if (threadIdx.x == 0) *out = static_cast<float>(kMax ? acc : sqrt(acc));
 }
 
 template <typename T, typename Select>
 int64_t launch_partials(const std::array<at::TensorList, 1>& lists, const Select& select,
-                        bool inf_norm, float* partials, int64_t slot_base, int64_t* ranges) {
+                        bool inf_norm, double* partials, int64_t slot_base, int64_t* ranges) {
   const std::array<at::TensorList, 0> no_aux{};
   if (inf_norm) {
     return multi_tensor_apply<1, 0, 0u>(lists, no_aux, select,
@@ -156,13 +158,13 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
   }
 
   const auto fopts = at::TensorOptions().dtype(at::kFloat).device(device);
-  at::Tensor partials = at::empty({total_chunks}, fopts);
+  at::Tensor partials = at::empty({total_chunks}, fopts.dtype(at::kDouble));
   at::Tensor ranges;
   if (per_tensor) ranges = at::zeros({2 * n}, fopts.dtype(at::kLong));
   at::Tensor total = at::empty({}, fopts);
   at::Tensor per = at::empty({per_tensor ? n : 0}, fopts);
 
-  float* partials_ptr = total_chunks > 0 ? partials.data_ptr<float>() : nullptr;
+  double* partials_ptr = total_chunks > 0 ? partials.data_ptr<double>() : nullptr;
   int64_t* ranges_ptr = per_tensor ? ranges.data_ptr<int64_t>() : nullptr;
   const std::array<at::TensorList, 1> lists{at::TensorList(dense)};
   int64_t slot = 0;
