@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -203,12 +203,47 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: torch.Tensor, b
                grokfast_lamb))
 
 
-if _C_ERROR is None:
-    @torch.library.register_fake("catapult::multi_tensor_norm")
-    def _multi_tensor_norm_fake(tensors, ord, per_tensor):
-        like = tensors[0] if tensors else torch.empty(0)
-        return (like.new_empty((), dtype=torch.float32),
-                like.new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float32))
+def check_one_device(op: str, args: Sequence, kwargs: Optional[dict] = None) -> None:
+    """The device rule of every catapult op (csrc/multi_tensor_checks.h): each tensor argument,
+    listed or not, is on the device of the first (params[0], or lr when there are no params;
+    tensors[0] for the norm). The fake kernels check it too: a meta tensor among real ones sends
+    the whole call to them (the dispatcher ranks Meta above CPU and CUDA), where doing nothing or
+    returning empty memory would hide the mistake."""
+    names = [a.name for a in getattr(torch.ops.catapult, op).default._schema.arguments]
+    values = dict(zip(names, args), **(kwargs or {}))
+    first = None
+    for name in names:
+        value = values.get(name)
+        listed = isinstance(value, (list, tuple))
+        for i, t in enumerate(value if listed else [value]):
+            if not isinstance(t, torch.Tensor):
+                continue
+            label = f"{name}[{i}]" if listed else name
+            if first is None:
+                first = (label, t.device)
+            elif t.device != first[1]:
+                raise RuntimeError(f"catapult: {op}: {label} is on {t.device} but {first[0]} is on {first[1]} "
+                                   "(every tensor argument must be on one device)")
 
+
+def device_checked_fake(op: str, outputs: Callable = lambda *args: None) -> Callable:
+    """A fake kernel for catapult::<op>: check_one_device, then outputs(*args), the outputs'
+    shapes and dtypes (None: the update ops return nothing)."""
+    def fake(*args, **kwargs):
+        check_one_device(op, args, kwargs)
+        return outputs(*args, **kwargs)
+    return fake
+
+
+def norm_fake_outputs(tensors, ord, per_tensor):
+    """multi_tensor_norm's outputs without data: (total, per-tensor norms or empty), float32."""
+    like = tensors[0] if tensors else torch.empty(0)
+    return (like.new_empty((), dtype=torch.float32),
+            like.new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float32))
+
+
+if _C_ERROR is None:
+    torch.library.register_fake("catapult::multi_tensor_norm")(
+        device_checked_fake("multi_tensor_norm", norm_fake_outputs))
     for _name in ("adamw_", "sgd_", "lion_", "lamb_"):
-        torch.library.register_fake(f"catapult::{_name}")(lambda *args: None)
+        torch.library.register_fake(f"catapult::{_name}")(device_checked_fake(_name))

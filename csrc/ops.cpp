@@ -14,6 +14,9 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Every op takes all its tensor arguments (lists, lr, the control scalars) on one device.
+// The fake kernels (catapult_kernels/ops.py) refuse a mix too: a meta tensor among real
+// ones sends the whole call to them (the dispatcher ranks Meta above CPU and CUDA).
 TORCH_LIBRARY(catapult, m) {
   // Norm of all tensors taken together (total, 0-d float32) and, if per_tensor,
   // the norm of each tensor (float32 [n]; else an empty tensor). ord is 2 or inf.

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..ops import device_checked_fake
 from .kernel_common import (UpdateLaunch, add_regularizer_lists, check_control_args, check_update_lists,
                             grad_pipeline_setup, nonzero_as_float32, pipeline_grad, powf, program_block, store_as)
 from .multi_tensor_table import (can_bypass_dispatcher, is_fake, keep_whole_under_functionalization,
@@ -179,9 +180,7 @@ def adamw_triton_eager(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, st
     torch._C._increment_version(mutated)
 
 
-@adamw_triton_.register_fake
-def _(*args):
-    return None
+adamw_triton_.register_fake(device_checked_fake("adamw_triton_"))
 
 
 keep_whole_under_functionalization(adamw_triton_)

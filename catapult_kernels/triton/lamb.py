@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops import device_checked_fake
 from .kernel_common import (UpdateLaunch, add_regularizer_lists, check_control_args, check_update_lists,
                             grad_pipeline_setup, pipeline_grad, powf, program_block, store_as)
 from .multi_tensor_norm import reduce_block, reduce_segment
@@ -224,9 +225,7 @@ def lamb_triton_eager(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, bet
     torch._C._increment_version(list(params) + list(exp_avgs) + list(exp_avg_sqs) + list(grokfast_emas))
 
 
-@lamb_triton_.register_fake
-def _(*args):
-    return None
+lamb_triton_.register_fake(device_checked_fake("lamb_triton_"))
 
 
 keep_whole_under_functionalization(lamb_triton_)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..ops import device_checked_fake
 from .kernel_common import (UpdateLaunch, add_regularizer_lists, check_control_args, check_update_lists,
                             grad_pipeline_setup, pipeline_grad, program_block, store_as)
 from .multi_tensor_table import (can_bypass_dispatcher, is_fake, keep_whole_under_functionalization,
@@ -134,9 +135,7 @@ def lion_triton_eager(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, m
     torch._C._increment_version(list(params) + list(exp_avgs) + list(grokfast_emas))
 
 
-@lion_triton_.register_fake
-def _(*args):
-    return None
+lion_triton_.register_fake(device_checked_fake("lion_triton_"))
 
 
 keep_whole_under_functionalization(lion_triton_)

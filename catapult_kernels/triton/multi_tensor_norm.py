@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..ops import device_checked_fake, norm_fake_outputs
 from .multi_tensor_table import (SUPPORTED_DTYPES, TL_DTYPE, address_table, can_bypass_dispatcher, check_runnable,
                                  get_plan, is_dense, is_fake, is_interpreted, keep_whole_under_functionalization,
                                  set_wrap_triton_enabled, tensor_ptr)
@@ -137,12 +138,6 @@ def _check(tensors, ord) -> torch.device:
     return device
 
 
-def _fake_outputs(tensors, per_tensor):
-    like = tensors[0] if tensors else torch.empty(0)
-    return (like.new_empty((), dtype=torch.float32),
-            like.new_empty((len(tensors) if per_tensor else 0,), dtype=torch.float32))
-
-
 def _multi_tensor_norm(tensors, ord, per_tensor):
     """The body of catapult::multi_tensor_norm_triton."""
     ord = float(ord)
@@ -152,7 +147,7 @@ def _multi_tensor_norm(tensors, ord, per_tensor):
         return torch.zeros((), dtype=torch.float32), torch.zeros((0,), dtype=torch.float32)
     device = _check(tensors, ord)
     if is_fake(tensors[0]):
-        return _fake_outputs(tensors, per_tensor)
+        return norm_fake_outputs(tensors, ord, per_tensor)
     interpreted = is_interpreted(_norm_partials_kernel)
     check_runnable(device, _norm_partials_kernel)
     is_inf = ord == math.inf
@@ -198,9 +193,7 @@ def multi_tensor_norm_triton_eager(tensors, ord: float = 2.0, per_tensor: bool =
         return _multi_tensor_norm(tensors, ord, per_tensor)
 
 
-@multi_tensor_norm_triton.register_fake
-def _(tensors, ord, per_tensor):
-    return _fake_outputs(tensors, per_tensor)
+multi_tensor_norm_triton.register_fake(device_checked_fake("multi_tensor_norm_triton", norm_fake_outputs))
 
 
 keep_whole_under_functionalization(multi_tensor_norm_triton)

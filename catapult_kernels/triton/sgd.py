@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..ops import device_checked_fake
 from .kernel_common import (UpdateLaunch, add_regularizer_lists, check_control_args, check_update_lists,
                             grad_pipeline_setup, nonzero_as_float32, pipeline_grad, program_block, store_as)
 from .multi_tensor_table import (can_bypass_dispatcher, is_fake, keep_whole_under_functionalization,
@@ -188,9 +189,7 @@ def sgd_triton_eager(params, grads, momentum_buffers, lr, momentum, dampening, w
     torch._C._increment_version(list(params) + list(momentum_buffers) + list(grokfast_emas))
 
 
-@sgd_triton_.register_fake
-def _(*args):
-    return None
+sgd_triton_.register_fake(device_checked_fake("sgd_triton_"))
 
 
 keep_whole_under_functionalization(sgd_triton_)
