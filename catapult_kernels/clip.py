@@ -1,6 +1,7 @@
 """clip_grad_norm_: a drop-in for torch.nn.utils.clip_grad_norm_ on the fused norm op."""
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Union
 
 import torch
@@ -11,10 +12,19 @@ from . import ops
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
                     norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach: Optional[bool] = None, backend: str = "auto") -> torch.Tensor:
-    """Scale the grads in place so that their total norm is at most max_norm; return
-    the total norm before clipping (a tensor, in the grads' dtype as torch returns it).
-    norm_type 2 and inf run on one fused multi-tensor pass per device; others on torch.
-    `foreach` is accepted for compatibility: the norm is always multi-tensor."""
+    """Scale the grads in place so that their total norm is at most max_norm; return the
+    total norm before clipping, as torch does: a tensor on the first grad's device, in the
+    dtype torch returns (the grads' dtypes promoted together: bfloat16 for bfloat16 grads,
+    float32 for bfloat16 with float32, float64 once any grad is float64).
+
+    norm_type 2 and inf over float32/bfloat16/float16 grads run on one fused multi-tensor
+    pass per device, finite whenever the grads are and the norm fits a float32 (torch's is
+    inf from one float32 element of 2e19); other norm types and float64 grads use torch's
+    per-tensor norms. The clip coefficient, torch's min(1, max_norm / (norm + 1e-6)), is
+    computed from the norm in float32 (float64 with float64 grads) before it is rounded
+    to the returned dtype, so float16 grads whose norm exceeds 65504 are clipped rather
+    than zeroed (the returned norm is inf there, as torch's). `foreach` is accepted for
+    compatibility: the norm is always multi-tensor."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -32,10 +42,9 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     by_key: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         by_key.setdefault((g.device, g.dtype), []).append(g)
-    for (device, dtype), gs in by_key.items():
-        torch._foreach_mul_(gs, coef.to(device=device, dtype=dtype))
-    dtypes = {g.dtype for g in grads}
-    return total.to(dtypes.pop()) if len(dtypes) == 1 else total
+    for (device, _), gs in by_key.items():
+        torch._foreach_mul_(gs, coef.to(device))  # as torch: the grads' dtype, the product in float32 or more
+    return total.to(functools.reduce(torch.promote_types, (dtype for _, dtype in by_key)))
 
 
 __all__ = ["clip_grad_norm_"]

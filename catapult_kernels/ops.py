@@ -110,25 +110,36 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, per_ten
 
 
 def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str = "auto") -> torch.Tensor:
-    """The ord-norm of all tensors taken together, float32 on the first tensor's device.
-    One fused op per device; other ords and dtypes (float64) fall back to torch's per-tensor norms."""
+    """The ord-norm of all tensors taken together, on the first tensor's device: float32, or
+    float64 when some tensor is float64. As torch's clip_grad_norm_ defines it, the ord-norm
+    of the per-tensor norms (the same thing for ord > 0; for ord 0, the count of nonzero
+    tensors). ord 2 and inf over float32/bfloat16/float16 tensors run as one fused op per
+    device (finite whenever the tensors are and the norm fits a float32); other ords and
+    dtypes fall back to torch's per-tensor norms, computed in float32 at least."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     ord = float(ord)
     first = tensors[0].device
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    fusable = ord in (2.0, math.inf)
+    groups: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    fused = ord in (2.0, math.inf) and all(t.dtype in SUPPORTED_DTYPES for t in tensors)
-    if fused:
-        norms = [multi_tensor_norm(ts, ord, False, backend)[0] for ts in by_device.values()]
-    else:
-        norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, ord, dtype=torch.float32)
-                                                       for t in ts]), ord) for ts in by_device.values()]
-    if len(norms) == 1:
-        return norms[0]
-    return torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), ord)
+        groups.setdefault((t.device, fusable and t.dtype in SUPPORTED_DTYPES), []).append(t)
+    devices = {device for device, _ in groups}
+    if len(devices) > 1 and any(d.type == "meta" for d in devices):
+        raise RuntimeError(f"catapult: global_norm: tensors on meta (no data) mixed with tensors on "
+                           f"{', '.join(str(d) for d in devices if d.type != 'meta')}")
+    norms = []
+    for (_, fused), ts in groups.items():
+        if fused:
+            norms.append(multi_tensor_norm(ts, ord, False, backend)[0])
+        else:
+            norms += [torch.linalg.vector_norm(t, ord, dtype=torch.promote_types(t.dtype, torch.float32)) for t in ts]
+    if len(groups) == 1 and next(iter(groups))[1]:
+        return norms[0]  # one fused op: its norm is the total
+    # In float64, so that combining float32 norms cannot overflow (torch's norms square in float32).
+    total = torch.linalg.vector_norm(torch.stack([n.to(first, torch.float64) for n in norms]), ord)
+    return total.to(torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32)
 
 
 # The regularizer arguments every update op ends with (csrc/ops.cpp: the grad pipeline).

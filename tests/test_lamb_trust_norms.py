@@ -1,8 +1,8 @@
 """LAMB's trust ratio |p| / |r| on every backend when the squares of p leave float32's range:
 one weight of 3e19 (its square, 9e38, overflows float32; the norms do not) and weights of
-1e-30 (their squares underflow float32; the norms do not). The norms are summed in double
-(csrc/cpu/square_sum.h, csrc/cuda/block_reduce.cuh, triton/lamb.py), so the step matches the
-float64 formula; a float32 sum made |p| inf or 0, and the step inf or lr * r."""
+1e-30 (their squares underflow float32; the norms do not). The CPU sums such a chunk again
+in double (csrc/cpu/square_sum.h), CUDA and Triton always sum in double, so the step matches
+the float64 formula; a float32 sum made |p| inf or 0, and the step inf or lr * r."""
 import pytest
 import torch
 
