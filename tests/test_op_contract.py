@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from catapult_kernels import ops
+from catapult_kernels import clip_grad_norm_, ops
 from conftest import BACKEND_DEVICES, _triton_ok
 
 # The backends that take the CPU tensors these tests build.
@@ -178,3 +178,17 @@ def test_fake_tensor_mode_refuses_mixed_devices():
         fake["lr"] = torch.empty((), device="meta")
         with pytest.raises(RuntimeError, match="lr is on meta but params"):
             torch.ops.catapult.adamw_(**fake)
+
+
+def test_global_norm_refuses_meta_among_real_tensors():
+    """global_norm takes tensors on several devices (one fused op per device), but a meta
+    tensor has no data to add: refused before any grad is scaled."""
+    real = [torch.ones(3), torch.ones(2)]
+    with pytest.raises(RuntimeError, match="meta .*mixed with tensors on cpu"):
+        ops.global_norm(real + [torch.ones(4, device="meta")])
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4, device="meta"))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="meta"):
+        clip_grad_norm_(params, 0.1)
+    assert torch.equal(params[0].grad, torch.ones(3))
