@@ -70,7 +70,7 @@ constexpr bool kStoresMoments = std::is_same_v<T, float>;
 
 // Sums of squares of r and p over a chunk: in float lanes, and again in double when a
 // float sum may be off (cpu/square_sum.h), so the trust ratio is finite and exact for
-// any finite r and p (a weight of 2e19 overflowed |p|, weights of 1e-20 made it 0).
+// any finite r and p (a weight of 2e19 overflowed |p|, weights of 1e-30 made it 0).
 struct Sums {
   double r = 0.0, p = 0.0;
 
