@@ -250,20 +250,46 @@ def test_lambda0_from_a_dataloader_uses_sharpness_batch_examples():
     assert summary["lambda0"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_measuring_does_not_change_the_training():
-    """Iterating a DataLoader draws from the global RNG; the measurements must not move the
-    training's shuffles: logging every step or never gives the same params."""
+@pytest.mark.parametrize("seeded", [False, True], ids=["global-rng", "own-generator"])
+def test_measuring_does_not_change_the_training(seeded):
+    """Iterating a DataLoader draws from the global RNG, or from the generator it was given;
+    the measurements must not move the training's shuffles: logging every step or never gives
+    the same params."""
     x, y = classification_data(32)
     finals = []
     for log_every in (1, 100):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
-        train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+        generator = torch.Generator().manual_seed(0) if seeded else None
+        train = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=generator)
         val = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
         fit(model, torch.optim.SGD(model.parameters(), lr=0.1), train, val, steps=12, log_every=log_every,
             quiet=True)
         finals.append(state(model))
     assert_same_state(*finals)
+
+
+def batches_trained_on(loader, val=None, steps=10) -> list[int]:
+    """The first target of each training step's batch (the targets are the example indices)."""
+    seen = []
+
+    def loss(out, target):
+        if torch.is_grad_enabled():  # the step's forward, not a measurement
+            seen.append(int(target[0]))
+        return (out.squeeze(-1) - target).square().mean()
+    model = nn.Linear(1, 1)
+    fit(model, torch.optim.SGD(model.parameters(), lr=1e-3), loader, val, loss=loss, steps=steps, log_every=3,
+        measure_lambda0=False, quiet=True)
+    return seen
+
+
+def test_a_loader_with_persistent_workers_trains_on_every_batch_in_order():
+    """About 1 s: one worker process. iter() of such a loader returns its one iterator, reset:
+    a measurement pass over it would rewind the training's batches."""
+    indices = torch.arange(8.0)
+    loader = DataLoader(TensorDataset(indices[:, None], indices), batch_size=1, num_workers=1,
+                        persistent_workers=True)
+    assert batches_trained_on(loader, val=loader) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]
 
 
 class CountSyncs(TorchDispatchMode):

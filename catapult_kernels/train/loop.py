@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import ops
 from .phase import classify, is_runaway
@@ -89,10 +90,12 @@ class TensorBatches:
 
 class LoaderBatches:
     """Batches from a DataLoader, cycled. A resumed run starts a fresh iterator, so it is
-    bit-identical only when the loader yields the same batches each epoch."""
+    bit-identical only when the loader yields the same batches each epoch. The measurements
+    read the loader through `measured` (see measurement_loader), never the training's iterator."""
 
     def __init__(self, loader: Iterable, device):
         self.loader, self.device, self._it = loader, device, None
+        self.measured = measurement_loader(loader)
         self.full_batch = False
         self._sample = None
 
@@ -111,14 +114,14 @@ class LoaderBatches:
 
     @property
     def training_set(self) -> Iterable:
-        return self.loader
+        return self.measured
 
     def sample(self, n: int) -> Pair:
         """The first n examples of one pass (across batches), drawn once and kept."""
         if self._sample is None:
             xs, ys, have = [], [], 0
-            with _unchanged_rng():
-                for batch in self.loader:
+            with _unchanged_rng(self.measured):
+                for batch in self.measured:
                     x, y = self._move(batch)
                     xs.append(x)
                     ys.append(y)
@@ -128,6 +131,21 @@ class LoaderBatches:
             self._sample = torch.cat(xs), torch.cat(ys)
         x, y = self._sample
         return x[:n], y[:n]
+
+
+def measurement_loader(loader: Iterable) -> Iterable:
+    """What a measurement iterates to see the training set: the loader itself, unless it keeps
+    persistent workers. iter() of such a loader returns its one iterator, reset, so a pass over
+    it would rewind the batches the training reads; then a loader of the same batches
+    (dataset, sampler, collate_fn) that reads them in this process."""
+    if not (isinstance(loader, DataLoader) and loader.persistent_workers):
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                          collate_fn=loader.collate_fn)
+    if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
+        return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, collate_fn=loader.collate_fn)
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
 
 
 @dataclass
@@ -146,11 +164,29 @@ class Trackers:
     updates: int = 0       # optimizer steps taken
 
 
-def _unchanged_rng():
-    """Measuring leaves the global CPU RNG as it was: iterating a DataLoader draws from it
-    (each iterator's base seed, its shuffle), and the training's batches and dropout masks
-    must not depend on how often the loop measures."""
-    return torch.random.fork_rng(devices=[])
+@contextlib.contextmanager
+def _unchanged_rng(data=None):
+    """Measuring leaves every RNG the training draws from as it was, so that its batches and
+    dropout masks do not depend on how often the loop measures: the global CPU RNG, and the
+    generators of the DataLoader `data` (iterating one draws each iterator's base seed and its
+    shuffle from them, or from the global RNG when it was given none)."""
+    generators = _generators_of(data)
+    states = [g.get_state() for g in generators]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            for g, saved in zip(generators, states):
+                g.set_state(saved)
+
+
+def _generators_of(data) -> list:
+    """The torch.Generators a DataLoader draws from: its own and its sampler's."""
+    sampler = getattr(data, "sampler", None)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    owners = (data, sampler, getattr(batch_sampler, "sampler", None))
+    found = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
+    return list(found.values())
 
 
 @contextlib.contextmanager
@@ -273,7 +309,7 @@ class Trainer:
         self.checkpoint_every, self.plots, self.quiet, self.seed = checkpoint_every, plots, quiet, seed
         self.batches = (TensorBatches(*train, batch_size, seed) if isinstance(train, (tuple, list))
                         else LoaderBatches(train, self.device))
-        self.val = val
+        self.val = measurement_loader(val) if val is train else val  # its passes must not rewind the training's
         self.folder = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
         self.config = dict(config or {})
         self.trackers = Trackers(lambda0=lambda0)
@@ -404,7 +440,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         total, classify_ = 0, True
-        with torch.no_grad(), _modes(self.model, lambda m: False), _unchanged_rng():
+        with torch.no_grad(), _modes(self.model, lambda m: False), _unchanged_rng(data):
             for x, y, *_ in batches:
                 x, y = x.to(self.device), y.to(self.device)
                 for i in range(0, len(x), 8192):  # bounded memory on large validation sets
@@ -571,7 +607,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     eval mode without grads; every module's mode is restored after. The train metrics
     (`loss`, `train_acc`, hence `memorize_step`) cover the whole training set, every batch
     of a DataLoader; the record's `train_examples` says how many examples. Full batch reuses
-    the step's own forward (train mode) instead of a second pass."""
+    the step's own forward (train mode) instead of a second pass. No measurement changes the
+    training's batches: the loaders' generators are put back after each pass, and a DataLoader
+    with persistent workers is measured through one of the same batches read in this process."""
     trainer = Trainer(model, optimizer, train, val, **options)
     try:
         return trainer.run()
