@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,6 +16,7 @@ from catapult_kernels.train import TrainConfig, fit, run, top_hessian_eigenvalue
 from catapult_kernels.train.cli import main
 from catapult_kernels.train.loop import mse_loss, sharpness
 from catapult_kernels.train.models import MLP
+from catapult_kernels.train.sharpness import NoDoubleBackward
 
 
 def noisy_net() -> nn.Module:
@@ -171,6 +173,51 @@ def test_lambda0_of_a_model_without_double_backward_is_null_with_a_warning():
         summary = fit(model, torch.optim.SGD(model.parameters(), lr=0.01), (x, y), loss="mse", steps=2,
                       quiet=True)
     assert summary["lambda0"] is None and summary["status"] == "finished" and summary["steps"] == 2
+
+
+class OnceDifferentiableMSE(torch.autograd.Function):
+    """mse_loss whose backward autograd does not record: the grads it starts have no graph."""
+
+    @staticmethod
+    def forward(ctx, out, target):
+        ctx.save_for_backward(out, target)
+        return 0.5 * (out - target).square().sum(-1).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        out, target = ctx.saved_tensors
+        return grad * (out - target) / len(out), None
+
+
+def test_lambda0_of_a_loss_whose_grads_have_no_graph_is_null_not_zero():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    with pytest.raises(NoDoubleBackward, match="no graph to differentiate again"):
+        top_hessian_eigenvalue(lambda: OnceDifferentiableMSE.apply(model(x), y), list(model.parameters()))
+    with pytest.warns(RuntimeWarning, match="lambda0 not measured, recorded as null: a param's grad has no graph"):
+        summary = fit(model, torch.optim.SGD(model.parameters(), lr=0.01), (x, y), loss=OnceDifferentiableMSE.apply,
+                      steps=2, quiet=True)
+    assert summary["lambda0"] is None and summary["status"] == "finished"
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("mat1 and mat2 shapes cannot be multiplied")], ids=["oom", "bug"])
+def test_lambda0_raises_what_is_not_a_missing_double_backward(error):
+    """Only a loss without double backward makes lambda0 null; out of memory or a bug in
+    the model is the error it is, not a null lambda0."""
+    model = nn.Linear(4, 2)
+    calls = []
+
+    def failing_first(out, target):  # the first call measures lambda0
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return mse_loss(out, target)
+    with pytest.raises(type(error), match=str(error)):
+        fit(model, torch.optim.SGD(model.parameters(), lr=0.01), (torch.randn(8, 4), torch.randn(8, 2)),
+            loss=failing_first, steps=2, quiet=True)
 
 
 # ---- item 20: the NTK parametrization's bias multiplier ----

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from .. import ops
 from .phase import classify, is_runaway
 from .run_folder import RunFolder
-from .sharpness import top_hessian_eigenvalue
+from .sharpness import NoDoubleBackward, top_hessian_eigenvalue
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -470,10 +470,11 @@ class Trainer:
     def _lambda0(self) -> Optional[float]:
         """The sharpness at step 0; None, with a one-line warning, for a model autograd cannot
         differentiate twice (a custom autograd.Function, a compiled model): the training does
-        not need it, and sharpness_every, which asks for it, still raises."""
+        not need it, and sharpness_every, which asks for it, still raises. Any other error
+        (out of memory, a bug in the model) is raised, not hidden behind a null."""
         try:
             return self._sharpness(0)
-        except (RuntimeError, NotImplementedError) as e:
+        except NoDoubleBackward as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             warnings.warn(f"lambda0 not measured, recorded as null: {reason}", RuntimeWarning)
             return None

@@ -16,18 +16,28 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _BASIS_BYTES = 1 << 30
 
 
+class NoDoubleBackward(RuntimeError):
+    """The loss cannot be differentiated twice: a custom autograd.Function whose backward
+    autograd cannot differentiate (none defined, once_differentiable), a compiled model."""
+
+
 def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
                            iters: int = 20, seed: int = 0) -> float:
     """The largest eigenvalue of d^2 loss / d params^2 at the params' current values.
     loss_fn builds the loss on a fixed batch; the start vector comes from `seed`, so the
     answer is a deterministic function of the params. Attention runs on the math backend:
-    the fused kernels (flash, memory-efficient) have no double backward."""
+    the fused kernels (flash, memory-efficient) have no double backward. Raises
+    NoDoubleBackward where the loss has none."""
     params = [p for p in params if p.requires_grad]
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         grads = torch.autograd.grad(loss_fn(), params, create_graph=True, allow_unused=True)
-    # a param the loss does not use, or uses only linearly, has a grad that no param moves:
-    # its row (and column) of the Hessian is zero
-    curved = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    # a param the loss does not use has no grad: its row (and column) of the Hessian is zero.
+    # A grad without a graph came from a backward that autograd did not record (one marked
+    # once_differentiable): differentiating it again would see a constant, a made-up zero
+    if any(g is not None and not g.requires_grad for g in grads):
+        raise NoDoubleBackward("a param's grad has no graph to differentiate again (a backward marked "
+                               "once_differentiable?)")
+    curved = [i for i, g in enumerate(grads) if g is not None]
     if not curved:
         return 0.0
     n = sum(p.numel() for p in params)
@@ -35,8 +45,13 @@ def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence
 
     def hvp(flat: torch.Tensor) -> torch.Tensor:
         vs = [c.view_as(p) for c, p in zip(flat.split([p.numel() for p in params]), params)]
-        hv = torch.autograd.grad([grads[i] for i in curved], params, grad_outputs=[vs[i] for i in curved],
-                                 retain_graph=True, allow_unused=True)
+        try:
+            hv = torch.autograd.grad([grads[i] for i in curved], params, grad_outputs=[vs[i] for i in curved],
+                                     retain_graph=True, allow_unused=True)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # the graph's backward has no backward of its own, or refuses one
+            raise NoDoubleBackward(str(e)) from e
         return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)])
 
     gen = torch.Generator().manual_seed(seed)
