@@ -293,3 +293,28 @@ def test_fit_lets_go_of_its_folder_when_it_returns(tmp_path):
     finally:
         gc.enable()
     assert probe.returncode == 0, probe.stderr
+
+
+def tiny_fit(out, model=None, lr=0.01, **options) -> dict:
+    from catapult_kernels.train import fit
+    torch.manual_seed(0)
+    model = model or torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    return fit(model, torch.optim.SGD(model.parameters(), lr=lr), (x, y), loss="mse", out=out,
+               measure_lambda0=False, quiet=True, plots=False, **options)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("shorter", "would shorten the run"), ("diverged", "there is nothing to resume"),
+    ("another model", "size mismatch"),
+])
+def test_a_resume_that_fails_to_load_lets_go_of_the_folder(tmp_path, case, message):
+    out = tmp_path / "r"
+    first = tiny_fit(out, lr=1e3 if case == "diverged" else 0.01, steps=40)
+    assert first["status"] == ("divergent" if case == "diverged" else "finished")
+    resumed = {"shorter": dict(steps=2), "diverged": dict(steps=50),
+               "another model": dict(steps=50, model=torch.nn.Linear(3, 2))}[case]
+    with pytest.raises((ValueError, RuntimeError), match=message) as failure:
+        tiny_fit(out, resume=True, **resumed)
+    assert not (out / ".lock").exists()  # let go, though the failure's traceback still holds the trainer
+    del failure

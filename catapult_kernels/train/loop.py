@@ -310,15 +310,19 @@ class Trainer:
         self.batches = (TensorBatches(*train, batch_size, seed) if isinstance(train, (tuple, list))
                         else LoaderBatches(train, self.device))
         self.val = measurement_loader(val) if val is train else val  # its passes must not rewind the training's
-        self.folder = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
         self.config = dict(config or {})
         self.trackers = Trackers(lambda0=lambda0)
         self.start = 0
+        self._stop_requested = False
         for group in self.opt.param_groups:  # the schedule scales each group's lr as first given
             group.setdefault("initial_lr", group["lr"])
+        self.folder = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
         if resume:
-            self._load()
-        self._stop_requested = False
+            try:
+                self._load()
+            except BaseException:  # no trainer to close the folder later: let go of its lock now
+                self.folder.close()
+                raise
 
     # ---- the loop ----
     def run(self) -> dict:
