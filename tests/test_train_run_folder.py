@@ -265,6 +265,25 @@ def test_resume_may_change_what_it_writes_and_for_how_long(finished_run, capsys)
     assert (finished_run / "curves.png").exists()
 
 
+def test_a_run_stored_before_ntk_bias_scale_resumes_with_the_multiplier_it_computed_with(tmp_path):
+    """Runs stored before --ntk-bias-scale existed computed with a bias multiplier of 1, not
+    today's default 0.1: a config without the option means 1 when read back."""
+    assert TrainConfig().ntk_bias_scale == 0.1 and TrainConfig.from_dict({}).ntk_bias_scale == 1.0
+    ntk = TINY + ["--parametrization", "ntk", "--ntk-bias-scale", "1"]
+    old, whole = tmp_path / "old", tmp_path / "whole"
+    assert main(ntk + ["--out", str(old)]) == 0
+    checkpoint = torch.load(old / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"]["ntk_bias_scale"]  # as written before the option existed
+    torch.save(checkpoint, old / "checkpoint.pt")
+    config = json.loads((old / "config.json").read_text())
+    del config["ntk_bias_scale"]
+    (old / "config.json").write_text(json.dumps(config))
+    assert main(["--resume", "--out", str(old), "--steps", "6", "--quiet"]) == 0
+    assert main(ntk + ["--steps", "6", "--out", str(whole)]) == 0
+    assert (old / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert json.loads((old / "config.json").read_text())["ntk_bias_scale"] == 1.0
+
+
 def test_resume_and_overwrite_together_are_refused(finished_run, capsys):
     capsys.readouterr()
     before = snapshot(finished_run)

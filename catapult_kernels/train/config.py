@@ -188,12 +188,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """A stored config (a checkpoint's, config.json). An option it lacks, having been written
+        before the option existed, takes the value that run computed with (BEFORE_OPTION), not
+        today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**{**BEFORE_OPTION, **d})
 
+
+# Options added after runs were first stored, and what those runs computed with: the NTK bias
+# multiplier was 1 before --ntk-bias-scale.
+BEFORE_OPTION = {"ntk_bias_scale": 1.0}
 
 # What a resumed run may change: how long it runs and how often it logs and writes, never
 # what it computes.
