@@ -151,12 +151,40 @@ def test_existing_run_is_refused_unless_asked(tmp_path):
 def test_resume_refuses_changed_options_and_shorter_runs(tmp_path):
     from catapult_kernels.train.experiment import resolve_resume
     run(small(steps=6, sharpness_every=0), tmp_path / "r", quiet=True)
-    with pytest.raises(ValueError, match="--width 32 -> 64"):
-        resolve_resume(tmp_path / "r", {"width": 64, "steps": 8})
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    refused = f"continues the run in {tmp_path / 'r'} as it began; .* --width 32 -> 64"
+    with pytest.raises(ValueError, match=refused):  # the CLI's path
+        run(resolve_resume(tmp_path / "r", {"width": 64, "steps": 8}), tmp_path / "r", resume=True, quiet=True)
+    with pytest.raises(ValueError, match=refused):  # and Python's: run() itself compares
+        run(small(steps=8, sharpness_every=0, width=64), tmp_path / "r", resume=True, quiet=True)
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
+    assert run(small(steps=8, sharpness_every=0), tmp_path / "r", resume=True, quiet=True)["steps"] == 8
     with pytest.raises(ValueError, match="shorten"):
         run(resolve_resume(tmp_path / "r", {"steps": 4}), tmp_path / "r", resume=True, quiet=True)
     with pytest.raises(ValueError, match="no checkpoint"):
         resolve_resume(tmp_path / "nothing", {})
+
+
+def test_run_checks_the_device_as_the_cli_does():
+    with pytest.raises(ValueError, match="--device tpu: expected cpu, cuda or cuda:N"):
+        run(small(device="tpu"))
+
+
+def test_a_resume_reads_the_metrics_and_writes_config_json_once(tmp_path, monkeypatch):
+    from catapult_kernels.train.experiment import resolve_resume
+    from catapult_kernels.train.loop import StopSignals
+    from catapult_kernels.train.run_folder import RunFolder
+    out = tmp_path / "r"
+    with StopSignals() as signals:  # the run's loop shares it: a stop already requested
+        signals.signum = signal.SIGINT
+        assert run(small(steps=4, sharpness_every=0), out, quiet=True)["steps"] == 0  # checkpoint at step 0
+    calls = []
+    for method in ("_parse_metrics", "write_json"):
+        real = getattr(RunFolder, method)
+        monkeypatch.setattr(RunFolder, method, lambda self, *a, real=real, method=method, **kw:
+                            calls.append((method, *a[:1])) or real(self, *a, **kw))
+    assert run(resolve_resume(out, {}), out, resume=True, quiet=True)["steps"] == 4
+    assert calls.count(("_parse_metrics",)) == 1 and calls.count(("write_json", "config.json")) == 1
 
 
 def test_summary_and_metrics_fields(tmp_path):

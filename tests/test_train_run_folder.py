@@ -17,6 +17,7 @@ from catapult_kernels.train.cli import main
 from catapult_kernels.train.config import TrainConfig
 from catapult_kernels.train.experiment import default_out
 from catapult_kernels.train.run_folder import FolderLock, RunFolder
+from catapult_kernels.train.sweep import cell_name
 
 TINY = ["--task", "teacher-student", "--loss", "mse", "--n-train", "32", "--n-val", "16", "--input-dim", "4",
         "--width", "16", "--optimizer", "sgd", "--steps", "4", "--log-every", "2", "--sharpness-iters", "5",
@@ -241,7 +242,8 @@ def test_an_edited_config_json_is_refused_by_name(finished_run, capsys, option, 
     before = snapshot(finished_run)
     assert main(["--resume", "--out", str(finished_run), "--steps", "6", "--quiet"]) == 2
     err = one_line_error(capsys)
-    assert f"config.json was edited after the run began: --{option.replace('_', '-')} {old!r} -> {value!r}" in err
+    assert "differ from the config it computed with (checkpoint.pt): " \
+           f"--{option.replace('_', '-')} {old!r} -> {value!r}" in err
     assert snapshot(finished_run) == before
 
 
@@ -263,6 +265,32 @@ def test_resume_may_change_what_it_writes_and_for_how_long(finished_run, capsys)
     assert (config["steps"], config["log_every"], config["checkpoint_every"], config["plots"]) == (6, 1, 5, True)
     assert steps_logged(finished_run) == [0, 2, 4, 5, 6]
     assert (finished_run / "curves.png").exists()
+
+
+def tree(out) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_sweep_resume_refuses_changed_options_for_every_cell_begun(tmp_path, capsys):
+    """Finished cells (reused) and interrupted ones (continued) alike, before any cell runs."""
+    out = tmp_path / "s"
+    two_lrs = SWEEP[:SWEEP.index("1e-3") + 1] + ["2e-3"] + SWEEP[SWEEP.index("1e-3") + 1:]
+    assert main(two_lrs + ["--out", str(out)]) == 0
+    first, second = (out / cell_name(8, lr, 0) for lr in ("1e-3", "2e-3"))
+    (second / "summary.json").write_text(json.dumps({"status": "interrupted"}))  # stopped after its checkpoint
+    capsys.readouterr()
+    before = tree(out)
+    assert main(two_lrs + ["--weight-decay", "0.1", "--out", str(out), "--resume"]) == 2
+    assert f"continues the run in {first} as it began; these options differ from the config it computed " \
+           "with (config.json): --weight-decay 0.0 -> 0.1" in one_line_error(capsys)
+    assert tree(out) == before
+    for f in ("summary.json", "checkpoint.pt"):  # the first cell no longer begun: it would run afresh
+        (first / f).unlink()
+    before = tree(out)
+    assert main(two_lrs + ["--weight-decay", "0.1", "--out", str(out), "--resume"]) == 2
+    assert f"continues the run in {second} as it began" in one_line_error(capsys)
+    assert tree(out) == before
+    assert main(two_lrs + ["--out", str(out), "--resume"]) == 0
 
 
 def test_a_run_stored_before_ntk_bias_scale_resumes_with_the_multiplier_it_computed_with(tmp_path):

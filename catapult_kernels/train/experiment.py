@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-import torch
+from typing import Optional
 
+from .cli import check_device
 from .config import RESUMABLE, TrainConfig, computation_changes
 from .loop import Trainer, TensorBatches, loss_by_name, sharpness
 from .models import make_model
@@ -15,49 +16,59 @@ from .tasks import make_task
 
 
 def resolve_resume(out, overrides: dict) -> TrainConfig:
-    """The config the run in `out` computes with (the one its checkpoint holds), with the
-    RESUMABLE options taken from its config.json, then from `overrides`. Any other option
-    that config.json or `overrides` would change is refused, by name."""
-    with RunFolder(out, resume=True) as folder:
-        computed = folder.load_checkpoint(map_location="cpu", mmap=True).get("config")
-        stored = folder.read_json("config.json")
-        checkpoint, config_json = folder.file("checkpoint.pt"), folder.file("config.json")
-    if not computed:
-        raise ValueError(f"--resume: {checkpoint} holds no run config (fit() wrote it, not catapult-train)")
+    """The config to continue the run in `out` with: its config.json (where the RESUMABLE
+    options may have been edited), then `overrides`. run() refuses, by name, any option that
+    would change what the run computes."""
+    with RunFolder(out, resume=True) as folder:  # a folder in use: refused now, naming its holder
+        stored, config_json = folder.read_json("config.json"), folder.file("config.json")
     if stored is None:
         raise ValueError(f"--resume: {out} has no config.json")
-    cfg = TrainConfig.from_dict(computed)
     try:
         edited = TrainConfig.from_dict(stored).validate()
     except ValueError as e:
         raise ValueError(f"{config_json}: {e}") from None
-    changed = computation_changes(cfg, edited.to_dict())
+    return dataclasses.replace(edited, **overrides)
+
+
+def continuation(cfg: TrainConfig, computed: Optional[dict], source: Path) -> TrainConfig:
+    """The config that continues a run computed with `computed` (read from `source`) as cfg
+    asks: the run's own, with cfg's RESUMABLE options. Any other option of cfg that would
+    change what the run computes is refused, by name; a decay_steps of None means the run's."""
+    if not computed:
+        raise ValueError(f"--resume: {source} holds no run config (fit() wrote it, not catapult-train)")
+    began = TrainConfig.from_dict(computed)
+    requested = {k: v for k, v in cfg.to_dict().items() if not (k == "decay_steps" and v is None)}
+    changed = computation_changes(began, requested)
     if changed:
-        raise ValueError(f"--resume: {config_json} was edited after the run began: {', '.join(changed)} "
-                         f"would change what it computes (its checkpoint was computed with the first "
-                         f"values); put them back, or start a new run in another --out")
-    changed = computation_changes(cfg, overrides)
-    if changed:
-        raise ValueError(f"--resume continues the run as configured; these options differ from its "
-                         f"config: {', '.join(changed)} (start a new run in another --out instead)")
-    resumable = {k: getattr(edited, k) for k in RESUMABLE}
-    resumable.update({k: v for k, v in overrides.items() if k in RESUMABLE})
-    return dataclasses.replace(cfg, **resumable)
+        raise ValueError(f"--resume continues the run in {source.parent} as it began; these options differ "
+                         f"from the config it computed with ({source.name}): {', '.join(changed)} (put them "
+                         "back, or start a new run in another --out)")
+    return dataclasses.replace(began, **{k: getattr(cfg, k) for k in RESUMABLE})
 
 
 def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = False,
         quiet: bool = False) -> dict:
-    """Train as configured; returns the summary (also written to out/summary.json)."""
+    """Train as configured; returns the summary (also written to out/summary.json). resume:
+    continue the run in `out`, as it began (see continuation)."""
     cfg.validate()
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: no CUDA device is visible")
-    if cfg.decay_steps is None:  # fix the cosine horizon now, so a longer resumed run keeps it
-        cfg = dataclasses.replace(cfg, decay_steps=cfg.steps)
-    data = make_task(cfg).to(device)
+    check_device(cfg.device)
+    if not resume:
+        if cfg.decay_steps is None:  # fix the cosine horizon now, so a longer resumed run keeps it
+            cfg = dataclasses.replace(cfg, decay_steps=cfg.steps)
+        return _train(cfg, out, resume=False, overwrite=overwrite, quiet=quiet)
+    if out is None:
+        raise ValueError("--resume needs --out (the run to continue)")
+    with RunFolder(out, resume=True) as folder:  # locked from the comparison to the end: what is compared is resumed
+        computed = folder.load_checkpoint(map_location="cpu", mmap=True).get("config")
+        cfg = continuation(cfg, computed, folder.file("checkpoint.pt"))
+        return _train(cfg, out, resume=True, overwrite=False, quiet=quiet)
+
+
+def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
+    data = make_task(cfg).to(cfg.device)
     if cfg.batch_size is not None and cfg.batch_size > len(data.y_train):
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(data.y_train)} training examples")
-    model = make_model(cfg, data.in_dim, data.out_dim).to(device)
+    model = make_model(cfg, data.in_dim, data.out_dim).to(cfg.device)
     loss_fn = loss_by_name(cfg.loss)
     lambda0 = None
     if not resume:  # a resumed run takes lambda0 (and its lr) from the checkpoint's optimizer state
@@ -76,10 +87,7 @@ def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = F
         out=out, resume=resume, overwrite=overwrite, checkpoint_every=cfg.checkpoint_every,
         config=cfg.to_dict(), plots=cfg.plots and out is not None, quiet=quiet, seed=cfg.seed)
     try:
-        if resume:  # the checkpoint loaded: config.json now says how long the run goes and what it writes
-            trainer.folder.read_metrics(allow_cut_last_line=True)  # a corrupt line: refused before any write
-            trainer.folder.write_json("config.json", cfg.to_dict())
-        return trainer.run()
+        return trainer.run()  # it writes config.json: how long the run goes and what it writes, from now on
     finally:
         if trainer.folder is not None:
             trainer.folder.close()  # let go of the folder's lock now, not whenever the trainer is collected

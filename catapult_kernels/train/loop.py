@@ -309,8 +309,9 @@ class Trainer:
         self.checkpoint_every, self.plots, self.quiet, self.seed = checkpoint_every, plots, quiet, seed
         self.batches = (TensorBatches(*train, batch_size, seed) if isinstance(train, (tuple, list))
                         else LoaderBatches(train, self.device))
-        self.val = measurement_loader(val) if val is train else val  # its passes must not rewind the training's
+        self.val = measurement_loader(val) if val is train else val  # no pass may rewind the training's
         self.config = dict(config or {})
+        self._config_given = config is not None
         self.trackers = Trackers(lambda0=lambda0)
         self.start = 0
         self._stop_requested = False
@@ -329,9 +330,9 @@ class Trainer:
         if self.start == 0 and self.trackers.lambda0 is None and self.measure_lambda0:
             self.trackers.lambda0 = self._lambda0()
         if self.folder is not None:
-            if self.start == 0:
+            self.folder.truncate_metrics(before_step=self.start)  # first: a corrupt record is refused before any write
+            if self.start == 0 or self._config_given:  # a resume without a config keeps config.json as it is
                 self.folder.write_json("config.json", self.config)
-            self.folder.truncate_metrics(before_step=self.start)
         bar = self._progress_bar()
         pending: list[torch.Tensor] = []  # the losses since the last log step, on the device
         status = "finished"

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .config import LearningRate, TrainConfig
-from .experiment import run
+from .experiment import continuation, run
 from .loop import StopSignals
 
 COLUMNS = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_times_lambda0", "lr_over_2_over_lambda0",
@@ -34,6 +34,8 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
     if (out / "sweep.csv").exists() and not (resume or overwrite):
         raise ValueError(f"{out} already holds a sweep (sweep.csv); pass --resume to finish it "
                          "or --overwrite to replace it")
+    if resume:
+        check_cells_begun(cells, out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with StopSignals() as signals:  # shared with the run in progress: one signal stops both
@@ -77,6 +79,17 @@ def check_grid(widths: list[int], lrs: list[str], seeds: list[int]) -> None:
         except ValueError:
             raise ValueError(f"--lrs {lr!r}: expected a number > 0 (3e-3) or K/lambda0 with K > 0 "
                              "(2.5/lambda0)") from None
+
+
+def check_cells_begun(cells: list[TrainConfig], out: Path) -> None:
+    """Every cell that resume=True reuses (it has a summary) or continues (a checkpoint) does
+    so only as it began: an option that would change what it computed is refused, by name,
+    before any cell runs. (run() checks a continued cell again, against its checkpoint.)"""
+    for cfg in cells:
+        folder = out / cell_name(cfg.width, cfg.lr, cfg.seed)
+        if (folder / "summary.json").exists() or (folder / "checkpoint.pt").exists():
+            stored = folder / "config.json"
+            continuation(cfg, json.loads(stored.read_text()) if stored.exists() else None, stored)
 
 
 def row_of(cfg: TrainConfig, summary: dict) -> dict:
