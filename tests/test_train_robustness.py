@@ -175,6 +175,15 @@ def test_a_second_ctrl_c_while_stopping_ends_the_sweep_without_a_traceback(tmp_p
                          "--resume"]) == 0
 
 
+def test_a_sweep_that_fails_leaves_no_sweep_csv_to_refuse_its_rerun(tmp_path, capsys):
+    out = tmp_path / "s"
+    command = ["sweep", "--widths", "8", "--lrs", "0.1"] + GRID + ["--steps", "2", "--out", str(out)]
+    assert main(command + ["--batch-size", "999"]) == 2  # found inside the first cell's run
+    assert "exceeds the 32 training examples" in capsys.readouterr().err
+    assert not (out / "sweep.csv").exists()
+    assert main(command) == 0
+
+
 @pytest.fixture
 def no_work(monkeypatch):
     """Any run or sweep cell that starts fails the test: the checks come first."""

@@ -217,7 +217,7 @@ def main_sweep(argv: list[str]) -> int:
         raise
     if rows:
         print(format_table(rows))
-    print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if base.plots and rows else ""))
+        print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if base.plots else ""))
     cells = len(ns.widths) * len(ns.lrs) * len(ns.seeds)
     if len(rows) < cells:
         print(f"catapult-train: sweep interrupted after {len(rows)} of {cells} cells; finish it with "

@@ -55,7 +55,12 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
                     if summary["status"] == "interrupted":  # checkpointed: resume=True continues it
                         break
                 rows.append(row_of(cfg, summary))
-        finally:  # also when a second signal stops at once
+        except KeyboardInterrupt:  # a second signal stopped it at once: the cells done are kept
+            if rows:
+                write_csv(rows, out / "sweep.csv")
+            raise
+        # not after an error, nor with no cell done: a sweep.csv without rows would refuse the rerun
+        if rows:
             write_csv(rows, out / "sweep.csv")
     if base.plots and rows:
         from .plots import plot_sweep
