@@ -1,6 +1,7 @@
 """Run folders: one process at a time (an OS lock that dies with its holder), checkpoints
 that load without running code, a full disk that stops a run cleanly and lets it resume, and
 resumes that refuse, by name, any change to what the run computes."""
+import csv
 import errno
 import json
 import os
@@ -17,7 +18,7 @@ from catapult_kernels.train.cli import main
 from catapult_kernels.train.config import TrainConfig
 from catapult_kernels.train.experiment import default_out
 from catapult_kernels.train.run_folder import FolderLock, RunFolder
-from catapult_kernels.train.sweep import cell_name
+from catapult_kernels.train.sweep import cell_name, write_csv
 
 TINY = ["--task", "teacher-student", "--loss", "mse", "--n-train", "32", "--n-val", "16", "--input-dim", "4",
         "--width", "16", "--optimizer", "sgd", "--steps", "4", "--log-every", "2", "--sharpness-iters", "5",
@@ -205,6 +206,21 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, cap
     assert not (out / "checkpoint.pt.tmp").exists()  # its space given back
     assert main(["--resume", "--out", str(out), "--quiet"]) == 0
     assert steps_logged(out) == [0, 2, 4, 6, 8]
+
+
+def test_a_stop_during_a_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A second Ctrl-C or SIGTERM (KeyboardInterrupt) while a checkpoint or sweep.csv is written."""
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    with RunFolder(tmp_path / "r") as folder:
+        monkeypatch.setattr(os, "fsync", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            folder.save_checkpoint({"step": 3})
+        monkeypatch.undo()
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_csv([], tmp_path / "sweep.csv")
+    assert [p.name for p in tmp_path.iterdir()] == ["r"] and list((tmp_path / "r").iterdir()) == []
 
 
 def test_resume_drops_a_cut_last_line_and_saying_so(finished_run, capsys):

@@ -258,10 +258,12 @@ class RunFolder:
             finally:
                 os.close(fd)
             os.replace(tmp, target)
-        except OSError as e:
+        except BaseException as e:  # a failed write, or a second Ctrl-C or SIGTERM during it
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise self._write_failed(target, e) from e
+            if isinstance(e, OSError):
+                raise self._write_failed(target, e) from e
+            raise
 
     def _write_failed(self, path: Path, e: OSError) -> OSError:
         kept = (f"{self.file('checkpoint.pt')} (step {self.checkpoint_step}) is intact: --resume continues "

@@ -4,6 +4,7 @@ stops the sweep once the cell in progress has checkpointed; sweep.csv then holds
 done, and resume=True finishes the rest."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -107,11 +108,16 @@ def row_of(cfg: TrainConfig, summary: dict) -> dict:
 
 def write_csv(rows: list[dict], path) -> None:
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        tmp.replace(path)
+    except BaseException:  # a failed write, or a second Ctrl-C or SIGTERM during it: no file left beside
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def format_table(rows: list[dict]) -> str:
