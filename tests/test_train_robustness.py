@@ -300,3 +300,11 @@ def test_sweep_figure_spans_plain_lrs_on_a_log_axis():
     per_lambda0 = [cell(8, "0.5/lambda0", 0.1, 0.25, "lazy", peak=1.0),
                    cell(8, "2/lambda0", 0.4, 1.0, "catapult", peak=9.0)]
     assert not sweep_figure(per_lambda0).log_x
+
+
+def test_sweep_figure_without_any_lambda0_draws_nothing(tmp_path):
+    rows = [{**cell(8, "0.01", 0.01, 0.3, "lazy", peak=1.0), "lr_times_lambda0": None},
+            {**cell(16, "0.01", 0.01, 0.3, "divergent"), "lr_times_lambda0": None}]  # lambda0 null: no x
+    assert sweep_figure(rows).panels == []
+    plot_sweep(rows, tmp_path / "sweep.png")
+    assert not (tmp_path / "sweep.png").exists()

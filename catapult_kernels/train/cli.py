@@ -188,6 +188,7 @@ def main_train(argv: list[str]) -> int:
 
 def main_sweep(argv: list[str]) -> int:
     from .loop import StopSignals
+    from .plots import sweep_figure
     from .sweep import format_table, sweep
     p = _parser("catapult-train sweep", "Run a grid of widths x learning rates x seeds; writes one "
                 "run folder per cell, sweep.csv and sweep.png.")
@@ -217,7 +218,8 @@ def main_sweep(argv: list[str]) -> int:
         raise
     if rows:
         print(format_table(rows))
-        print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if base.plots else ""))
+        drawn = base.plots and sweep_figure(rows).panels
+        print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if drawn else ""))
     cells = len(ns.widths) * len(ns.lrs) * len(ns.seeds)
     if len(rows) < cells:
         print(f"catapult-train: sweep interrupted after {len(rows)} of {cells} cells; finish it with "

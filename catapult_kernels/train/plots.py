@@ -106,9 +106,12 @@ def _spike(row: dict) -> Optional[float]:
 
 def plot_sweep(rows: list[dict], path, title: str = "") -> None:
     """One panel per width, each cell colored by its phase (see SweepFigure); divergent
-    cells as crosses on a band above the panels."""
-    plt = _pyplot()
+    cells as crosses on a band above the panels. No figure when no cell has an x (its
+    lambda0 unmeasured or 0): there is nothing to place."""
     data = sweep_figure(rows)
+    if not data.panels:
+        return
+    plt = _pyplot()
     band = any(p.divergent_xs for p in data.panels)
     n = len(data.panels)
     fig, axes = plt.subplots(1 + band, n, figsize=(4.2 * n, 3.6 + 0.5 * band), squeeze=False, sharex="col",
