@@ -169,6 +169,7 @@ def test_a_second_ctrl_c_while_stopping_ends_the_sweep_without_a_traceback(tmp_p
     code, err = finish(proc)
     assert code == 128 + signal.SIGINT
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "stopped at once" in err and "interrupted after" not in err  # not the first signal's stop
     with open(out / "sweep.csv") as f:  # the cell done is in the table
         assert [r["lr_spec"] for r in csv.DictReader(f)] == ["100/lambda0"]
     assert main(SWEEP + ["--steps", str(json.loads(summary.read_text())["steps"] + 2), "--out", str(out),
