@@ -58,7 +58,7 @@ def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = F
         return _train(cfg, out, resume=False, overwrite=overwrite, quiet=quiet)
     if out is None:
         raise ValueError("--resume needs --out (the run to continue)")
-    with RunFolder(out, resume=True) as folder:  # locked from the comparison to the end: what is compared is resumed
+    with RunFolder(out, resume=True) as folder:  # held until the run ends: the checkpoint compared is the one resumed
         computed = folder.load_checkpoint(map_location="cpu", mmap=True).get("config")
         cfg = continuation(cfg, computed, folder.file("checkpoint.pt"))
         return _train(cfg, out, resume=True, overwrite=False, quiet=quiet)
