@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # torch's CUDA build brings the CUDA headers that nvcc needs to compile our kernels.
 TORCH ?= torch==2.14.1
 
-.PHONY: test bench demo build clean FORCE
+.PHONY: test bench demo build gpu-check clean FORCE
 
 .venv/.ready: requirements-dev.txt
 	python3 -m venv .venv
@@ -38,6 +38,11 @@ demo: build
 	$(PY) -m catapult_kernels.train $(GROKKING) --grokfast ema --out runs/demo/grokking --overwrite
 	$(PY) -m catapult_kernels.train sweep $(CATAPULT) --widths 512 2048 \
 		--lrs 1/lambda0 2.5/lambda0 3.5/lambda0 5/lambda0 --out runs/demo/catapult --overwrite
+
+# On a machine with a CUDA GPU (its own python3 and torch; no venv): build for that GPU, run the
+# tests on CUDA tensors and the benchmarks at 1M/10M/100M params, write bench/results/.
+gpu-check:
+	bench/gpu_check.sh
 
 clean:
 	rm -rf build .venv *.egg-info catapult_kernels/*.so

@@ -5,6 +5,7 @@ Environment:
   CATAPULT_NO_CUDA=1        build the CPU kernels only
   CUDA_HOME                 the CUDA toolkit (else /usr/local/cuda*, or nvcc on PATH)
   TORCH_CUDA_ARCH_LIST      GPU archs to compile for (default: the visible GPU's, else 9.0)
+  CATAPULT_PTXAS_VERBOSE=1  print each CUDA kernel's registers, spills and stack (nvcc -Xptxas=-v)
 """
 import glob
 import os
@@ -103,6 +104,8 @@ def extensions():
     _say(f"building the CPU and CUDA kernels (nvcc in {CUDA_HOME}, "
          f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}).")
     nvcc = ["-O3", "-lineinfo"]
+    if os.environ.get("CATAPULT_PTXAS_VERBOSE") == "1":  # registers, spills and stack per kernel (make gpu-check)
+        nvcc.append("-Xptxas=-v")
     return [
         CUDAExtension(
             "catapult_kernels._C",

@@ -155,3 +155,22 @@ def test_make_test_on_a_fresh_clone_sets_up_and_builds(checkout):
     assert "python3 -m venv .venv" in commands
     assert "pip install -q --no-build-isolation --no-deps -e ." in commands
     assert "pytest" in commands
+
+
+# --- make gpu-check -----------------------------------------------------------------------
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_writes_nothing(tmp_path):
+    """Where no GPU is visible, gpu-check stops before building, with one line (here: always)."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible: gpu-check would build and run")
+    before = set(os.listdir(ROOT / "bench" / "results"))
+    done = subprocess.run([str(ROOT / "bench" / "gpu_check.sh")], env={**os.environ, "PY": sys.executable},
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no CUDA GPU is visible" in done.stderr
+    assert set(os.listdir(ROOT / "bench" / "results")) == before
+
+
+def test_make_gpu_check_runs_the_script():
+    done = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "bench/gpu_check.sh"
