@@ -182,7 +182,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"param {i} of group {len(self.param_groups) - 1} has elements that share "
                                      f"memory (strides {p.stride()}, an expand()ed view?): an update cannot "
                                      "write it; pass a clone(), as torch.optim needs too")
-            check_no_overlap([[p for p in g["params"]] for g in self.param_groups])
+            check_no_overlap([g["params"] for g in self.param_groups])
         except ValueError:
             self.param_groups.pop()
             raise
