@@ -309,3 +309,21 @@ def test_sweep_figure_without_any_lambda0_draws_nothing(tmp_path):
     assert sweep_figure(rows).panels == []
     plot_sweep(rows, tmp_path / "sweep.png")
     assert not (tmp_path / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("option, message", [(["--width", "64"], "coord-check takes --widths, not --width"),
+                                             (["--parametrization", "ntk"], "not --parametrization")])
+def test_coord_check_refuses_the_options_it_would_ignore(option, message, capsys, tmp_path):
+    assert main(["coord-check", "--widths", "8", *option, "--out", str(tmp_path / "c")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_fit_with_a_zero_lr_finishes_with_no_edge_of_stability():
+    """lr 0 (a run that only measures) has no 2/lr: null, not a crash."""
+    import torch
+    from catapult_kernels.train import fit
+    model = torch.nn.Linear(3, 1)
+    summary = fit(model, torch.optim.SGD(model.parameters(), lr=0.0), (torch.randn(8, 3), torch.randn(8, 1)),
+                  loss="mse", steps=2, measure_lambda0=False, quiet=True)
+    assert summary["status"] == "finished" and summary["two_over_lr"] is None

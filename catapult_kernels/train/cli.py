@@ -239,8 +239,9 @@ def main_coord_check(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true")
     ns = p.parse_args(argv)
     overrides = _overrides(ns)
-    overrides.pop("width", None)
-    overrides.pop("parametrization", None)
+    for name, why in (("width", "--widths"), ("parametrization", "both standard and mup, side by side")):
+        if name in overrides:  # the check sets these itself: a value given here would be ignored
+            raise ValueError(f"coord-check takes {why}, not --{name}")
     base = TrainConfig(**{"depth": 3, **overrides})
     out = Path(ns.out) if ns.out else Path("runs") / "coord-check"
     check_out(out)

@@ -528,7 +528,7 @@ class Trainer:
             "lambda0": tr.lambda0,
             "lr": lr,
             "lr_times_lambda0": lr * tr.lambda0 if tr.lambda0 else None,
-            "two_over_lr": 2.0 / lr,
+            "two_over_lr": 2.0 / lr if lr > 0 else None,  # lr 0: a run that only measures
             "phase": classify(tr.loss0 if tr.loss0 is not None else math.inf, tr.peak_loss, final_loss,
                               tr.diverged) if status != "interrupted" else None,
             "loss0": tr.loss0,
