@@ -118,3 +118,24 @@ def test_console_entry_point_runs_as_a_module(tmp_path):
     done = subprocess.run([sys.executable, "-m", "catapult_kernels.train", "--optimizer", "nope"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "choose one of" in done.stderr
+
+
+def test_sweep_resume_with_more_steps_extends_its_finished_cells(tmp_path):
+    """As a resumed run: --resume --steps N continues every finished cell to N steps, bit for
+    bit as a sweep run to N at once."""
+    grid = ["sweep", "--widths", "8", "--lrs", "0.5/lambda0", "1/lambda0"]
+    first, straight = tmp_path / "first", tmp_path / "straight"
+    assert main(grid + SWEEP_TINY + ["--out", str(first)]) == 0
+    at = SWEEP_TINY.index("--steps") + 1
+    longer = SWEEP_TINY[:at] + ["6"] + SWEEP_TINY[at + 1:]
+    assert main(grid + longer + ["--out", str(first), "--resume"]) == 0
+    assert main(grid + longer + ["--out", str(straight)]) == 0
+    for cell in ("w8-lr0.5_lambda0-s0", "w8-lr1_lambda0-s0"):
+        assert json.loads((first / cell / "summary.json").read_text())["steps"] == 6
+        assert (first / cell / "metrics.jsonl").read_text().count("\n") == \
+            (straight / cell / "metrics.jsonl").read_text().count("\n")
+    with open(first / "sweep.csv") as f, open(straight / "sweep.csv") as g:
+        ours, theirs = list(csv.DictReader(f)), list(csv.DictReader(g))
+    drop = ("steps_per_s", "wall_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in theirs]

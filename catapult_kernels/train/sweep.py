@@ -47,7 +47,7 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
                 folder = out / cell_name(cfg.width, cfg.lr, cfg.seed)
                 finished = folder / "summary.json"
                 summary = json.loads(finished.read_text()) if resume and finished.exists() else None
-                if summary is None or summary.get("status") == "interrupted":
+                if summary is None or unfinished(summary, cfg):
                     if not quiet:
                         print(f"[{i + 1}/{len(cells)}] width {cfg.width}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
                     cell_resume = resume and (folder / "checkpoint.pt").exists()
@@ -68,6 +68,14 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
         plot_sweep(rows, out / "sweep.png", title=f"{base.task}, {base.model} {base.parametrization}, "
                                                   f"{base.optimizer}, {base.loss}, {base.steps} steps")
     return rows
+
+
+def unfinished(summary: dict, cfg: TrainConfig) -> bool:
+    """Whether resume=True continues a cell: it was stopped, or it finished before the
+    sweep's --steps (a resumed sweep with more steps extends its cells, as a resumed run
+    does). A divergent cell is done."""
+    status = summary.get("status")
+    return status == "interrupted" or (status == "finished" and summary.get("steps", cfg.steps) < cfg.steps)
 
 
 def check_grid(widths: list[int], lrs: list[str], seeds: list[int]) -> None:
