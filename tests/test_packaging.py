@@ -172,5 +172,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_writes_nothing(tmp_path
 
 
 def test_make_gpu_check_runs_the_script():
-    done = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True)
+    # --no-print-directory: under `make test` the inner make would also say where it is
+    done = subprocess.run(["make", "-n", "--no-print-directory", "gpu-check"], cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 0 and done.stdout.strip() == "bench/gpu_check.sh"
