@@ -328,3 +328,78 @@ def test_a_scheduled_float_lr_does_not_recompile_the_step():
         step()
         sched.step()
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_a_compiled_step_with_unwritten_state_does_not_recompile():
+    """skip_nonfinite with momentum and Grokfast: the flags of new state are updated in place,
+    so torch.compile(fullgraph=True) reuses its graphs, and the numbers are the eager ones."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    make = lambda ps: SGD(ps, lr=0.05, momentum=0.9, dampening=0.3, grokfast=GF,  # noqa: E731
+                          skip_nonfinite=True, backend="cpu")
+    params, eager_params = _params("cpu"), _params("cpu")
+    opt, eager = make(params), make(eager_params)
+    step = torch.compile(opt.step, fullgraph=True)
+    grads = _grads(12)
+    for t, step_grads in enumerate(grads):
+        for p, q, g in zip(params, eager_params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if t == 0:
+            params[0].grad[0, 0] = eager_params[0].grad[0, 0] = math.nan
+        step()
+        eager.step()
+        if t == 5:
+            compiled = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == compiled
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_flags_settle_when_the_host_runs_ahead(monkeypatch):
+    """On CUDA a flag's copy lands some steps late: the host still learns that the state was
+    written (a write never reverts) and goes back to one kernel call."""
+    calls = []
+    known = unwritten.UnwrittenFlag.known
+    monkeypatch.setattr(unwritten.UnwrittenFlag, "known",  # lands only every third look
+                        lambda self, sync=False: known(self, sync) if sync or calls.append(1) or len(calls) % 3 == 0
+                        else None)
+    params = _params("cpu")
+    opt = SGD(params, lr=0.05, momentum=0.9, skip_nonfinite=True)
+    for t, step_grads in enumerate(_grads(8)):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    assert not opt._unwritten
+
+
+def test_a_loaded_skip_count_stays_where_the_step_counts():
+    _, opt = _run(lambda ps, **kw: AdamW(ps, **kw), "cpu", _grads(2), {0}, "nonfinite")
+    saved = opt.state_dict()
+    fresh = AdamW(_params("cpu"), skip_nonfinite=True)
+    fresh.load_state_dict(saved)
+    fresh.step()
+    assert int(fresh.skipped_steps) == 1
+
+
+def test_a_torch_sgd_state_with_a_none_buffer_starts_it_at_the_grad():
+    """torch saves momentum_buffer None for a param that never stepped: set, not updated."""
+    p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    ours = SGD([p], lr=0.1, momentum=0.9, dampening=0.5)
+    saved = ours.state_dict()
+    saved["state"] = {0: {"momentum_buffer": None}}
+    ours.load_state_dict(saved)
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9, dampening=0.5)
+    p.grad, q.grad = torch.full((3,), 2.0), torch.full((3,), 2.0)
+    ours.step()
+    ref.step()
+    assert torch.equal(p, q)
+
+
+def test_many_groups_are_checked_for_shared_memory_in_linear_time():
+    params = [nn.Parameter(torch.zeros(2)) for _ in range(3000)]
+    opt = SGD(params[:1], lr=0.1)
+    for p in params[1:]:
+        opt.add_param_group({"params": [p]})
+    assert len(opt._spans) == 3000
+    with pytest.raises(ValueError, match="param 0 of group 7 and param 0 of group 3000 share memory"):
+        opt.add_param_group({"params": [nn.Parameter(params[7].data[1:])]})

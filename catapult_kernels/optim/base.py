@@ -32,6 +32,7 @@ class Bucket:
     group: dict
     device: torch.device
     keys: list     # the params: the keys of the optimizer's state
+    slots: list    # per param: (group index, index in the group)
     params: list   # what the kernels update: the params, or a dense copy of a strided one
     grads: list    # the grads, laid out like `params`
     states: Optional[list] = None
@@ -120,8 +121,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         # What step() reports. A dict mutated in place, not attributes set on self:
         # torch.compile (dynamo) refuses attribute writes on an optimizer inside a step.
         self._report: dict[str, Optional[torch.Tensor]] = {"grad_norm": None, "skipped_steps": None}
-        # param -> {OWN or EMA: UnwrittenFlag} for new state a skippable step created.
+        # (group index, param index) -> {OWN or EMA: UnwrittenFlag} for new state that a
+        # skippable step created. Keyed by ints: torch.compile guards cheaply on them.
         self._unwritten: dict = {}
+        self._spans: dict = {}  # storage address -> the memory spans of the params on it
         super().__init__(params, defaults)
 
     # ---- pickle, deepcopy, torch.save(optimizer) --------------------------------------
@@ -136,6 +139,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
         self._unwritten = {}
+        self._spans = {}
+        for gi, group in enumerate(self.param_groups):
+            check_no_overlap(group["params"], gi, self._spans)
 
     # ---- hyperparameters ------------------------------------------------------------
     def _check_group(self, group: dict, full: bool = True) -> None:
@@ -182,7 +188,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"param {i} of group {len(self.param_groups) - 1} has elements that share "
                                      f"memory (strides {p.stride()}, an expand()ed view?): an update cannot "
                                      "write it; pass a clone(), as torch.optim needs too")
-            check_no_overlap([g["params"] for g in self.param_groups])
+            check_no_overlap(group["params"], len(self.param_groups) - 1, self._spans)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -247,7 +253,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, full=False)
             by_key: dict[tuple, Bucket] = {}
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
@@ -264,8 +270,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     g = g.contiguous()
                 bucket = by_key.get(key)
                 if bucket is None:
-                    bucket = by_key[key] = Bucket(group, key[0], [], [], [])
+                    bucket = by_key[key] = Bucket(group, key[0], [], [], [], [])
                 bucket.keys.append(p)
+                bucket.slots.append((gi, pi))
                 bucket.params.append(kernel_p)
                 bucket.grads.append(g)
             devices = {device for device, _ in by_key}
@@ -305,7 +312,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if skip is not None and buckets:
             counted = (skip != 0).to(torch.int64)
             skipped = self._report["skipped_steps"]
-            self._report["skipped_steps"] = counted if skipped is None else skipped + counted.to(skipped.device)
+            # the count lives where the flag does: a loaded count on the CPU would cost a sync per step
+            self._report["skipped_steps"] = counted if skipped is None else skipped.to(counted.device) + counted
         return StepControl(grad_norm, grad_scale, skip)
 
     @staticmethod
@@ -371,11 +379,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         grokfast = group["grokfast"] is not None
         unwritten, no_flags = self._unwritten, {}
         bucket.fresh, bucket.ema_fresh, bucket.states = [], [], []
-        for p, kernel_p in zip(bucket.keys, bucket.params):
+        for p, slot, kernel_p in zip(bucket.keys, bucket.slots, bucket.params):
             state = self.state.get(p, no_flags)
-            flags = unwritten.get(p, no_flags) if unwritten else no_flags
+            flags = unwritten.get(slot, no_flags) if unwritten else no_flags
             bucket.maybe_written |= bool(flags)
-            bucket.fresh.append(bool(own_keys) and flags.get(OWN, any(k not in state for k in own_keys)))
+            # a None buffer (torch saves those) is no buffer: set, not updated
+            bucket.fresh.append(bool(own_keys) and flags.get(OWN, any(state.get(k) is None for k in own_keys)))
             bucket.ema_fresh.append(grokfast and flags.get(EMA, EMA not in state))
             state = self._state(p, group, bucket.device)
             if group["grokfast"] is not None:
@@ -399,54 +408,57 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket.agc_scales[i] = None
 
     def _track_unwritten(self, buckets: list[Bucket], on_device: dict) -> None:
-        """After the kernels: flag new state that a skippable step created, carry the flags of
-        state still unwritten, drop those a step that cannot be skipped has written."""
+        """After the kernels: flag new state that a skippable step created, update in place
+        the flags of state still unwritten, drop those a step that cannot be skipped wrote."""
         if not self._unwritten and not any(any(b.fresh) or any(b.ema_fresh) for b in buckets):
             return  # the common step: no new state, nothing unwritten
         made: dict = {}   # one new flag per device per step
-        carried: dict = {}  # id(old flag) -> its successor
+        updated: set = set()  # a flag shared by several params moves once
         for bucket in buckets:
             skip = on_device[bucket.device].skip
-            for p, fresh, ema_fresh in zip(bucket.keys, bucket.fresh, bucket.ema_fresh):
-                kinds = ((OWN, fresh), (EMA, ema_fresh))
+            for slot, fresh, ema_fresh in zip(bucket.slots, bucket.fresh, bucket.ema_fresh):
                 flags = {}
-                for kind, status in kinds:
+                for kind, status in ((OWN, fresh), (EMA, ema_fresh)):
+                    if skip is None or not status:
+                        continue  # written now for good, or nothing new
                     if isinstance(status, UnwrittenFlag):
-                        if id(status) not in carried:
-                            carried[id(status)] = status.after(skip)
-                        flags[kind] = carried[id(status)]
-                    elif status and skip is not None:
+                        if id(status) not in updated:
+                            status.update(skip)
+                            updated.add(id(status))
+                        flags[kind] = status
+                    else:
                         if bucket.device not in made:
                             made[bucket.device] = UnwrittenFlag(skip)
                         flags[kind] = made[bucket.device]
-                flags = {k: f for k, f in flags.items() if f is not None}
                 if flags:
-                    self._unwritten[p] = flags
+                    self._unwritten[slot] = flags
                 else:
-                    self._unwritten.pop(p, None)
+                    self._unwritten.pop(slot, None)
 
     def _settle_unwritten(self, sync: bool = False) -> None:
         """Drop the flags whose value the host can read (without a sync, unless sync):
         state written since is plain state; state never written is removed, as if the
         skipped steps never happened (the next step makes it anew)."""
-        for p in list(self._unwritten):
-            flags = self._unwritten[p]
+        known: dict = {}  # id(flag) -> what it says: a flag shared by params is read once
+        for slot in list(self._unwritten):
+            flags = self._unwritten[slot]
             for kind in list(flags):
-                unwritten = flags[kind].known(sync)
-                if unwritten is None:
+                flag = flags[kind]
+                if id(flag) not in known:
+                    known[id(flag)] = flag.known(sync)
+                if known[id(flag)] is None:
                     continue
                 del flags[kind]
-                if unwritten:
+                if known[id(flag)]:
+                    group = self.param_groups[slot[0]]
+                    p = group["params"][slot[1]]
                     state = self.state.get(p, {})
-                    for key in (self._state_keys(self._group_of(p)) if kind == OWN else (EMA,)):
+                    for key in (self._state_keys(group) if kind == OWN else (EMA,)):
                         state.pop(key, None)
                     if not state:
                         self.state.pop(p, None)
             if not flags:
-                del self._unwritten[p]
-
-    def _group_of(self, p: torch.Tensor) -> dict:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+                del self._unwritten[slot]
 
     @staticmethod
     def _parts(bucket: Bucket, by_fresh: bool = False) -> list[Part]:

@@ -43,22 +43,23 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.isin(_offsets(a), _offsets(b)).any())
 
 
-def check_no_overlap(groups: list[list[torch.Tensor]]) -> None:
-    """Refuse two params that share memory (two Parameters over one storage, overlapping
-    views): the kernels update params in parallel, so such updates would be lost at random.
-    Disjoint views of one buffer (a flat parameter layout) are fine."""
-    spans = []
-    for gi, params in enumerate(groups):
-        for i, p in enumerate(params):
-            if p.device.type != "meta" and p.numel() > 0:
-                spans.append((*_span(p), gi, i, p))
-    spans.sort(key=lambda s: s[:2])
-    open_spans: list = []  # spans of the current storage that reach past the current start
-    for ptr, start, end, gi, i, p in spans:
-        open_spans = [s for s in open_spans if s[0] == ptr and s[2] > start]
-        for _, _, _, gj, j, q in open_spans:
-            if q is p or _share_elements(p, q):
-                raise ValueError(f"param {j} of group {gj} and param {i} of group {gi} share memory: "
+def check_no_overlap(params: list[torch.Tensor], group_index: int, spans: dict) -> None:
+    """Refuse a param of a new group that shares memory with one given before or in the same
+    group (two Parameters over one storage, overlapping views): the kernels update params in
+    parallel, so such updates would be lost at random. Disjoint views of one buffer (a flat
+    parameter layout) are fine. `spans` (storage address -> [(first byte, end, group, index,
+    param)]) holds the params so far and gains the group's once all of them pass; only params
+    on one storage are compared, so adding groups one by one stays linear."""
+    new: dict = {}
+    for i, p in enumerate(params):
+        if p.device.type == "meta" or p.numel() == 0:
+            continue
+        ptr, start, end = _span(p)
+        for s0, e0, gj, j, q in spans.get(ptr, []) + new.get(ptr, []):
+            if s0 < end and start < e0 and (q is p or _share_elements(p, q)):
+                raise ValueError(f"param {j} of group {gj} and param {i} of group {group_index} share memory: "
                                  "their fused updates would race and lose updates; give each param its "
                                  "own storage (clone()), or pass one of them once")
-        open_spans.append((ptr, start, end, gi, i, p))
+        new.setdefault(ptr, []).append((start, end, group_index, i, p))
+    for ptr, items in new.items():
+        spans.setdefault(ptr, []).extend(items)

@@ -68,8 +68,11 @@ class SGD(FusedOptimizer):
             if not part.idx:
                 continue
             trust = trust_ratios
-            if trust is not None and part.idx != only:  # a subset: its ratios (an index copy)
-                trust = trust[[position[i] for i in part.idx]]
+            if trust is not None and part.idx != only:  # a subset: its ratios, gathered on the device
+                index = torch.tensor([position[i] for i in part.idx], dtype=torch.int64)
+                if trust.is_cuda:  # a list index would copy from pageable memory: a sync
+                    index = index.pin_memory().to(trust.device, non_blocking=True)
+                trust = trust.index_select(0, index)
             ops.sgd_(part.take(bucket.params), part.take(bucket.grads),
                      [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else [],
                      lr, momentum, float(group["dampening"]), float(weight_decay), bool(group["nesterov"]),

@@ -5,8 +5,8 @@
 // every float32 square fits one (3.4e38^2 = 1.2e77; the least subnormal's square,
 // 2e-90, is far from underflow), so any finite input gives a finite sum and tiny ones
 // do not vanish, with no scaling pass (a float32 sum overflows at one element of 2e19).
-// The cost per element is one float->double conversion and one DFMA; on sm_80/sm_90
-// (16 conversions and 64 DFMA per clock per SM) that stays under the memory roof
+// The cost per element is one float->double conversion and one DFMA; on sm_90 (64 DFMA
+// per clock per SM; sm_80: 32) that should stay under the memory roof
 // (an H200 streams about 9 bfloat16 elements per clock per SM). Not measured on a GPU;
 // GPUs with slow double (sm_86/89: 2 per clock per SM) may turn bfloat16 norms compute-bound.
 #pragma once
