@@ -403,3 +403,15 @@ def test_many_groups_are_checked_for_shared_memory_in_linear_time():
     assert len(opt._spans) == 3000
     with pytest.raises(ValueError, match="param 0 of group 7 and param 0 of group 3000 share memory"):
         opt.add_param_group({"params": [nn.Parameter(params[7].data[1:])]})
+
+
+def test_a_none_buffer_of_a_key_the_group_does_not_use_loads():
+    """Older torch saved momentum_buffer None even without momentum: nothing to refuse."""
+    p = nn.Parameter(torch.ones(3))
+    opt = SGD([p], lr=0.1)
+    saved = opt.state_dict()
+    saved["state"] = {0: {"momentum_buffer": None}}
+    opt.load_state_dict(saved)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(p, torch.full((3,), 0.9))

@@ -218,11 +218,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not state:
                     continue
                 for key in state:
-                    if key not in known:
+                    if key not in known and state[key] is not None:  # torch saves some absent buffers as None
                         raise KeyError(f"state of param {idx} (group {gi}) has key {key!r}, which "
                                        f"{type(self).__name__} does not keep (it keeps {sorted(known)}): "
                                        "a state_dict of another optimizer?")
-                for key in sorted(needed - set(state)):
+                for key in sorted(needed - set(state)):  # a None buffer counts: it is set on the next step
                     raise KeyError(f"state of param {idx} (group {gi}) lacks {key!r}, which "
                                    f"{type(self).__name__} needs: a state_dict of another optimizer?")
         super().load_state_dict(state_dict)
