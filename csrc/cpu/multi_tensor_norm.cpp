@@ -70,14 +70,6 @@ double sum_of_squares_in(const T* x, int64_t n) {
   return sum;
 }
 
-// In float lanes, and again in double where that sum may be off (an element beyond
-// 1.8e19, or squares too small for float): finite for any finite input.
-template <typename T>
-double sum_of_squares(const T* x, int64_t n) {
-  const double sum = sum_of_squares_in<FloatSquareSum>(x, n);
-  return needs_double_sum(sum) ? sum_of_squares_in<SquareSum>(x, n) : sum;
-}
-
 // max |x| from the bits: with the sign bit cleared, the bits of an IEEE float read
 // as a signed integer order like |x|, and every NaN orders above inf. An integer
 // max therefore gives max |x| with NaN propagated, in the tensor's own width.
@@ -108,6 +100,19 @@ double max_abs(const T* x, int64_t n) {
   for (I lane : lanes) result = std::max(result, lane);
   for (; i < n; ++i) result = std::max(result, static_cast<I>(c10::bit_cast<I>(x[i]) & kMagnitude));
   return static_cast<float>(c10::bit_cast<T>(result));
+}
+
+// In float lanes, and again in double where that sum may be off (an element beyond
+// 1.8e19, or squares too small for float): finite for any finite input. A sum of exactly
+// 0 is most often a chunk of zeros (unused embedding rows, zero-initialised biases): the
+// integer max pass, cheaper than the double sum, tells those from underflowed squares.
+template <typename T>
+double sum_of_squares(const T* x, int64_t n) {
+  const double sum = sum_of_squares_in<FloatSquareSum>(x, n);
+  if (!needs_double_sum(sum) || (sum == 0.0 && max_abs(x, n) == 0.0)) {
+    return sum;
+  }
+  return sum_of_squares_in<SquareSum>(x, n);
 }
 
 template <typename T>
