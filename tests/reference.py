@@ -135,6 +135,61 @@ def lion_reference(p, g, m, lr, beta1, beta2, weight_decay, maximize, mult=1.0, 
     return p.to(dt), m.to(dt), _out(ema, dt)
 
 
+def adopt_reference(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, maximize, mult=1.0,
+                    compute_dtype=torch.float64, *, agc_scale=None, ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0):
+    """One ADOPT step (Taniguchi et al. 2024, "ADOPT: Modified Adam Can Converge with Any
+    beta2 with the Optimal Rate", arXiv 2411.02853) for one tensor, g through
+    grad_pipeline_reference first; `step` is t, the count after incrementing (1 first):
+        t == 1: v = g^2 (m and p unchanged)
+        t >= 2: p = p * (1 - lr * wd)                      (decoupled weight decay)
+                ghat = clamp(g / max(sqrt(v), eps), -c, c),  c = (t - 1)^(1/4)
+                m = beta1 * m + (1 - beta1) * ghat;  p = p - lr * m
+                v = beta2 * v + (1 - beta2) * g^2         (v after its use: the decorrelation)
+    Returns (p, m, v, ema) in the inputs' dtype."""
+    dt = p.dtype
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p, m, v = p.to(compute_dtype), m.to(compute_dtype), v.to(compute_dtype)
+    if step == 1:
+        return p.to(dt), m.to(dt), (g * g).to(dt), _out(ema, dt)
+    p = p * (1 - lr * weight_decay)
+    clip = (step - 1) ** 0.25
+    ghat = (g / torch.clamp(v.sqrt(), min=eps)).clamp(-clip, clip)  # both clamps keep NaN
+    m = beta1 * m + (1 - beta1) * ghat
+    p = p - lr * m
+    v = beta2 * v + (1 - beta2) * g * g
+    return p.to(dt), m.to(dt), v.to(dt), _out(ema, dt)
+
+
+def adan_reference(p, g, m, d, v, pre_grad, step, lr, beta1, beta2, beta3, eps, weight_decay, no_prox, maximize,
+                   mult=1.0, compute_dtype=torch.float64, *, agc_scale=None, ema=None, grokfast_alpha=0.98,
+                   grokfast_lamb=2.0):
+    """One Adan step (Xie et al. 2022, "Adan: Adaptive Nesterov Momentum Algorithm for Faster
+    Optimizing Deep Models", arXiv 2208.06677, as in its authors' implementation) for one
+    tensor, g through grad_pipeline_reference first; `step` is t (1 on the first step):
+        diff = g - pre_grad (0 when t == 1)
+        m = beta1 * m + (1 - beta1) * g;  d = beta2 * d + (1 - beta2) * diff
+        v = beta3 * v + (1 - beta3) * (g + beta2 * diff)^2
+        update = (m / bc1 + beta2 * d / bc2) / (sqrt(v) / sqrt(bc3) + eps),  bc_i = 1 - beta_i^t
+        no_prox: p = p * (1 - lr * wd) - lr * update;  else p = (p - lr * update) / (1 + lr * wd)
+        pre_grad = g
+    Returns (p, m, d, v, pre_grad, ema) in the inputs' dtype."""
+    dt = p.dtype
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p, m, d, v = (t.to(compute_dtype) for t in (p, m, d, v))
+    diff = torch.zeros_like(g) if step == 1 else g - pre_grad.to(compute_dtype)
+    m = beta1 * m + (1 - beta1) * g
+    d = beta2 * d + (1 - beta2) * diff
+    u = g + beta2 * diff
+    v = beta3 * v + (1 - beta3) * u * u
+    bc1, bc2, bc3 = (1 - beta ** step for beta in (beta1, beta2, beta3))
+    update = (m / bc1 + beta2 * d / bc2) / (v.sqrt() / math.sqrt(bc3) + eps)
+    if no_prox:
+        p = p * (1 - lr * weight_decay) - lr * update
+    else:
+        p = (p - lr * update) / (1 + lr * weight_decay)
+    return p.to(dt), m.to(dt), d.to(dt), v.to(dt), g.to(dt), _out(ema, dt)
+
+
 def lamb_trust_ratio_reference(p_norm, r_norm, max_weight_norm):
     """LAMB's per-tensor trust ratio phi(|w|) / |r|, phi clamping |w| to max_weight_norm
     when that is > 0, and 1 where |w| or |r| is 0 (csrc/ops.cpp)."""
