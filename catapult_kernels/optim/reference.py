@@ -12,6 +12,7 @@ Adam and AdamW take torch.optim's own classes (foreach=False) as their reference
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -69,6 +70,78 @@ class LionReference(torch.optim.Optimizer):
                 c = beta1 * m + (1 - beta1) * g
                 p.mul_(1 - lr * wd).sub_(lr * torch.sign(c))
                 m.copy_(beta2 * m + (1 - beta2) * g)
+
+
+class ADOPTReference(torch.optim.Optimizer):
+    """ADOPT (Taniguchi et al. 2024, arXiv 2411.02853), with decoupled weight decay: the first
+    step only sets v = g^2; then g is normalized by the v of the steps before (clipped to
+    +-(t-1)^(1/4)) before it enters m, and v takes g after its use."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                if t == 1:
+                    v.copy_(g * g)
+                    continue
+                p.mul_(1 - lr * wd)
+                clip = (t - 1) ** 0.25
+                ghat = (g / v.sqrt().clamp(min=group["eps"])).clamp(-clip, clip)
+                m.copy_(beta1 * m + (1 - beta1) * ghat)
+                p.sub_(lr * m)
+                v.copy_(beta2 * v + (1 - beta2) * g * g)
+
+
+class AdanReference(torch.optim.Optimizer):
+    """Adan (Xie et al. 2022, arXiv 2208.06677), as in its authors' implementation: momenta of
+    the grad (m), of the grad's difference from the step before (d) and of the squared
+    Nesterov-corrected grad (v); no_prox decays p before the update, else p is divided by
+    1 + lr * wd after it (the proximal form)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02, no_prox=False,
+                 maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
+                                      maximize=maximize))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2, beta3 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_diff=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p), pre_grad=torch.zeros_like(p))
+                state["step"] += 1
+                m, d, v, t = state["exp_avg"], state["exp_avg_diff"], state["exp_avg_sq"], state["step"]
+                diff = g - state["pre_grad"] if t > 1 else torch.zeros_like(g)  # no grad before the first
+                m.copy_(beta1 * m + (1 - beta1) * g)
+                d.copy_(beta2 * d + (1 - beta2) * diff)
+                v.copy_(beta3 * v + (1 - beta3) * (g + beta2 * diff) ** 2)
+                bc1, bc2, bc3 = (1 - beta ** t for beta in (beta1, beta2, beta3))
+                update = (m / bc1 + beta2 * d / bc2) / (v.sqrt() / math.sqrt(bc3) + group["eps"])
+                if group["no_prox"]:
+                    p.mul_(1 - lr * wd).sub_(lr * update)
+                else:
+                    p.sub_(lr * update).div_(1 + lr * wd)
+                state["pre_grad"].copy_(g)
 
 
 class LAMBReference(torch.optim.Optimizer):
