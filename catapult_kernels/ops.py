@@ -1,26 +1,30 @@
-"""Python entry points over torch.ops.catapult.*: backend choice, fake kernels,
-and the global norm over tensors on several devices.
+"""Python entry points over torch.ops.catapult.*: backend choice (an explicit table of
+the kernels of each backend), fake kernels, the update ops' common call (update_,
+PipelineArgs), and the global norm over tensors on several devices.
 
-The C++ ops (catapult::multi_tensor_norm and the update ops adamw_, sgd_, lion_,
-lamb_) have CPU and CUDA kernels in csrc/; the Triton ops (catapult::*_triton) live in catapult_kernels/triton.
+The C++ ops (catapult::multi_tensor_norm, lamb_, and the elementwise update ops each
+defined by its spec in csrc/optimizers/) have CPU and CUDA kernels; the Triton twins
+(catapult::*_triton_) live in catapult_kernels/triton.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+
+from .layout import SUPPORTED_DTYPES
 
 try:
     from . import _C  # noqa: F401  (importing it registers the C++ ops)
 
     _C_ERROR: Optional[BaseException] = None
-except ImportError as e:  # not built: the Triton ops may still work
+except ImportError as e:  # not built
     _C_ERROR = e
 
 BACKENDS = ("auto", "cpu", "cuda", "triton")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take
 
 
 def check_backend_name(backend: str) -> None:
@@ -28,31 +32,45 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: its numel() elements fill [data_ptr, data_ptr + numel)."""
-    if t.is_contiguous() or t.numel() <= 1:
-        return True
-    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
+# The grad pipeline's arguments: the last arguments of every update op (csrc/update_op.h).
+PIPELINE_ARGS = ("grad_norm", "max_grad_norm", "grad_scale", "skip", "agc_scales", "grokfast_emas",
+                 "grokfast_alpha", "grokfast_lamb", "maximize")
 
 
-def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, and strides that agree on every dim of size > 1 (a size-1 dim's stride
-    is arbitrary), so both walk their memory in the same order."""
-    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+class UpdateOp(NamedTuple):
+    """An update op as its schema describes it: its state lists (read and written, in
+    order), whether it takes step counts, and its own arguments after lr."""
+    name: str
+    states: tuple
+    has_step: bool
+    hyper: tuple
+
+
+def _update_ops() -> dict:
+    """Every update op the C++ extension defines: those whose schema ends with the pipeline."""
+    found = {}
+    for qualified in torch._C._dispatch_get_all_op_names():
+        ns, _, name = qualified.partition("::")
+        if ns != "catapult" or name.endswith("_triton_"):
+            continue
+        names = [a.name for a in getattr(torch.ops.catapult, name).default._schema.arguments]
+        if tuple(names[-len(PIPELINE_ARGS):]) != PIPELINE_ARGS:
+            continue
+        lr = names.index("lr")
+        states = tuple(n for n in names[2:lr] if n != "state_steps")
+        found[name] = UpdateOp(name, states, "state_steps" in names[2:lr],
+                               tuple(names[lr + 1:-len(PIPELINE_ARGS)]))
+    return dict(sorted(found.items()))
+
+
+UPDATE_OPS: dict = _update_ops() if _C_ERROR is None else {}
 
 
 def _built_kernels() -> dict:
     if _C_ERROR is not None:
         return {"cpu": False, "cuda": False}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    ops_ = ("catapult::multi_tensor_norm", "catapult::adamw_", "catapult::sgd_", "catapult::lion_",
-            "catapult::lamb_")
+    ops_ = ["catapult::multi_tensor_norm"] + [f"catapult::{name}" for name in UPDATE_OPS]
     return {d: all(has(op, d.upper()) for op in ops_) for d in ("cpu", "cuda")}
 
 
@@ -103,10 +121,7 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, per_ten
     for tensors on one device. ord is 2 or inf."""
     tensors = list(tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
-    if resolve_backend(backend, device) == "triton":
-        from .triton.multi_tensor_norm import multi_tensor_norm_triton_eager
-        return multi_tensor_norm_triton_eager(tensors, float(ord), per_tensor)
-    return torch.ops.catapult.multi_tensor_norm(tensors, float(ord), per_tensor)
+    return kernel("multi_tensor_norm", resolve_backend(backend, device))(tensors, float(ord), per_tensor)
 
 
 def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str = "auto") -> torch.Tensor:
@@ -142,76 +157,64 @@ def global_norm(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str 
     return total.to(torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32)
 
 
-# The regularizer arguments every update op ends with (csrc/ops.cpp: the grad pipeline).
-def _tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
-          grokfast_lamb) -> tuple:
-    return (grad_norm, float(max_grad_norm), grad_scale, found_inf, list(agc_scales), list(grokfast_emas),
-            float(grokfast_alpha), float(grokfast_lamb))
-
-
-def _update_op(name: str, params, backend: str):
-    """torch.ops.catapult.<name>, or for the Triton backend its eager entry point (which
-    is the op itself under torch.compile)."""
-    device = params[0].device if params else torch.device("cpu")
-    if resolve_backend(backend, device) == "triton":
+def kernel(op: str, backend: str) -> Callable:
+    """What runs catapult::<op> on a concrete backend (resolve_backend's answer): the C++ op
+    on 'cpu' and 'cuda'; on 'triton' its Triton twin's eager entry point (which is the
+    op itself under torch.compile)."""
+    if backend == "triton":
         from . import triton as triton_ops  # loaded by resolve_backend
-        base = name.rstrip("_")
-        return getattr(getattr(triton_ops, base), f"{base}_triton_eager")
-    return getattr(torch.ops.catapult, name)
+        return triton_ops.KERNELS[op]
+    return getattr(torch.ops.catapult, op)
 
 
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr: torch.Tensor,
-           beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-           grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
-           grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
-           decoupled_weight_decay: bool = True, agc_scales=(), grokfast_emas=(), grokfast_alpha: float = 0.98,
-           grokfast_lamb: float = 2.0, backend: str = "auto") -> None:
-    """One fused Adam/AdamW step in place; see csrc/ops.cpp for the contract."""
-    _update_op("adamw_", params, backend)(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-        decoupled_weight_decay, amsgrad, maximize,
-        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
-               grokfast_lamb))
+@dataclass(frozen=True)
+class PipelineArgs:
+    """The grad pipeline's arguments, the tail of every update op (csrc/ops.cpp): the
+    global norm to clip by (max_grad_norm > 0) and GradScaler's scale, all read on the
+    device; skip: a float32 flag, nonzero = nothing at all is written; AGC row factors
+    per param; Grokfast EMAs per param with their alpha and lamb; maximize. The
+    defaults switch everything off."""
+    grad_norm: Optional[torch.Tensor] = None
+    max_grad_norm: float = 0.0
+    grad_scale: Optional[torch.Tensor] = None
+    skip: Optional[torch.Tensor] = None
+    agc_scales: Sequence[torch.Tensor] = ()
+    grokfast_emas: Sequence[torch.Tensor] = ()
+    grokfast_alpha: float = 0.98
+    grokfast_lamb: float = 2.0
+    maximize: bool = False
+
+    def args(self) -> tuple:
+        """The values in schema order, as the ops take them."""
+        return (self.grad_norm, float(self.max_grad_norm), self.grad_scale, self.skip, list(self.agc_scales),
+                list(self.grokfast_emas), float(self.grokfast_alpha), float(self.grokfast_lamb),
+                bool(self.maximize))
 
 
-def sgd_(params, grads, momentum_buffers, lr: torch.Tensor, momentum: float, dampening: float,
-         weight_decay: float, nesterov: bool, maximize: bool, first_step: bool,
-         grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
-         grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
-         trust_ratios: Optional[torch.Tensor] = None, agc_scales=(), grokfast_emas=(),
-         grokfast_alpha: float = 0.98, grokfast_lamb: float = 2.0, backend: str = "auto") -> None:
-    """One fused SGD (or LARS, with trust_ratios) step in place; see csrc/ops.cpp for the contract."""
-    _update_op("sgd_", params, backend)(
-        params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
-        trust_ratios,
-        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
-               grokfast_lamb))
+NO_PIPELINE = PipelineArgs()
 
 
-def lion_(params, grads, exp_avgs, lr: torch.Tensor, beta1: float, beta2: float, weight_decay: float,
-          maximize: bool, grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
-          grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
-          agc_scales=(), grokfast_emas=(), grokfast_alpha: float = 0.98, grokfast_lamb: float = 2.0,
-          backend: str = "auto") -> None:
-    """One fused Lion step in place; see csrc/ops.cpp for the contract."""
-    _update_op("lion_", params, backend)(
-        params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize,
-        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
-               grokfast_lamb))
-
-
-def lamb_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr: torch.Tensor, beta1: float, beta2: float,
-          eps: float, weight_decay: float, bias_correction: bool, max_weight_norm: float, maximize: bool,
-          grad_norm: Optional[torch.Tensor] = None, max_grad_norm: float = 0.0,
-          grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None, *,
-          agc_scales=(), grokfast_emas=(), grokfast_alpha: float = 0.98, grokfast_lamb: float = 2.0,
-          backend: str = "auto") -> None:
-    """One fused LAMB step (two passes) in place; see csrc/ops.cpp for the contract."""
-    _update_op("lamb_", params, backend)(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
-        max_weight_norm, maximize,
-        *_tail(grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas, grokfast_alpha,
-               grokfast_lamb))
+def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            states: Sequence[Sequence[torch.Tensor]], state_steps: Optional[Sequence[torch.Tensor]],
+            lr: torch.Tensor, pipeline: PipelineArgs = NO_PIPELINE, backend: str = "auto", **hyper) -> None:
+    """One fused step of update op `op` (UPDATE_OPS) in place: states holds one list per
+    state list of the op, in its order (an unused one empty); state_steps the step counts
+    (None for an op without), which the op advances; hyper the op's own arguments by name.
+    The contract of each op is beside its math (csrc/optimizers/<name>.h, csrc/ops.cpp)."""
+    spec = UPDATE_OPS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown update op {op!r}; the update ops are {', '.join(UPDATE_OPS)}")
+    if len(states) != len(spec.states):
+        raise ValueError(f"{op} takes {len(spec.states)} state lists ({', '.join(spec.states)}), got {len(states)}")
+    if (state_steps is not None) != spec.has_step:
+        raise ValueError(f"{op} takes {'' if spec.has_step else 'no '}state_steps")
+    if set(hyper) != set(spec.hyper):
+        raise ValueError(f"{op} takes the arguments {', '.join(spec.hyper)}; got {', '.join(hyper) or 'none'}")
+    device = params[0].device if params else torch.device("cpu")
+    steps = () if state_steps is None else (list(state_steps),)
+    kernel(op, resolve_backend(backend, device))(
+        list(params), list(grads), *(list(s) for s in states), *steps, lr, *(hyper[h] for h in spec.hyper),
+        *pipeline.args())
 
 
 def check_one_device(op: str, args: Sequence, kwargs: Optional[dict] = None) -> None:
@@ -256,5 +259,5 @@ def norm_fake_outputs(tensors, ord, per_tensor):
 if _C_ERROR is None:
     torch.library.register_fake("catapult::multi_tensor_norm")(
         device_checked_fake("multi_tensor_norm", norm_fake_outputs))
-    for _name in ("adamw_", "sgd_", "lion_", "lamb_"):
+    for _name in UPDATE_OPS:
         torch.library.register_fake(f"catapult::{_name}")(device_checked_fake(_name))

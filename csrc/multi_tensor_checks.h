@@ -25,7 +25,7 @@ inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-// A scalar control tensor (lr, grad_norm, grad_scale, found_inf): float32, one
+// A scalar control tensor (lr, grad_norm, grad_scale, skip): float32, one
 // element, on the kernels' device (CPU tensors are read directly by the CPU kernels).
 inline void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.numel() == 1, "catapult: ", name, " must have one element, got ", t.numel());
@@ -90,18 +90,18 @@ inline void check_update_lists(at::TensorList params, const NamedLists& others,
 }
 
 // The checks every update op shares: params on the kernel's device, and the control
-// scalars of the grad pipeline (lr, grad_norm, grad_scale, found_inf) beside them.
+// scalars of the grad pipeline (lr, grad_norm, grad_scale, skip) beside them.
 inline void check_step_control(const char* op, at::TensorList params, const at::Tensor& lr,
                                const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
                                const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+                               const std::optional<at::Tensor>& skip, const at::Device& device) {
   TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: ", op, ": params are on ",
               params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
               " tensors");
   check_scalar_tensor(lr, "lr", device);
   check_optional_scalar(grad_norm, "grad_norm", device);
   check_optional_scalar(grad_scale, "grad_scale", device);
-  check_optional_scalar(found_inf, "found_inf", device);
+  check_optional_scalar(skip, "skip", device);
   TORCH_CHECK(!(max_grad_norm > 0.0) || grad_norm.has_value(), "catapult: ", op,
               " needs grad_norm when max_grad_norm > 0 (got ", max_grad_norm, ")");
 }
@@ -141,74 +141,17 @@ inline void add_regularizer_lists(const char* op, at::TensorList params, at::Ten
   }
 }
 
-// Everything catapult::adamw_ checks, on every backend, before it writes anything.
-// `device` is where the kernel runs (the params' device; CPU for an empty list).
-inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                             at::TensorList state_steps, bool amsgrad, const at::Tensor& lr,
-                             const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-                             const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
-                             at::TensorList grokfast_emas, const at::Device& device) {
-  NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  add_regularizer_lists("adamw_", params, agc_scales, grokfast_emas, lists);
-  check_update_lists(params, lists, state_steps);
-  check_step_control("adamw_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
-}
-
-// Everything catapult::sgd_ checks, on every backend, before it writes anything.
-inline void check_sgd_args(at::TensorList params, at::TensorList grads,
-                           at::TensorList momentum_buffers, double momentum,
-                           const std::optional<at::Tensor>& trust_ratios, const at::Tensor& lr,
-                           const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-                           const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
-                           at::TensorList grokfast_emas, const at::Device& device) {
-  NamedLists lists{{"grads", grads}};
-  if (momentum != 0.0) {
-    lists.emplace_back("momentum_buffers", momentum_buffers);
-  } else {
-    TORCH_CHECK(momentum_buffers.empty(), "catapult: sgd_: momentum_buffers must be empty when momentum is 0");
-  }
-  add_regularizer_lists("sgd_", params, agc_scales, grokfast_emas, lists);
-  check_update_lists(params, lists);
-  check_step_control("sgd_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
-  if (trust_ratios.has_value()) {
-    const auto& t = *trust_ratios;
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous() &&
-                    t.numel() == static_cast<int64_t>(params.size()),
-                "catapult: sgd_: trust_ratios must be a contiguous float32 tensor of ",
-                params.size(), " elements (one per param), got ", t.scalar_type(), " of shape ",
-                t.sizes());
-    TORCH_CHECK(t.device() == device, "catapult: sgd_: trust_ratios is on ", t.device(),
-                " but the params are on ", device);
-  }
-}
-
-// Everything catapult::lion_ checks, on every backend, before it writes anything.
-inline void check_lion_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                            const at::Tensor& lr, const std::optional<at::Tensor>& grad_norm,
-                            double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
-                            at::TensorList grokfast_emas, const at::Device& device) {
-  NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}};
-  add_regularizer_lists("lion_", params, agc_scales, grokfast_emas, lists);
-  check_update_lists(params, lists);
-  check_step_control("lion_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
-}
-
 // Everything catapult::lamb_ checks, on every backend, before it writes anything.
 inline void check_lamb_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList state_steps,
                             const at::Tensor& lr, const std::optional<at::Tensor>& grad_norm,
                             double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
+                            const std::optional<at::Tensor>& skip, at::TensorList agc_scales,
                             at::TensorList grokfast_emas, const at::Device& device) {
   NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
   add_regularizer_lists("lamb_", params, agc_scales, grokfast_emas, lists);
   check_update_lists(params, lists, state_steps);
-  check_step_control("lamb_", params, lr, grad_norm, max_grad_norm, grad_scale, found_inf, device);
+  check_step_control("lamb_", params, lr, grad_norm, max_grad_norm, grad_scale, skip, device);
 }
 
 }  // namespace catapult

@@ -5,6 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "update_op.h"
+
 extern "C" {
 // Importing catapult_kernels._C only runs the static registrations below and in
 // the kernel files; the module itself is empty (the extension-cpp pattern).
@@ -23,8 +27,9 @@ TORCH_LIBRARY(catapult, m) {
   // Deterministic: fixed-size chunks, per-chunk partials, fixed-order reduction.
   m.def("multi_tensor_norm(Tensor[] tensors, float ord, bool per_tensor) -> (Tensor, Tensor)");
 
-  // The update ops below share one grad pipeline (csrc/grad_pipeline.h), applied to
-  // every grad element in this order, before the optimizer's own weight decay and update:
+  // The update ops share one grad pipeline (csrc/grad_pipeline.h), whose arguments end
+  // every update op's schema (kPipelineSchema, update_op.h), applied to every grad element
+  // in this order, before the optimizer's own weight decay and update:
   //   1. unscale and global clip: g = grad * mult, mult = min(1, max_grad_norm /
   //      (grad_norm / scale + 1e-6)) / scale  (scale = grad_scale or 1; no clip when
   //      max_grad_norm <= 0);
@@ -34,40 +39,12 @@ TORCH_LIBRARY(catapult, m) {
   //   3. Grokfast EMA: ema = alpha * ema + (1 - alpha) * g; g = g + lamb * ema
   //      (grokfast_emas empty = off; alpha = 0 starts a new ema at the grad);
   //   4. maximize: g = -g.
-  // Nothing at all is written when found_inf is given and nonzero. Math in float32.
-  // The tail "grad_norm .. grokfast_lamb" is the same on every update op.
-
-  // One Adam/AdamW step (torch.optim.AdamW's formula; with decoupled_weight_decay false,
-  // torch.optim.Adam's coupled L2: g = g + weight_decay * p) over lists of same-shaped
-  // tensors. state_steps hold the step count already incremented for this step.
-  // max_exp_avg_sqs is empty unless amsgrad.
-  m.def(
-      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, "
-      "Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool decoupled_weight_decay, bool amsgrad, bool maximize, Tensor? grad_norm, "
-      "float max_grad_norm, Tensor? grad_scale, Tensor? found_inf, Tensor[] agc_scales, "
-      "Tensor(e!)[] grokfast_emas, float grokfast_alpha, float grokfast_lamb) -> ()");
-
-  // One SGD step (torch.optim.SGD's formula). With momentum == 0, momentum_buffers is
-  // empty and only params are written (12 B/param without the regularizers); else
-  // first_step says the buffers are new: they are set to the step's grad (torch's first
-  // step) instead of updated. trust_ratios (LARS; float32 [len(params)] or None)
-  // multiplies param i's grad after the weight decay term: g = trust[i] * (g + wd * p).
-  m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool first_step, Tensor? trust_ratios, Tensor? grad_norm, float max_grad_norm, "
-      "Tensor? grad_scale, Tensor? found_inf, Tensor[] agc_scales, Tensor(e!)[] grokfast_emas, "
-      "float grokfast_alpha, float grokfast_lamb) -> ()");
-
-  // One Lion step (Chen et al. 2023): p = p * (1 - lr * wd); p = p - lr * sign(beta1 * m +
-  // (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g.
-  m.def(
-      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor lr, "
-      "float beta1, float beta2, float weight_decay, bool maximize, Tensor? grad_norm, "
-      "float max_grad_norm, Tensor? grad_scale, Tensor? found_inf, Tensor[] agc_scales, "
-      "Tensor(e!)[] grokfast_emas, float grokfast_alpha, float grokfast_lamb) -> ()");
+  // Nothing at all is written (step counts included) when skip is given and nonzero: the
+  // flag of GradScaler's found_inf and of skip_nonfinite. Math in float32. state_steps
+  // hold the steps taken before this one; the op counts this one (t = step + 1), writing t.
+  //
+  // The elementwise update ops (adamw_, sgd_, lion_, adopt_, adan_, grad_pipeline_) are
+  // each defined by their spec, csrc/optimizers/<name>.h (schema and math); see update_op.h.
 
   // One LAMB step (You et al. 2019), two passes inside the op. Pass 1, per element: the
   // grad pipeline, m = beta1 * m + (1 - beta1) * g, v = beta2 * v + (1 - beta2) * g^2,
@@ -78,11 +55,10 @@ TORCH_LIBRARY(catapult, m) {
   // for bit (float32 recomputes it from the stored m, v; 16-bit types, whose stored
   // moments are rounded, rerun pass 1's math and store m, v in pass 2). Norms are
   // deterministic (fixed chunks and reduction order).
-  m.def(
-      "lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor[] state_steps, Tensor lr, float beta1, float beta2, "
-      "float eps, float weight_decay, bool bias_correction, float max_weight_norm, "
-      "bool maximize, Tensor? grad_norm, float max_grad_norm, Tensor? grad_scale, "
-      "Tensor? found_inf, Tensor[] agc_scales, Tensor(e!)[] grokfast_emas, "
-      "float grokfast_alpha, float grokfast_lamb) -> ()");
+  m.def((std::string("lamb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+                     "Tensor(c!)[] exp_avg_sqs, Tensor(s!)[] state_steps, Tensor lr, float beta1, "
+                     "float beta2, float eps, float weight_decay, bool bias_correction, "
+                     "float max_weight_norm, ") +
+         catapult::kPipelineSchema + ") -> ()")
+            .c_str());
 }

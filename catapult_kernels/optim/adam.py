@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops
-from .base import Bucket, FusedOptimizer, StepControl
+from .base import FusedOptimizer, Part
 
 
 class Adam(FusedOptimizer):
@@ -16,7 +15,7 @@ class Adam(FusedOptimizer):
     decoupled_weight_decay, as in torch. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
 
-    _has_step = True
+    _op = "adamw_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach: Optional[bool] = None, maximize=False, capturable=False,
@@ -37,29 +36,12 @@ class Adam(FusedOptimizer):
     def _state_keys(self, group: dict) -> tuple:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
-        state = self.state[p]
-        for key in self._state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        self._step_tensor(state, device)
-        return state
-
-    def _update(self, bucket: Bucket, control: StepControl) -> None:
-        group = bucket.group
-        amsgrad = group["amsgrad"]
-        self._advance_steps([s["step"] for s in bucket.states], control)
+    def _hyper(self, group: dict, part: Part) -> dict:
         beta1, beta2 = group["betas"]
-        lr = self._lr_tensor(group, bucket.device)
-        for part in self._parts(bucket):
-            states = part.take(bucket.states)
-            ops.adamw_(part.take(bucket.params), part.take(bucket.grads),
-                       [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                       [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states],
-                       lr, float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                       bool(amsgrad), bool(group["maximize"]),
-                       decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
-                       **self._pipeline_args(bucket, part, control))
+        return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
+                    amsgrad=bool(group["amsgrad"]))
 
 
 class AdamW(Adam):

@@ -3,9 +3,13 @@
 step() = validate every grad, every state tensor and every hyperparameter (before anything
 changes; missing state is created as zeros, as torch does) -> one global grad-norm pass
 (when clipping or skip_nonfinite needs it) -> the AGC row factors of every group (when it
-has agc) -> per (group, device, dtype) bucket: bump the step counts and run the optimizer's
-fused update kernel, which reads the clip coefficient, the GradScaler scale and the skip
-flag from device tensors and applies the grad pipeline of regularizers.py. No host sync.
+has agc) -> per (group, device, dtype) bucket: the optimizer's fused update op
+(ops.UPDATE_OPS), which reads the clip coefficient, the GradScaler scale and the skip flag
+from device tensors, applies the grad pipeline of regularizers.py and counts the step. No
+host sync.
+
+A new elementwise optimizer is its op (csrc/optimizers/<name>.h) and a subclass naming it
+in `_op`, with its defaults, `_check_group`, `_state_keys` and `_hyper`.
 """
 from __future__ import annotations
 
@@ -16,11 +20,9 @@ from typing import Optional
 import torch
 
 from .. import ops
-from .layout import check_no_overlap, gather_if_strided, has_internal_overlap
+from ..layout import SUPPORTED_DTYPES, check_no_overlap, gather_if_strided, has_internal_overlap, same_layout
 from .regularizers import agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
 from .unwritten import UnwrittenFlag, gate
-
-SUPPORTED_DTYPES = ops.SUPPORTED_DTYPES
 
 # The kinds of new state whose first step sets it rather than updates it (unwritten.py).
 OWN, EMA = "own", "grokfast_ema"
@@ -58,7 +60,7 @@ class Part:
     def take(self, items: list) -> list:
         return [items[i] for i in self.idx]
 
-    def found_inf(self, skip: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def skip(self, skip: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The skip flag of this call: the step's, or the gate of its conditions."""
         return gate(skip, self.run_if)
 
@@ -78,8 +80,9 @@ class StepControl:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base of the drop-in optimizers. Subclasses set `defaults`, validate their own
-    hyperparameters in `_check_group`, and implement `_state_keys`, `_state` and `_update`.
+    """Base of the drop-in optimizers. Subclasses name their update op (`_op`), set
+    `defaults`, validate their own hyperparameters in `_check_group`, and give the state
+    keys (`_state_keys`) and the op's own arguments (`_hyper`) for a group.
 
     Options every optimizer takes (keyword-only; grokfast and agc are also per-group keys):
     max_grad_norm: clip the global L2 norm of all grads to this (None: no clipping);
@@ -100,8 +103,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether the optimizer's own new state is set on its first step (SGD's momentum
     # buffer starts at the grad) rather than starting at zeros (Adam's moments).
     _sets_new_state = False
-    # Whether the state holds a step count (`step`), as torch's Adam does.
-    _has_step = False
+    # The update op (ops.UPDATE_OPS) that runs a step. Its state lists are the state keys
+    # plus "s" (exp_avg -> exp_avgs); a state key the group does not keep gets an empty list.
+    _op = ""
     # Attributes that pickle, copy.deepcopy and torch.save(optimizer) keep besides torch's.
     _options = ("backend", "max_grad_norm", "skip_nonfinite", "_report")
 
@@ -264,7 +268,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 kernel_p = p
                 if not p.is_contiguous():
                     kernel_p = gather_if_strided(p)
-                    if not (g.is_contiguous() and kernel_p.is_contiguous()) and not ops.same_layout(g, kernel_p):
+                    if not (g.is_contiguous() and kernel_p.is_contiguous()) and not same_layout(g, kernel_p):
                         g = torch.empty_like(kernel_p).copy_(g)  # the kernels walk grads laid out like params
                 elif not g.is_contiguous():
                     g = g.contiguous()
@@ -315,17 +319,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             # the count lives where the flag does: a loaded count on the CPU would cost a sync per step
             self._report["skipped_steps"] = counted if skipped is None else skipped.to(counted.device) + counted
         return StepControl(grad_norm, grad_scale, skip)
-
-    @staticmethod
-    def _advance_steps(steps: list, control: StepControl) -> None:
-        """state['step'] += 1, or += 0 on a skipped step, without reading the flag on the host."""
-        if control.skip is None:
-            torch._foreach_add_(steps, 1.0)
-        else:
-            # A list of the one tensor, not the tensor: torch.compile would read a 0-d CPU
-            # tensor given as a scalar on the host.
-            keep = 1.0 - control.skip
-            torch._foreach_add_(steps, [keep] * len(steps))
 
     @staticmethod
     def _step_tensor(state: dict, device: torch.device) -> torch.Tensor:
@@ -487,18 +480,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 parts[key].idx.append(i)
         return list(parts.values())
 
-    def _pipeline_args(self, bucket: Bucket, part: Part, control: StepControl) -> dict:
-        """The grad pipeline's arguments of one kernel call (csrc/ops.cpp: the shared tail)."""
-        grokfast = bucket.group["grokfast"]
-        return dict(
+    def _pipeline_args(self, bucket: Bucket, part: Part, control: StepControl) -> ops.PipelineArgs:
+        """The grad pipeline's arguments of one kernel call."""
+        group = bucket.group
+        grokfast = group["grokfast"]
+        return ops.PipelineArgs(
             grad_norm=control.grad_norm, max_grad_norm=self.max_grad_norm or 0.0,
-            grad_scale=control.grad_scale, found_inf=part.found_inf(control.skip),
-            agc_scales=part.take(bucket.agc_scales) if part.agc else [],
-            grokfast_emas=part.take([s[EMA] for s in bucket.states]) if grokfast else [],
+            grad_scale=control.grad_scale, skip=part.skip(control.skip),
+            agc_scales=part.take(bucket.agc_scales) if part.agc else (),
+            grokfast_emas=part.take([s[EMA] for s in bucket.states]) if grokfast else (),
             # alpha = 0 starts a new EMA at the grad
             grokfast_alpha=0.0 if part.ema_fresh or grokfast is None else grokfast["alpha"],
             grokfast_lamb=0.0 if grokfast is None else grokfast["lamb"],
-            backend=self.backend)
+            maximize=bool(group.get("maximize", False)))
 
     def _check_states(self, bucket: Bucket) -> None:
         """State tensors (a loaded state_dict may hold anything) laid out like their params,
@@ -506,7 +500,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p, state in zip(bucket.params, bucket.states):
             for key in self._param_like_state_keys(bucket.group):
                 t = state[key]
-                if t.dtype is not p.dtype or t.device != p.device or not ops.same_layout(t, p):
+                if t.dtype is not p.dtype or t.device != p.device or not same_layout(t, p):
                     raise RuntimeError(f"state[{key!r}] of a param is {tuple(t.shape)} {t.dtype} on {t.device} "
                                        f"(strides {t.stride()}) but the param is {tuple(p.shape)} {p.dtype} "
                                        f"on {p.device} (strides {p.stride()})")
@@ -519,10 +513,35 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The optimizer's own state tensors shaped like the param, for this group's options."""
         raise NotImplementedError
 
-    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
-        """p's state, made on its first step (as torch makes it), with a float32 step tensor on device."""
+    def _hyper(self, group: dict, part: Part) -> dict:
+        """The update op's own arguments (after lr) for one kernel call over `part`."""
         raise NotImplementedError
 
+    @property
+    def _has_step(self) -> bool:
+        """Whether the state holds a step count (`step`), as torch's Adam does."""
+        return ops.UPDATE_OPS[self._op].has_step
+
+    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
+        """p's state, made on its first step as torch makes it (zeros like p), with a float32
+        step tensor on device when the op counts steps."""
+        state = self.state[p]
+        for key in self._state_keys(group):
+            if state.get(key) is None:  # a None buffer (torch saves those) is no buffer
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self._has_step:
+            self._step_tensor(state, device)
+        return state
+
     def _update(self, bucket: Bucket, control: StepControl) -> None:
-        """Run the fused update kernel on one bucket."""
-        raise NotImplementedError
+        """The update op over the bucket, in as few calls as _parts allows."""
+        group = bucket.group
+        op = ops.UPDATE_OPS[self._op]
+        keys = self._state_keys(group)
+        lr = self._lr_tensor(group, bucket.device)
+        for part in self._parts(bucket, by_fresh=self._sets_new_state and bool(keys)):
+            states = part.take(bucket.states)
+            lists = [[s[name[:-1]] for s in states] if name[:-1] in keys else [] for name in op.states]
+            ops.update_(self._op, part.take(bucket.params), part.take(bucket.grads), lists,
+                        [s["step"] for s in states] if op.has_step else None, lr,
+                        self._pipeline_args(bucket, part, control), self.backend, **self._hyper(group, part))

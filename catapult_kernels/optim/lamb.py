@@ -7,8 +7,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops
-from .base import Bucket, FusedOptimizer, StepControl
+from .base import FusedOptimizer, Part
 
 
 class LAMB(FusedOptimizer):
@@ -18,7 +17,7 @@ class LAMB(FusedOptimizer):
     State keys `step`, `exp_avg`, `exp_avg_sq`. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
 
-    _has_step = True
+    _op = "lamb_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
                  bias_correction=True, max_weight_norm: Optional[float] = None, maximize=False,
@@ -39,23 +38,8 @@ class LAMB(FusedOptimizer):
     def _state_keys(self, group: dict) -> tuple:
         return ("exp_avg", "exp_avg_sq")
 
-    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
-        state = self.state[p]
-        for key in self._state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        self._step_tensor(state, device)
-        return state
-
-    def _update(self, bucket: Bucket, control: StepControl) -> None:
-        group = bucket.group
-        self._advance_steps([s["step"] for s in bucket.states], control)
+    def _hyper(self, group: dict, part: Part) -> dict:
         beta1, beta2 = group["betas"]
-        lr = self._lr_tensor(group, bucket.device)
-        for part in self._parts(bucket):
-            states = part.take(bucket.states)
-            ops.lamb_(part.take(bucket.params), part.take(bucket.grads), [s["exp_avg"] for s in states],
-                      [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr, float(beta1),
-                      float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                      bool(group["bias_correction"]), float(group["max_weight_norm"] or 0.0),
-                      bool(group["maximize"]), **self._pipeline_args(bucket, part, control))
+        return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), bias_correction=bool(group["bias_correction"]),
+                    max_weight_norm=float(group["max_weight_norm"] or 0.0))

@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops
-from .base import Bucket, FusedOptimizer, StepControl
+from .base import FusedOptimizer, Part
 
 
 class Lion(FusedOptimizer):
@@ -15,6 +14,8 @@ class Lion(FusedOptimizer):
     m <- beta2 * m + (1 - beta2) * g. State key `exp_avg`. The paper's defaults; its
     advice: an lr 3-10x smaller and a weight_decay 3-10x larger than AdamW's. Plus the
     options of FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+
+    _op = "lion_"
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
@@ -30,18 +31,6 @@ class Lion(FusedOptimizer):
     def _state_keys(self, group: dict) -> tuple:
         return ("exp_avg",)
 
-    def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-    def _update(self, bucket: Bucket, control: StepControl) -> None:
-        group = bucket.group
+    def _hyper(self, group: dict, part: Part) -> dict:
         beta1, beta2 = group["betas"]
-        lr = self._lr_tensor(group, bucket.device)
-        for part in self._parts(bucket):
-            ops.lion_(part.take(bucket.params), part.take(bucket.grads),
-                      [s["exp_avg"] for s in part.take(bucket.states)], lr, float(beta1), float(beta2),
-                      float(group["weight_decay"]), bool(group["maximize"]),
-                      **self._pipeline_args(bucket, part, control))
+        return dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]))

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from .base import Bucket, FusedOptimizer, StepControl
+from .base import Bucket, FusedOptimizer, Part, StepControl
 
 
 class SGD(FusedOptimizer):
@@ -18,6 +18,7 @@ class SGD(FusedOptimizer):
     A momentum buffer starts as the first step's grad, as in torch, also when the steps
     before were skipped (GradScaler overflow, skip_nonfinite)."""
 
+    _op = "sgd_"
     _sets_new_state = True
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
@@ -50,12 +51,16 @@ class SGD(FusedOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _update(self, bucket: Bucket, control: StepControl) -> None:
-        self._sgd_step(bucket, control, bucket.group["weight_decay"])
+    def _hyper(self, group: dict, part: Part, weight_decay=None, trust_ratios=None) -> dict:
+        momentum = float(group["momentum"])
+        return dict(momentum=momentum, dampening=float(group["dampening"]),
+                    weight_decay=float(group["weight_decay"] if weight_decay is None else weight_decay),
+                    nesterov=bool(group["nesterov"]), first_step=bool(part.fresh and momentum != 0),
+                    trust_ratios=trust_ratios)
 
     def _sgd_step(self, bucket: Bucket, control: StepControl, weight_decay: float,
                   trust_ratios=None, only=None) -> None:
-        """The sgd_ kernel over the params of the bucket listed in `only` (all by default),
+        """The sgd_ op over the params of the bucket listed in `only` (all of them by default),
         with optional trust ratios (LARS), one per param of `only`, in its order."""
         group = bucket.group
         momentum = float(group["momentum"])
@@ -73,8 +78,7 @@ class SGD(FusedOptimizer):
                 if trust.is_cuda:  # a list index would copy from pageable memory: a sync
                     index = index.pin_memory().to(trust.device, non_blocking=True)
                 trust = trust.index_select(0, index)
-            ops.sgd_(part.take(bucket.params), part.take(bucket.grads),
-                     [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else [],
-                     lr, momentum, float(group["dampening"]), float(weight_decay), bool(group["nesterov"]),
-                     bool(group["maximize"]), part.fresh and momentum != 0, trust_ratios=trust,
-                     **self._pipeline_args(bucket, part, control))
+            buffers = [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else []
+            ops.update_("sgd_", part.take(bucket.params), part.take(bucket.grads), [buffers], None, lr,
+                        self._pipeline_args(bucket, part, control), self.backend,
+                        **self._hyper(group, part, weight_decay, trust))

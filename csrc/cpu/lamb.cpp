@@ -20,6 +20,7 @@
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
 
 #include "cpu/square_sum.h"
+#include "update_op.h"
 #include "lamb_math.h"
 
 namespace {
@@ -196,16 +197,19 @@ void stored_direction_sums(const Entry& e, int64_t b, int64_t n, Sums& sums) {
 void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
               double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
-              double max_weight_norm, bool maximize, const std::optional<at::Tensor>& grad_norm,
+              double max_weight_norm, const std::optional<at::Tensor>& grad_norm,
               double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
-              at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb) {
+              const std::optional<at::Tensor>& skip, at::TensorList agc_scales,
+              at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb,
+              bool maximize) {
   catapult::check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm,
-                            max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas,
+                            max_grad_norm, grad_scale, skip, agc_scales, grokfast_emas,
                             at::Device(at::kCPU));
-  if (skip_step(found_inf)) return;
-  const float mult = grad_multiplier_of(grad_norm, max_grad_norm, grad_scale);
-  const Pipeline pl(grokfast_alpha, grokfast_lamb, maximize);
+  const catapult::PipelineArgs pipe = catapult::pipeline_args(grad_norm, max_grad_norm, grad_scale, skip,
+                                                              grokfast_alpha, grokfast_lamb, maximize);
+  if (pipe.skipped()) return;  // nothing at all is written, step counts included
+  const float mult = pipe.multiplier();
+  const Pipeline pl(pipe);
   const float lr_value = *lr.const_data_ptr<float>();
 
   std::vector<Entry> entries;
@@ -213,9 +217,11 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   std::vector<int64_t> first_chunk;  // per entry, its first chunk (its chunks are consecutive)
   entries.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
+    float* step_count = state_steps[i].data_ptr<float>();  // the op counts the step
+    const float step = *step_count + 1.0f;
+    *step_count = step;
     const int64_t numel = params[i].numel();
     if (numel == 0) continue;
-    const float step = *state_steps[i].const_data_ptr<float>();
     entries.push_back({params[i].data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
                        exp_avg_sqs[i].data_ptr(),
                        grokfast_emas.empty() ? nullptr : grokfast_emas[i].data_ptr(),

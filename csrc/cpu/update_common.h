@@ -1,4 +1,5 @@
-// What the CPU update kernels (adamw, sgd, lion, lamb) share around their math: the
+// What the CPU update kernels (the generic driver, elementwise_update.h, and lamb) share
+// around their math: the
 // work split (fixed-size chunks of every tensor, one parallel_for over all of them)
 // and the grad pipeline of csrc/grad_pipeline.h on vectors (AGC row factors folded
 // into the grad multiplier per row segment, the Grokfast EMA, maximize).
@@ -78,26 +79,13 @@ struct Pipeline {
   catapult::Grokfast grokfast;
   Vec alpha, one_minus_alpha, lamb;
   bool maximize;
-  Pipeline(double alpha_, double lamb_, bool maximize_)
-      : grokfast{static_cast<float>(alpha_), static_cast<float>(1.0 - alpha_), static_cast<float>(lamb_)},
+  explicit Pipeline(const catapult::PipelineArgs& a)
+      : grokfast(a.grokfast),
         alpha(grokfast.alpha),
         one_minus_alpha(grokfast.one_minus_alpha),
         lamb(grokfast.lamb),
-        maximize(maximize_) {}
+        maximize(a.maximize) {}
 };
-
-// The step's control scalars, read on the host (they are CPU tensors): whether
-// found_inf says skip, and the grad multiplier (unscale and global clip).
-inline bool skip_step(const std::optional<at::Tensor>& found_inf) {
-  return found_inf.has_value() && *found_inf->const_data_ptr<float>() != 0.0f;
-}
-
-inline float grad_multiplier_of(const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
-                                const std::optional<at::Tensor>& grad_scale) {
-  return catapult::grad_multiplier(grad_norm.has_value() ? grad_norm->const_data_ptr<float>() : nullptr,
-                                   static_cast<float>(max_grad_norm),
-                                   grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr);
-}
 
 // The grad pipeline on one block (kBlock elements at g + i): g * mult, the Grokfast
 // filter when ema is given (its block read, and written unless !kStoreEma), then

@@ -22,44 +22,6 @@
 namespace catapult {
 namespace cuda {
 
-// found_inf nonzero: the whole step is skipped and nothing written. Every thread of
-// every block reads the same address, so the exit is uniform (it may precede a barrier).
-__device__ __forceinline__ bool step_skipped(const float* found_inf) {
-  return found_inf != nullptr && *found_inf != 0.0f;
-}
-
-// The "grad_norm .. grokfast_lamb" tail of every update op, as the kernels take it.
-struct GradPipelineArgs {
-  const float* grad_norm;   // nullptr when not given (then max_grad_norm <= 0: checked)
-  const float* grad_scale;  // nullptr: no unscale
-  const float* found_inf;   // nullptr: the step is never skipped
-  float max_grad_norm;      // <= 0: no clip
-  Grokfast grokfast;        // read only by the kGrokfast kernels
-  bool maximize;
-
-  __device__ __forceinline__ bool skip() const { return step_skipped(found_inf); }
-};
-
-inline GradPipelineArgs grad_pipeline_args(const std::optional<at::Tensor>& grad_norm,
-                                           double max_grad_norm,
-                                           const std::optional<at::Tensor>& grad_scale,
-                                           const std::optional<at::Tensor>& found_inf,
-                                           double grokfast_alpha, double grokfast_lamb,
-                                           bool maximize) {
-  GradPipelineArgs a;
-  // Read-only inputs: const_data_ptr (no copy-on-write materialization).
-  a.grad_norm = grad_norm.has_value() ? grad_norm->const_data_ptr<float>() : nullptr;
-  a.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
-  a.found_inf = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
-  a.max_grad_norm = static_cast<float>(max_grad_norm);
-  // 1 - alpha in double, then rounded (grad_pipeline.h: Grokfast).
-  a.grokfast = Grokfast{static_cast<float>(grokfast_alpha),
-                        static_cast<float>(1.0 - grokfast_alpha),
-                        static_cast<float>(grokfast_lamb)};
-  a.maximize = maximize;
-  return a;
-}
-
 // multi_tensor_apply's extra for the update ops: param i's AGC row length (elements
 // per row: agc_rows(p) rows, each one contiguous run, as check_*_args ensure), or 0
 // when AGC is off.
@@ -141,11 +103,11 @@ struct ChunkGrad {
 // Per block: the multiplier (read from the device), this tensor's AGC factors (aux
 // list agc_aux of the table, nullptr when off) and row length (table.extra).
 template <bool kGrokfast, typename Table>
-__device__ __forceinline__ ChunkGrad<kGrokfast> chunk_grad(const GradPipelineArgs& a,
+__device__ __forceinline__ ChunkGrad<kGrokfast> chunk_grad(const PipelineArgs& a,
                                                            const Table& table,
                                                            const ChunkInfo& c, int agc_aux) {
   ChunkGrad<kGrokfast> g;
-  const float mult = grad_multiplier(a.grad_norm, a.max_grad_norm, a.grad_scale);
+  const float mult = a.multiplier();
   g.mult = (!kGrokfast && a.maximize) ? -mult : mult;
   g.grokfast = a.grokfast;
   g.maximize = a.maximize;

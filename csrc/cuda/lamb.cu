@@ -18,12 +18,14 @@
 // but its partials, and pass 2 runs the grad pipeline and lamb_moments again from
 // the old state (the same float32 operations, so the same r), then writes p, m, v
 // (and the ema): 8 + 14 B per param instead of 8 + 12.
-// The trust ratios are deterministic (no atomics). found_inf nonzero: neither pass
+// The trust ratios are deterministic (no atomics). skip nonzero: neither pass
 // writes anything (pass 1 writes no partials or ranges either, so every trust is 1
 // and unused). Capturable: every changing scalar is read on the device, scratch
 // comes from the caching allocator on the current stream, and the host never waits.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/rsub.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -38,6 +40,7 @@
 #include "cuda/multi_tensor_apply.cuh"
 #include "lamb_math.h"
 #include "multi_tensor_checks.h"
+#include "update_op.h"
 
 namespace catapult {
 namespace cuda {
@@ -89,7 +92,8 @@ template <typename Table>
 __device__ __forceinline__ LAMBStep step_of(const Table& table, const ChunkInfo& c, float beta1,
                                             float beta2, float eps, float weight_decay,
                                             bool bias_correction) {
-  const float step = *static_cast<const float*>(table.ptrs[Table::kLists + kStepAux][c.t]);
+  // t = the count before this step + 1 (both passes; the count moves after pass 2)
+  const float step = *static_cast<const float*>(table.ptrs[Table::kLists + kStepAux][c.t]) + 1.0f;
   return lamb_step_constants(beta1, beta2, eps, weight_decay, bias_correction, step);
 }
 
@@ -109,7 +113,7 @@ struct MomentsOp {
 
 template <typename T, bool kGrokfast>
 struct MomentsFunctor {
-  GradPipelineArgs pipe;
+  PipelineArgs pipe;
   float beta1, beta2, eps, weight_decay;
   bool bias_correction;
   double2* partials;  // per chunk (sum r^2, sum p^2), at slot slot_base + global_chunk
@@ -118,7 +122,7 @@ struct MomentsFunctor {
 
   template <typename Table>
   __device__ __forceinline__ void operator()(const Table& table, const ChunkInfo& c) const {
-    if (pipe.skip()) return;  // uniform: before the block reduction's barrier
+    if (pipe.skipped()) return;  // uniform: before the block reduction's barrier
     MomentsOp<kGrokfast> op;
     op.s = step_of(table, c, beta1, beta2, eps, weight_decay, bias_correction);
     op.grad = chunk_grad<kGrokfast>(pipe, table, c, kAgcAux);
@@ -197,14 +201,14 @@ struct FullUpdateOp {
 template <typename T, bool kGrokfast>
 struct UpdateFunctor {
   const float* lr;
-  GradPipelineArgs pipe;  // 16-bit types: the whole pipeline; float32: found_inf only
+  PipelineArgs pipe;  // 16-bit types: the whole pipeline; float32: the skip flag only
   const float* trust;     // float32 [len(params)], by caller's index
   float beta1, beta2, eps, weight_decay;
   bool bias_correction;
 
   template <typename Table>
   __device__ __forceinline__ void operator()(const Table& table, const ChunkInfo& c) const {
-    if (pipe.skip()) return;
+    if (pipe.skipped()) return;
     const LAMBStep s = step_of(table, c, beta1, beta2, eps, weight_decay, bias_correction);
     const float lr_trust = *lr * trust[table.index[c.t]];
     constexpr int N = Table::kLists;
@@ -258,15 +262,16 @@ void launch_update(const LAMBLists& x, const Select& select, const UpdateFunctor
 void lamb_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
                double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
-               double max_weight_norm, bool maximize, const std::optional<at::Tensor>& grad_norm,
+               double max_weight_norm, const std::optional<at::Tensor>& grad_norm,
                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, at::TensorList agc_scales,
-               at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb) {
+               const std::optional<at::Tensor>& skip, at::TensorList agc_scales,
+               at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb,
+               bool maximize) {
   const at::Device device = params.empty() ? lr.device() : params[0].device();
   TORCH_CHECK(device.is_cuda(), "catapult: lamb_ (CUDA) got tensors on ", device);
   // Every check passes before anything is launched.
   check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm, max_grad_norm,
-                  grad_scale, found_inf, agc_scales, grokfast_emas, device);
+                  grad_scale, skip, agc_scales, grokfast_emas, device);
   if (params.empty()) return;
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "catapult: lamb_: too many tensors");
@@ -274,8 +279,8 @@ void lamb_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   c10::cuda::CUDAGuard guard(device);
   const LAMBLists x{params, grads, exp_avgs, exp_avg_sqs, state_steps, agc_scales, grokfast_emas};
   const float* lr_ptr = lr.const_data_ptr<float>();
-  const GradPipelineArgs pipe = grad_pipeline_args(grad_norm, max_grad_norm, grad_scale, found_inf,
-                                                   grokfast_alpha, grokfast_lamb, maximize);
+  const PipelineArgs pipe = pipeline_args(grad_norm, max_grad_norm, grad_scale, skip, grokfast_alpha,
+                                          grokfast_lamb, maximize);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   const float ep = static_cast<float>(eps), wd = static_cast<float>(weight_decay);
   const bool grokfast = !grokfast_emas.empty();
@@ -330,6 +335,12 @@ void lamb_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     const UpdateFunctor<T, false> f{lr_ptr, pipe, trust_ptr, b1, b2, ep, wd, bias_correction};
     launch_update<T, false>(x, select, f);
   });
+  // The op counts the step, after both passes read the old count (adds 0 when skipped).
+  if (skip.has_value()) {
+    at::_foreach_add_(state_steps, at::rsub(*skip, 1.0));
+  } else {
+    at::_foreach_add_(state_steps, 1.0);
+  }
 }
 
 }  // namespace

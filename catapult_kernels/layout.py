@@ -1,10 +1,31 @@
-"""Where params lie in memory: params that share memory (refused: their updates would
-race in the kernels), and strided params (updated through a dense copy)."""
+"""How tensors lie in memory, as the kernels need it (a leaf: it imports only torch):
+the dtypes they take, dense tensors and matching layouts (the lists of one update are
+walked as flat arrays), params that share memory (refused: their updates would race in
+the kernels), and strided params (updated through a dense copy)."""
 from __future__ import annotations
 
 import torch
 
-from .. import ops
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its numel() elements fill [data_ptr, data_ptr + numel)."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, and strides that agree on every dim of size > 1 (a size-1 dim's stride
+    is arbitrary), so both walk their memory in the same order."""
+    return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
 def has_internal_overlap(t: torch.Tensor) -> bool:
@@ -17,7 +38,7 @@ def gather_if_strided(p: torch.Tensor) -> torch.Tensor:
     """p itself when its elements fill one dense block of memory (the kernels walk such a
     block in its own order), else a contiguous copy for the kernels to update, to be
     copied back (x[:, ::2]: rare, so the common layouts pay nothing)."""
-    return p if ops.is_dense(p) else p.contiguous()
+    return p if is_dense(p) else p.contiguous()
 
 
 def _span(t: torch.Tensor) -> tuple[int, int, int]:
@@ -38,7 +59,7 @@ def _offsets(t: torch.Tensor) -> torch.Tensor:
 
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether a and b, whose spans overlap, have an element in common."""
-    if ops.is_dense(a) and ops.is_dense(b) or a.dtype != b.dtype:
+    if is_dense(a) and is_dense(b) or a.dtype != b.dtype:
         return True  # a dense span is all elements; other dtypes: any byte counts
     return bool(torch.isin(_offsets(a), _offsets(b)).any())
 

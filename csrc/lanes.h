@@ -1,0 +1,41 @@
+// The operations an optimizer's element function (csrc/optimizers/*.h) may use beyond
+// + - * / and comparisons, for each lane type F it is instantiated with: float (one
+// element: the CPU scalar tail and the CUDA kernels) and, on CPU,
+// at::vec::Vectorized<float> (Vec::size() elements at once). Each pair computes the
+// same bits lane for lane, NaN included, so the vector loop and the scalar tail agree.
+// Constants enter an element function as F(x): a no-op for float, a broadcast for Vec.
+#pragma once
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define CATAPULT_HD __host__ __device__ __forceinline__
+#else
+#define CATAPULT_HD inline
+#include <ATen/cpu/vec/vec.h>
+#endif
+
+namespace catapult {
+
+CATAPULT_HD float lane_sqrt(float x) { return sqrtf(x); }
+// cond ? a : b (cond: the result of a comparison of lanes).
+CATAPULT_HD float select(bool cond, float a, float b) { return cond ? a : b; }
+
+#if !defined(__CUDACC__)
+using Vec = at::vec::Vectorized<float>;
+inline Vec lane_sqrt(const Vec& x) { return x.sqrt(); }
+inline Vec select(const Vec& cond, const Vec& a, const Vec& b) { return Vec::blendv(b, a, cond); }
+#endif
+
+// max(x, lo) and min(x, hi) as torch.clamp: a NaN x stays NaN.
+template <typename F>
+CATAPULT_HD F clamp_min(const F& x, const F& lo) { return select(x < lo, lo, x); }
+template <typename F>
+CATAPULT_HD F clamp_max(const F& x, const F& hi) { return select(x > hi, hi, x); }
+
+// 1 where x > 0, -1 where x < 0, x itself (0, -0, NaN) elsewhere: a NaN is not hidden.
+template <typename F>
+CATAPULT_HD F sign_of(const F& x) {
+  return select(x > F(0.0f), F(1.0f), select(x < F(0.0f), F(-1.0f), x));
+}
+
+}  // namespace catapult
