@@ -1,29 +1,32 @@
-"""Pieces shared by the Triton update kernels (adamw.py, sgd.py, lion.py, lamb.py).
+"""Pieces shared by the Triton update kernels (elementwise_update.py, lamb.py).
 
 Device side (@triton.jit), the grad pipeline of csrc/grad_pipeline.h and what every
 update kernel needs around it:
 * ``program_block``: the tensor and chunk of one program, from the multi-tensor plan;
-* ``grad_multiplier``: the factor every grad is multiplied by (unscale, then the
-  global-norm clip);
-* ``grad_pipeline_setup`` (once per program) and ``pipeline_grad`` (per block of
-  elements): g = grad * (mult * agc_scale[row]), the Grokfast filter (its ema read
-  and, unless a caller defers it, written), then maximize;
+* the grad pipeline, one helper in two parts: ``grad_pipeline_setup`` (once per
+  program: the factor every grad is multiplied by, ``grad_multiplier``, and the
+  regularizers' pointers) and ``pipeline_grad`` (per block of elements: g = grad *
+  (mult * agc_scale[row]), the Grokfast filter (its ema read and, unless a caller
+  defers it, written), then maximize);
 * ``powf``: the C library's powf (libdevice compiled; float64 under the interpreter);
 * ``store_as``: a float32 value stored as the tensor's dtype, rounded to nearest even
   (also under the interpreter, which truncates to bfloat16).
 
-The address table of an update kernel (``UpdateLaunch``) holds the op's own lists
-first, then the regularizer lists that are on: the Grokfast emas, then the AGC
-factors, so the ema column is L - 1 - AGC and the AGC column L - 1.
+The address table of an update kernel (``UpdateLaunch``) holds the op's element lists
+first, then state_steps when the op has them (column STEP_COL), then the regularizer
+lists that are on: the Grokfast emas, then the AGC factors, so the ema column is
+L - 1 - AGC and the AGC column L - 1.
 
-Host side: the argument checks of csrc/multi_tensor_checks.h (``check_update_lists``,
+Host side: ``GradPipeline``, the grad pipeline's arguments (the last 9 of every update
+op's schema), the argument checks of csrc/multi_tensor_checks.h (``check_update_lists``,
 ``add_regularizer_lists``, ``check_control_args``), the block-size rule of the
 elementwise updates (``update_sizes``), and ``UpdateLaunch``: the plan, address table
-and grad pipeline arguments of one op's launches, one per dtype group.
+and grad pipeline arguments of one op's launches, one per dtype group, and the launch
+that advances the step counts after them.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -31,11 +34,11 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
-from ..ops import same_layout
-from .multi_tensor_table import (SUPPORTED_DTYPES, TL_DTYPE, address_table, check_runnable, get_plan, is_dense,
-                                 is_interpreted, tensor_ptr)
+from ..layout import SUPPORTED_DTYPES, is_dense, same_layout
+from .multi_tensor_table import TL_DTYPE, address_table, check_runnable, get_plan, is_interpreted, tensor_ptr
 
 __all__ = [
+    "GradPipeline",
     "program_block",
     "grad_multiplier",
     "grad_pipeline_setup",
@@ -151,7 +154,35 @@ def store_as(ptr, x, mask, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
         tl.store(ptr, x.to(DTYPE), mask=mask)
 
 
+@triton.jit
+def _advance_steps_kernel(addrs, n, skip_ptr, HAS_SKIP: tl.constexpr, STEP_COL: tl.constexpr, L: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """state_steps[i] += 1 for the n rows of an address table (column STEP_COL), unless skipped."""
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0.0:
+            return  # a skipped step is not counted
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < n
+    steps = tl.load(addrs + rows * L + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+
+
 # -------------------------------------------------------------------- host side
+
+class GradPipeline(NamedTuple):
+    """The grad pipeline's arguments, the last 9 of every update op's schema, in order
+    (kPipelineSchema, csrc/update_op.h)."""
+
+    grad_norm: Optional[torch.Tensor]
+    max_grad_norm: float
+    grad_scale: Optional[torch.Tensor]
+    skip: Optional[torch.Tensor]
+    agc_scales: Sequence[torch.Tensor]
+    grokfast_emas: Sequence[torch.Tensor]
+    grokfast_alpha: float
+    grokfast_lamb: float
+    maximize: bool
+
 
 def check_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> None:
     """check_scalar_tensor of csrc/multi_tensor_checks.h (None: an absent optional)."""
@@ -165,17 +196,16 @@ def check_scalar(t: Optional[torch.Tensor], name: str, device: torch.device) -> 
         raise RuntimeError(f"catapult: {name} is on {t.device} but the tensors are on {device}")
 
 
-def check_control_args(op_name: str, lr: torch.Tensor, grad_norm: Optional[torch.Tensor],
-                       max_grad_norm: float, grad_scale: Optional[torch.Tensor],
-                       found_inf: Optional[torch.Tensor], device: torch.device) -> None:
+def check_control_args(op_name: str, lr: torch.Tensor, pipeline: GradPipeline, device: torch.device) -> None:
     """The checks of the control scalars that check_step_control makes for every update
     op (csrc/multi_tensor_checks.h), in the same order."""
     check_scalar(lr, "lr", device)
-    check_scalar(grad_norm, "grad_norm", device)
-    check_scalar(grad_scale, "grad_scale", device)
-    check_scalar(found_inf, "found_inf", device)
-    if max_grad_norm > 0.0 and grad_norm is None:
-        raise RuntimeError(f"catapult: {op_name} needs grad_norm when max_grad_norm > 0 (got {max_grad_norm:g})")
+    check_scalar(pipeline.grad_norm, "grad_norm", device)
+    check_scalar(pipeline.grad_scale, "grad_scale", device)
+    check_scalar(pipeline.skip, "skip", device)
+    if pipeline.max_grad_norm > 0.0 and pipeline.grad_norm is None:
+        raise RuntimeError(f"catapult: {op_name} needs grad_norm when max_grad_norm > 0 "
+                           f"(got {pipeline.max_grad_norm:g})")
 
 
 def _device_indices(tensors) -> list:
@@ -320,51 +350,52 @@ def update_sizes(dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
 
 
 class UpdateLaunch:
-    """The launches of one update op's kernels over params: one per dtype group, each
-    covering the group through the multi-tensor tables (the cached plan, with the AGC
-    row lengths when AGC is on, and the address table). Every update kernel takes the
-    same named arguments for the tables, the step control and the grad pipeline;
-    ``launch`` passes them, with the op's own.
+    """The launches of one update op's kernels over params (at least one tensor): one
+    per dtype group, each covering the group through the multi-tensor tables (the
+    cached plan, with the AGC row lengths when AGC is on, and the address table), then
+    ``advance_steps``. Every update kernel takes the same named arguments for the
+    tables, the step control and the grad pipeline; ``launch`` passes them, with the op's own.
 
-    The address table: ``lists`` (the first ``n_elements`` are element lists, walked
-    as flat arrays of the params' dtype; the rest are read as float32 scalars, such as
-    state_steps), then grokfast_emas when Grokfast is on, then agc_scales when AGC is
-    on (agc_rows: add_regularizer_lists' result)."""
+    The address table: ``lists`` (element lists, walked as flat arrays of the params'
+    dtype), then state_steps when given (float32 scalars, column STEP_COL; -1 without),
+    then grokfast_emas when Grokfast is on, then agc_scales when AGC is on (agc_rows:
+    add_regularizer_lists' result)."""
 
-    def __init__(self, kernel, params, lists, n_elements, lr, grad_norm, max_grad_norm, grad_scale, found_inf,
-                 maximize, agc_scales, agc_rows, grokfast_emas, grokfast_alpha, grokfast_lamb):
+    def __init__(self, kernel, params, lists, state_steps, lr, pipeline: GradPipeline, agc_rows):
         device = params[0].device
         check_runnable(device, kernel)
         self.interpreted = is_interpreted(kernel)
+        self.n_tensors = len(params)
         keys = [p.dtype for p in params]
         self.sizes = {dt: update_sizes(dt, self.interpreted) for dt in set(keys)}
         self.plan = get_plan(device, [p.numel() for p in params], keys,
                              {dt: s[1] for dt, s in self.sizes.items()}, agc_rows)
-        if self.plan.n_blocks == 0:
-            return  # nothing to launch: the address table is not needed
-        agc, grokfast = agc_rows is not None, bool(grokfast_emas)
-        regularizers = ([grokfast_emas] if grokfast else []) + ([agc_scales] if agc else [])
-        addrs, aligned = address_table(list(lists) + regularizers, device)
-        clip = max_grad_norm > 0.0
+        agc, grokfast = agc_rows is not None, bool(pipeline.grokfast_emas)
+        steps = [state_steps] if state_steps is not None else []
+        regularizers = ([pipeline.grokfast_emas] if grokfast else []) + ([pipeline.agc_scales] if agc else [])
+        table_lists = list(lists) + steps + regularizers
+        addrs, aligned = address_table(table_lists, device)
+        clip = pipeline.max_grad_norm > 0.0
+        skip, grad_scale = pipeline.skip, pipeline.grad_scale
         self.table = dict(
             addrs=addrs, numels=self.plan.numels, lr_ptr=lr,
-            found_inf_ptr=found_inf if found_inf is not None else lr,  # lr: a placeholder, never read
-            HAS_FOUND_INF=found_inf is not None, INTERPRETED=self.interpreted,
-            ALIGNED=all(aligned[:n_elements]) and (not grokfast or aligned[len(lists)]),
-            L=len(lists) + len(regularizers))
+            skip_ptr=skip if skip is not None else lr,  # lr: a placeholder, never read
+            HAS_SKIP=skip is not None, INTERPRETED=self.interpreted,
+            ALIGNED=all(aligned[:len(lists)]) and (not grokfast or aligned[len(lists) + len(steps)]),
+            STEP_COL=len(lists) if steps else -1, L=len(table_lists))
         self.pipeline = dict(
             row_lens=self.plan.row_lens if agc else self.plan.numels,
-            grad_norm_ptr=grad_norm if clip else lr, grad_scale_ptr=grad_scale if grad_scale is not None else lr,
-            max_grad_norm=float(max_grad_norm), grokfast_alpha=float(grokfast_alpha),
+            grad_norm_ptr=pipeline.grad_norm if clip else lr,
+            grad_scale_ptr=grad_scale if grad_scale is not None else lr,
+            max_grad_norm=float(pipeline.max_grad_norm), grokfast_alpha=float(pipeline.grokfast_alpha),
             # 1 - alpha in double, then rounded (grad_pipeline.h's Grokfast)
-            grokfast_one_minus_alpha=float(1.0 - grokfast_alpha), grokfast_lamb=float(grokfast_lamb),
-            CLIP=clip, HAS_GRAD_SCALE=grad_scale is not None, AGC=agc, GROKFAST=grokfast, MAXIMIZE=bool(maximize))
+            grokfast_one_minus_alpha=float(1.0 - pipeline.grokfast_alpha),
+            grokfast_lamb=float(pipeline.grokfast_lamb), CLIP=clip, HAS_GRAD_SCALE=grad_scale is not None,
+            AGC=agc, GROKFAST=grokfast, MAXIMIZE=bool(pipeline.maximize))
 
     def launch(self, kernel, per_group: Optional[Callable[[int], dict]] = None, **op_args) -> None:
         """kernel over every dtype group: the table and grad pipeline arguments, op_args,
         and per_group(first block of the group)'s."""
-        if self.plan.n_blocks == 0:
-            return
         for dt, begin, end, chunk in self.plan.groups:
             if end == begin:
                 continue
@@ -373,3 +404,14 @@ class UpdateLaunch:
                 blocks=self.plan.group_blocks(begin), **self.table, **self.pipeline,
                 **op_args, **(per_group(begin) if per_group is not None else {}),
                 DTYPE=TL_DTYPE[dt], BLOCK=block, CHUNK=chunk, num_warps=warps, enable_fp_fusion=False)
+
+    def advance_steps(self) -> None:
+        """state_steps[i] += 1 for every tensor (numel 0 too), unless skipped. Called after
+        the update launches: in its own launch, so that every program of those has read
+        the count from before the step."""
+        if self.table["STEP_COL"] < 0:
+            return
+        block = 256 if self.interpreted else 1024
+        wrap_triton(_advance_steps_kernel)[(triton.cdiv(self.n_tensors, block),)](
+            self.table["addrs"], self.n_tensors, self.table["skip_ptr"], HAS_SKIP=self.table["HAS_SKIP"],
+            STEP_COL=self.table["STEP_COL"], L=self.table["L"], BLOCK=block, num_warps=4)

@@ -24,10 +24,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..layout import SUPPORTED_DTYPES, is_dense
 from ..ops import device_checked_fake, norm_fake_outputs
-from .multi_tensor_table import (SUPPORTED_DTYPES, TL_DTYPE, address_table, can_bypass_dispatcher, check_runnable,
-                                 get_plan, is_dense, is_fake, is_interpreted, keep_whole_under_functionalization,
-                                 set_wrap_triton_enabled, tensor_ptr)
+from .multi_tensor_table import (TL_DTYPE, address_table, can_bypass_dispatcher, check_runnable, get_plan, is_fake,
+                                 is_interpreted, keep_whole_under_functionalization, set_wrap_triton_enabled,
+                                 tensor_ptr)
 
 
 

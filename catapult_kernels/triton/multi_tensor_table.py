@@ -38,21 +38,16 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
-
-from ..ops import SUPPORTED_DTYPES, is_dense  # noqa: F401  (re-exported for the op modules)
-from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 __all__ = [
     "TL_DTYPE",
-    "SUPPORTED_DTYPES",
     "keep_whole_under_functionalization",
     "MultiTensorPlan",
     "get_plan",
     "address_table",
-    "is_dense",
     "is_fake",
     "is_interpreted",
     "check_runnable",
