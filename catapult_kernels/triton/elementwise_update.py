@@ -1,0 +1,248 @@
+"""The generic Triton update kernel: every elementwise update op runs through it (the
+Triton twin of csrc/cpu/elementwise_update.h), with its math from its module in
+optimizers/ (the contract is in optimizers/__init__.py).
+
+``register_elementwise_ops(names)`` (run when catapult_kernels.triton is imported, with
+every update op of the C++ extension, ops.UPDATE_OPS) registers catapult::<base>_triton_
+for each that has a module optimizers/<base>.py (op_registration.py); adding an
+optimizer adds that module and nothing here.
+
+One call: the checks of csrc/update_op.h's check_update_args (same checks, same
+messages; the spec's own first, such as trust_ratios'), then one launch per dtype
+group covering all its tensors through the multi-tensor tables (multi_tensor_table.py),
+each program updating one chunk of one tensor: per program, the grad pipeline's
+factor and the optimizer's ``constants`` (from lr, t = state_steps[i] + 1 and its
+scalars); per block of elements, the grad pipeline (kernel_common.pipeline_grad) and
+its ``element``. Then one launch writes the step counts t back (kernel_common.
+UpdateLaunch.advance_steps), after every program has read them. Nothing is read on
+the host: lr, grad_norm, grad_scale, skip and the steps are read by the kernels, so a
+step costs no host sync; a nonzero skip writes nothing at all, step counts included.
+
+Numerics: float32 math, compiled with enable_fp_fusion=False so that no a*b+c is
+contracted into an FMA: every operation rounds once, as written, so the compiled
+kernel, the interpreter and the CPU kernels (which do not contract either) agree bit
+for bit, powf aside (libdevice's __nv_powf compiled, float64 exp/log under the
+interpreter: kernel_common.powf).
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Callable, Iterable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernel_common import (GradPipeline, UpdateLaunch, add_regularizer_lists, check_control_args,
+                            check_update_lists, grad_pipeline_setup, pipeline_grad, program_block, store_as)
+from .multi_tensor_table import is_fake, tensor_ptr
+from .op_registration import UpdateSchema, register_update_op, update_schema
+from .optimizers import MAX_FLAGS, MAX_SCALARS, MAX_STATES
+
+__all__ = ["register_elementwise_ops", "optimizer_module"]
+
+
+@triton.jit
+def _state_ptr(addrs, row, start, p_ptr, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+               L: tl.constexpr):
+    """The chunk of a state list's tensor (column COL; -1: a list the call does not use,
+    whose placeholder, p_ptr, is never read nor written)."""
+    if COL >= 0:
+        return tensor_ptr(addrs, row, L, COL, DTYPE, ALIGNED) + start
+    else:
+        return p_ptr
+
+
+@triton.jit
+def _load(ptr, idx, mask, like, READ: tl.constexpr):
+    """A block of a list in float32, or 0 where the call does not read it."""
+    if READ:
+        return tl.load(ptr + idx, mask=mask).to(tl.float32)
+    else:
+        return tl.zeros_like(like)
+
+
+@triton.jit
+def _store(ptr, x, idx, mask, COL: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    if COL >= 0:
+        store_as(ptr + idx, x, mask, DTYPE, INTERPRETED)
+
+
+@triton.jit
+def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult,
+                  grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
+                  ELEMENT: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+                  P_READ: tl.constexpr, S0_COL: tl.constexpr, S1_COL: tl.constexpr, S2_COL: tl.constexpr,
+                  S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
+                  S3_READ: tl.constexpr, DTYPE: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr):
+    g = pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
+                      grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, True, INTERPRETED)
+    p = _load(p_ptr, idx, mask, g, P_READ)
+    s0 = _load(s0_ptr, idx, mask, g, S0_READ)
+    s1 = _load(s1_ptr, idx, mask, g, S1_READ)
+    s2 = _load(s2_ptr, idx, mask, g, S2_READ)
+    s3 = _load(s3_ptr, idx, mask, g, S3_READ)
+    p, s0, s1, s2, s3 = ELEMENT(p, g, s0, s1, s2, s3, c, F0, F1, F2, F3)
+    store_as(p_ptr + idx, p, mask, DTYPE, INTERPRETED)
+    _store(s0_ptr, s0, idx, mask, S0_COL, DTYPE, INTERPRETED)
+    _store(s1_ptr, s1, idx, mask, S1_COL, DTYPE, INTERPRETED)
+    _store(s2_ptr, s2, idx, mask, S2_COL, DTYPE, INTERPRETED)
+    _store(s3_ptr, s3, idx, mask, S3_COL, DTYPE, INTERPRETED)
+
+
+@triton.jit
+def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_scale_ptr, skip_ptr, factors_ptr,
+                   max_grad_norm, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, h0, h1, h2, h3, h4, h5,
+                   CONSTANTS: tl.constexpr, ELEMENT: tl.constexpr,
+                   F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr, HAS_FACTORS: tl.constexpr,
+                   P_READ: tl.constexpr, S0_COL: tl.constexpr, S1_COL: tl.constexpr, S2_COL: tl.constexpr,
+                   S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
+                   S3_READ: tl.constexpr, STEP_COL: tl.constexpr,
+                   DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   HAS_SKIP: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr, INTERPRETED: tl.constexpr,
+                   ALIGNED: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0.0:
+            return  # a skipped step (GradScaler's inf, skip_nonfinite): write nothing
+    # address table columns: params, grads, the used states (S*_COL), [state_steps,] then
+    # the regularizers' (kernel_common)
+    row, start, n = program_block(numels, blocks, CHUNK)
+    p_ptr = tensor_ptr(addrs, row, L, 0, DTYPE, ALIGNED) + start
+    g_ptr = tensor_ptr(addrs, row, L, 1, DTYPE, ALIGNED) + start
+    s0_ptr = _state_ptr(addrs, row, start, p_ptr, S0_COL, DTYPE, ALIGNED, L)
+    s1_ptr = _state_ptr(addrs, row, start, p_ptr, S1_COL, DTYPE, ALIGNED, L)
+    s2_ptr = _state_ptr(addrs, row, start, p_ptr, S2_COL, DTYPE, ALIGNED, L)
+    s3_ptr = _state_ptr(addrs, row, start, p_ptr, S3_COL, DTYPE, ALIGNED, L)
+    mult, ema_ptr, agc_ptr, row_len = grad_pipeline_setup(
+        addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
+        DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L)
+
+    lr = tl.load(lr_ptr)
+    if STEP_COL >= 0:
+        t = tl.load(tensor_ptr(addrs, row, L, STEP_COL, tl.float32, False)) + 1.0
+    else:
+        t = tl.full([], 0.0, tl.float32)  # an op without steps
+    if HAS_FACTORS:
+        factor = tl.load(factors_ptr + row)
+    else:
+        factor = tl.full([], 1.0, tl.float32)
+    # the float arguments in float32 (the interpreter passes Python floats as they are)
+    c = CONSTANTS(lr, t, factor, tl.cast(h0, tl.float32), tl.cast(h1, tl.float32), tl.cast(h2, tl.float32),
+                  tl.cast(h3, tl.float32), tl.cast(h4, tl.float32), tl.cast(h5, tl.float32), F0, F1, F2, F3,
+                  INTERPRETED)
+
+    offs = tl.arange(0, BLOCK)
+    rem = n - start
+    if rem >= CHUNK:
+        # a full chunk: no masks, so loads and stores vectorize
+        for full_off in tl.range(0, CHUNK, BLOCK):
+            _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start,
+                          full_off + offs, None, mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
+                          ELEMENT, F0, F1, F2, F3, P_READ, S0_COL, S1_COL, S2_COL, S3_COL,
+                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
+    else:
+        for tail_off in tl.range(0, rem, BLOCK):
+            idx = tail_off + offs
+            _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start,
+                          idx, idx < rem, mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
+                          ELEMENT, F0, F1, F2, F3, P_READ, S0_COL, S1_COL, S2_COL, S3_COL,
+                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
+
+
+def _check_per_param(op: str, name: str, t: Optional[torch.Tensor], n: int, device: torch.device) -> None:
+    """Hyper::per_param's checks (csrc/update_op.h): one float32 per param (None: absent)."""
+    if t is None:
+        return
+    if not (t.dtype == torch.float32 and t.dim() == 1 and t.is_contiguous() and t.numel() == n):
+        raise RuntimeError(f"catapult: {op}: {name} must be a contiguous float32 tensor of {n} elements "
+                           f"(one per param), got {t.dtype} of shape {tuple(t.shape)}")
+    if t.device != device:
+        raise RuntimeError(f"catapult: {op}: {name} is on {t.device} but the params are on {device}")
+
+
+def _pad(values: tuple, size: int, fill, what: str, op: str) -> list:
+    if len(values) > size:
+        raise RuntimeError(f"catapult: {op}: the generic Triton kernel takes at most {size} {what}, "
+                           f"got {len(values)}")
+    return list(values) + [fill] * (size - len(values))
+
+
+def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
+    """One call of the update op ``schema`` with ``optimizer``'s math: checks, then the launches."""
+    op = schema.triton_name
+    params, grads = args[0], args[1]
+    states = args[2:2 + len(schema.states)]
+    state_steps = args[schema.lr_index - 1] if schema.has_step else None
+    lr = args[schema.lr_index]
+    n_pipeline = len(GradPipeline._fields)
+    hyper = dict(zip(schema.hyper, args[schema.lr_index + 1:len(args) - n_pipeline]))
+    pipeline = GradPipeline(*args[len(args) - n_pipeline:])
+    device = params[0].device if params else lr.device
+
+    run = optimizer.launch_args(hyper, len(params), device)
+    factors = None
+    if run.per_param is not None:
+        factors = hyper[run.per_param]
+        _check_per_param(op, run.per_param, factors, len(params), device)
+    others = [("grads", grads)]
+    used = [i for i in range(len(states)) if run.uses >> i & 1]
+    for i, (name, lst) in enumerate(zip(schema.states, states)):
+        if i in used:
+            others.append((name, lst))
+        elif len(lst) != 0:
+            raise RuntimeError(f"catapult: {op}: {name} must be empty: this call does not use it")
+    agc_rows = add_regularizer_lists(op, params, pipeline.agc_scales, pipeline.grokfast_emas, others)
+    check_update_lists(params, others, state_steps)
+    check_control_args(op, lr, pipeline, device)
+    if not params or is_fake(params[0], grads[0], lr):
+        return  # nothing to do, or tracing with tensors that carry no data
+
+    launch = UpdateLaunch(_update_kernel, params, [params, grads] + [states[i] for i in used], state_steps, lr,
+                          pipeline, agc_rows)
+    cols = [2 + used.index(i) if i in used else -1 for i in range(MAX_STATES)]
+    reads = [i in used and bool(run.reads >> i & 1) for i in range(MAX_STATES)]
+    h = _pad(tuple(float(x) for x in run.scalars), MAX_SCALARS, 0.0, "scalars", op)
+    f = _pad(tuple(run.flags), MAX_FLAGS, False, "flags", op)
+    launch.launch(
+        _update_kernel, factors_ptr=factors if factors is not None else lr,  # lr: a placeholder, never read
+        h0=h[0], h1=h[1], h2=h[2], h3=h[3], h4=h[4], h5=h[5],
+        CONSTANTS=optimizer.constants, ELEMENT=optimizer.element, F0=f[0], F1=f[1], F2=f[2], F3=f[3],
+        HAS_FACTORS=factors is not None, P_READ=run.reads_params,
+        S0_COL=cols[0], S1_COL=cols[1], S2_COL=cols[2], S3_COL=cols[3],
+        S0_READ=reads[0], S1_READ=reads[1], S2_READ=reads[2], S3_READ=reads[3])
+    launch.advance_steps()
+
+
+def optimizer_module(name: str) -> Optional[ModuleType]:
+    """optimizers/<base>.py for the update op ``name`` (e.g. "adopt_"), or None without one."""
+    module_name = f"{__package__}.optimizers.{name.rstrip('_')}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None
+        raise  # the module exists but imports something missing
+
+
+def register_elementwise_ops(names: Iterable[str], namespace: str = "catapult") -> dict[str, Callable]:
+    """Registers the Triton twin of each update op ``names`` of ``namespace`` that has a
+    module in optimizers/; returns their eager entry points by C++ op name."""
+    registered = {}
+    for name in names:
+        optimizer = optimizer_module(name)
+        if optimizer is None:
+            continue  # not elementwise (lamb_: lamb.py), or no Triton math yet
+        schema = update_schema(getattr(getattr(torch.ops, namespace), name).default._schema)
+        if len(schema.states) > MAX_STATES:
+            raise RuntimeError(f"catapult: {name} has {len(schema.states)} state lists; the generic Triton kernel "
+                               f"takes at most {MAX_STATES}")
+        registered[name] = register_update_op(name, _body(schema, optimizer), namespace)
+    return registered
+
+
+def _body(schema: UpdateSchema, optimizer: ModuleType) -> Callable:
+    def body(*args) -> None:
+        _update(schema, optimizer, args)
+    return body
