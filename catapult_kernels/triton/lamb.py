@@ -24,23 +24,25 @@ an r recomputed from rounded moments is not the r the trust ratio was measured o
 pass 2 runs the grad pipeline and lamb_moments again from the old state (the same
 float32 operations, so the same r), then writes p, m, v (and the ema).
 The partials depend only on the chunk size (update_sizes), so the norms, and so the
-step, are the same run to run. found_inf nonzero: neither pass writes anything.
+step, are the same run to run. Then one launch advances the step counts
+(kernel_common.UpdateLaunch.advance_steps): t = state_steps[i] + 1 in the math, t
+written back. skip nonzero: nothing at all is written, step counts included.
+
+Registered (``register``) with the registration helper of the elementwise ops
+(op_registration.py), with the C++ lamb_'s schema.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ..ops import device_checked_fake
-from .kernel_common import (UpdateLaunch, add_regularizer_lists, check_control_args, check_update_lists,
-                            grad_pipeline_setup, pipeline_grad, powf, program_block, store_as)
+from .kernel_common import (GradPipeline, UpdateLaunch, add_regularizer_lists, check_control_args,
+                            check_update_lists, grad_pipeline_setup, pipeline_grad, powf, program_block, store_as)
 from .multi_tensor_norm import reduce_block, reduce_segment
-from .multi_tensor_table import (can_bypass_dispatcher, is_fake, keep_whole_under_functionalization,
-                                 set_wrap_triton_enabled, tensor_ptr)
+from .multi_tensor_table import is_fake, tensor_ptr
+from .op_registration import register_update_op
 
 
 @triton.jit
@@ -81,22 +83,22 @@ def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, row_len, start, id
 
 
 @triton.jit
-def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_scale_ptr, found_inf_ptr,
+def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_scale_ptr, skip_ptr,
                  max_grad_norm, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb,
                  r_partials, p_partials, trust_ptr, beta1, beta2, eps, weight_decay,
                  DTYPE: tl.constexpr, PASS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                 AGC: tl.constexpr, GROKFAST: tl.constexpr, INTERPRETED: tl.constexpr,
-                 ALIGNED: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    if HAS_FOUND_INF:
-        if tl.load(found_inf_ptr) != 0.0:
-            return  # an overflowed step (GradScaler): write nothing
+                 CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
+                 AGC: tl.constexpr, GROKFAST: tl.constexpr, INTERPRETED: tl.constexpr, ALIGNED: tl.constexpr,
+                 STEP_COL: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0.0:
+            return  # a skipped step (GradScaler's inf, skip_nonfinite): write nothing
     # the float arguments in float32 (the interpreter passes Python floats as they are)
     beta1 = tl.cast(beta1, tl.float32)
     beta2 = tl.cast(beta2, tl.float32)
     eps = tl.cast(eps, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
-    # address table columns: p, g, m, v, step, then the regularizers' (kernel_common)
+    # address table columns: p, g, m, v, step (STEP_COL), then the regularizers' (kernel_common)
     row, start, n = program_block(numels, blocks, CHUNK)
     p_ptr = tensor_ptr(addrs, row, L, 0, DTYPE, ALIGNED) + start
     g_ptr = tensor_ptr(addrs, row, L, 1, DTYPE, ALIGNED) + start
@@ -105,11 +107,11 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
     mult, ema_ptr, agc_ptr, row_len = grad_pipeline_setup(
         addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
         DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L)
-    # lamb_step_constants (lamb_math.h)
+    # lamb_step_constants (lamb_math.h), with t = step + 1
     if BIAS_CORRECTION:
-        step = tl.load(tensor_ptr(addrs, row, L, 4, tl.float32, False))
-        bc1 = 1.0 - powf(beta1, step, INTERPRETED)
-        bc2 = 1.0 - powf(beta2, step, INTERPRETED)
+        t = tl.load(tensor_ptr(addrs, row, L, STEP_COL, tl.float32, False)) + 1.0
+        bc1 = 1.0 - powf(beta1, t, INTERPRETED)
+        bc2 = 1.0 - powf(beta2, t, INTERPRETED)
     else:
         bc1 = tl.full([], 1.0, tl.float32)
         bc2 = tl.full([], 1.0, tl.float32)
@@ -152,10 +154,10 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
 
 
 @triton.jit
-def _lamb_trust_kernel(r_partials, p_partials, segments, trust_out, found_inf_ptr, max_weight_norm,
-                       HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
-    if HAS_FOUND_INF:
-        if tl.load(found_inf_ptr) != 0.0:
+def _lamb_trust_kernel(r_partials, p_partials, segments, trust_out, skip_ptr, max_weight_norm,
+                       HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0.0:
             return  # pass 1 wrote no partials, and pass 2 writes nothing
     i = tl.program_id(0).to(tl.int64)
     # float64 sqrt (correctly rounded), then float32, as the C++ kernels
@@ -168,64 +170,35 @@ def _lamb_trust_kernel(r_partials, p_partials, segments, trust_out, found_inf_pt
 
 
 def _lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
-          max_weight_norm, maximize, grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas,
-          grokfast_alpha, grokfast_lamb) -> None:
+          max_weight_norm, *pipeline_args) -> None:
     """The body of catapult::lamb_triton_: checks (check_lamb_args), then pass 1 per dtype
-    group, the trust ratios, and pass 2 per dtype group."""
+    group, the trust ratios, pass 2 per dtype group, and the step counts."""
+    pipeline = GradPipeline(*pipeline_args)
     others = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
-    agc_rows = add_regularizer_lists("lamb_triton_", params, agc_scales, grokfast_emas, others)
+    agc_rows = add_regularizer_lists("lamb_triton_", params, pipeline.agc_scales, pipeline.grokfast_emas, others)
     check_update_lists(params, others, state_steps)
     device = params[0].device if params else lr.device
-    check_control_args("lamb_triton_", lr, grad_norm, max_grad_norm, grad_scale, found_inf, device)
+    check_control_args("lamb_triton_", lr, pipeline, device)
     if not params or is_fake(params[0], grads[0], exp_avgs[0], lr):
         return  # nothing to do, or tracing with tensors that carry no data
-    run = UpdateLaunch(_lamb_kernel, params, [params, grads, exp_avgs, exp_avg_sqs, state_steps], 4, lr, grad_norm,
-                       max_grad_norm, grad_scale, found_inf, maximize, agc_scales, agc_rows, grokfast_emas,
-                       grokfast_alpha, grokfast_lamb)
+    run = UpdateLaunch(_lamb_kernel, params, [params, grads, exp_avgs, exp_avg_sqs], state_steps, lr, pipeline,
+                       agc_rows)
     plan = run.plan
-    if plan.n_blocks == 0:
-        return
-    partials = torch.empty((2, plan.n_blocks), dtype=torch.float64, device=device)  # r^2 and p^2 per block
+    partials = torch.empty((2, max(plan.n_blocks, 1)), dtype=torch.float64, device=device)  # r^2, p^2 per block
     trust = torch.empty((len(params),), dtype=torch.float32, device=device)
     args = dict(trust_ptr=trust, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                 weight_decay=float(weight_decay), BIAS_CORRECTION=bool(bias_correction))
     group_partials = lambda begin: dict(r_partials=partials[0, begin:], p_partials=partials[1, begin:])  # noqa: E731
     run.launch(_lamb_kernel, per_group=group_partials, PASS=1, **args)
-    wrap_triton(_lamb_trust_kernel)[(len(params),)](
-        partials[0], partials[1], plan.segments, trust, run.table["found_inf_ptr"], float(max_weight_norm),
-        HAS_FOUND_INF=run.table["HAS_FOUND_INF"], BLOCK=reduce_block(run.interpreted), num_warps=4)
+    if plan.n_blocks:
+        wrap_triton(_lamb_trust_kernel)[(len(params),)](
+            partials[0], partials[1], plan.segments, trust, run.table["skip_ptr"], float(max_weight_norm),
+            HAS_SKIP=run.table["HAS_SKIP"], BLOCK=reduce_block(run.interpreted), num_warps=4)
     run.launch(_lamb_kernel, per_group=group_partials, PASS=2, **args)
+    run.advance_steps()
 
 
-@triton_op("catapult::lamb_triton_", mutates_args={"params", "exp_avgs", "exp_avg_sqs", "grokfast_emas"})
-def lamb_triton_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                 exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor], lr: torch.Tensor, beta1: float,
-                 beta2: float, eps: float, weight_decay: float, bias_correction: bool, max_weight_norm: float,
-                 maximize: bool, grad_norm: Optional[torch.Tensor], max_grad_norm: float,
-                 grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
-                 agc_scales: list[torch.Tensor], grokfast_emas: list[torch.Tensor], grokfast_alpha: float,
-                 grokfast_lamb: float) -> None:
-    _lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
-          max_weight_norm, maximize, grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas,
-          grokfast_alpha, grokfast_lamb)
-
-
-def lamb_triton_eager(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-                      bias_correction, max_weight_norm, maximize, grad_norm, max_grad_norm, grad_scale, found_inf,
-                      agc_scales, grokfast_emas, grokfast_alpha, grokfast_lamb) -> None:
-    """torch.ops.catapult.lamb_triton_ without the dispatcher, for eager steps (see
-    adamw.adamw_triton_eager); falls back to the op whenever that matters."""
-    args = (params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
-            max_weight_norm, maximize, grad_norm, max_grad_norm, grad_scale, found_inf, agc_scales, grokfast_emas,
-            grokfast_alpha, grokfast_lamb)
-    if not can_bypass_dispatcher([*params[:1], *grads[:1], *grokfast_emas[:1], lr]):
-        return torch.ops.catapult.lamb_triton_(*args)
-    with set_wrap_triton_enabled(False):  # launch the kernels directly, as the op's backend does
-        _lamb(*args)
-    torch._C._increment_version(list(params) + list(exp_avgs) + list(exp_avg_sqs) + list(grokfast_emas))
-
-
-lamb_triton_.register_fake(device_checked_fake("lamb_triton_"))
-
-
-keep_whole_under_functionalization(lamb_triton_)
+def register(namespace: str = "catapult"):
+    """Registers <namespace>::lamb_triton_ (with the schema of <namespace>::lamb_); returns
+    its eager entry point."""
+    return register_update_op("lamb_", _lamb, namespace)
