@@ -1,20 +1,24 @@
 """Triton kernels of catapult_kernels, registered as torch.library.triton_op ops:
 
   catapult::multi_tensor_norm_triton   (multi_tensor_norm.py)
-  catapult::adamw_triton_              (adamw.py)
-  catapult::sgd_triton_                (sgd.py)
-  catapult::lion_triton_               (lion.py)
-  catapult::lamb_triton_               (lamb.py)
+  catapult::<base>_triton_             the Triton twin of each C++ update op <base>_
+                                       (adamw_triton_, sgd_triton_, lion_triton_, adopt_triton_,
+                                       adan_triton_, grad_pipeline_triton_, lamb_triton_)
 
-Importing this package registers them. They take the same arguments as the C++
-ops of csrc/ops.cpp. The update ops share the grad pipeline and their launch
-machinery (kernel_common.py). adamw.adamw_triton_eager, sgd.sgd_triton_eager,
-lion.lion_triton_eager, lamb.lamb_triton_eager and
-multi_tensor_norm.multi_tensor_norm_triton_eager do the same work without going
-through torch.ops in plain eager calls (the dispatcher's Python layers cost
+Importing this package registers them. An update op's twin takes the C++ op's schema
+(csrc/update_op.h) and is registered by one helper (op_registration.py). The
+elementwise ones run one generic kernel (elementwise_update.py) with the op's math from
+its module in optimizers/ (found by the op's name: a new optimizer is one module
+there); lamb_triton_ is its own two-pass kernel (lamb.py). All share the grad pipeline
+and the launch machinery (kernel_common.py, multi_tensor_table.py).
+
+KERNELS[name] (by the C++ op's name: "adamw_", ...) and
+multi_tensor_norm.multi_tensor_norm_triton_eager do the same work as the ops without
+going through torch.ops in plain eager calls (the dispatcher's Python layers cost
 microseconds per tensor) and fall back to the ops under torch.compile/tracing.
 CUDA tensors run compiled kernels; CPU tensors run under the Triton interpreter,
 which must be switched on (TRITON_INTERPRET=1) before triton is first imported.
+The update ops exist only where the C++ extension is built (their schemas are its ops').
 """
 try:
     import triton  # noqa: F401
@@ -33,9 +37,16 @@ if not hasattr(torch.library, "triton_op"):  # pragma: no cover
 from . import multi_tensor_table  # noqa: E402,F401
 from . import multi_tensor_norm  # noqa: E402,F401  (registers catapult::multi_tensor_norm_triton)
 from . import kernel_common  # noqa: E402,F401
-from . import adamw  # noqa: E402,F401  (registers catapult::adamw_triton_)
-from . import sgd  # noqa: E402,F401  (registers catapult::sgd_triton_)
-from . import lion  # noqa: E402,F401  (registers catapult::lion_triton_)
-from . import lamb  # noqa: E402,F401  (registers catapult::lamb_triton_)
+from . import op_registration  # noqa: E402,F401
+from . import elementwise_update  # noqa: E402,F401
+from . import lamb  # noqa: E402,F401
+from ..ops import UPDATE_OPS  # noqa: E402
 
-__all__ = ["multi_tensor_table", "kernel_common", "multi_tensor_norm", "adamw", "sgd", "lion", "lamb"]
+# The eager entry points of the update ops' Triton twins, by C++ op name: one for each
+# op with a module optimizers/<base>.py, and lamb_.
+KERNELS = elementwise_update.register_elementwise_ops(UPDATE_OPS)
+if "lamb_" in UPDATE_OPS:
+    KERNELS["lamb_"] = lamb.register()
+
+__all__ = ["multi_tensor_table", "kernel_common", "multi_tensor_norm", "op_registration", "elementwise_update",
+           "lamb", "KERNELS"]
