@@ -17,7 +17,7 @@ TINY = SWEEP_TINY + ["--width", "16"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optimizer", "adamz"], "unknown optimizer 'adamz'; choose one of: sgd, adam, adamw, lion, lamb, lars"),
+    (["--optimizer", "adamz"], "unknown optimizer 'adamz'; choose one of: adopt, adam, adamw, adan, lamb, lars, lion, sgd"),
     (["--task", "mnist"], "unknown task 'mnist'; choose one of: modular, teacher-student, digits"),
     (["--model", "resnet"], "unknown model 'resnet'; choose one of: mlp, transformer"),
     (["--activation", "gelu"], "choose one of: relu, tanh, quadratic, linear"),
@@ -139,3 +139,18 @@ def test_sweep_resume_with_more_steps_extends_its_finished_cells(tmp_path):
     drop = ("steps_per_s", "wall_s")
     assert [{k: v for k, v in r.items() if k not in drop} for r in ours] == \
         [{k: v for k, v in r.items() if k not in drop} for r in theirs]
+
+
+@pytest.mark.parametrize("optimizer, betas, eps", [
+    ("adopt", [0.9, 0.9999, None], 1e-6), ("adan", [0.98, 0.92, 0.99], 1e-8), ("adamw", [0.9, 0.999, None], 1e-8),
+    ("sgd", [None, None, None], None)])
+def test_every_optimizer_runs_and_its_defaults_are_recorded(tmp_path, optimizer, betas, eps):
+    """Each optimizer of catapult_kernels.optim is a --optimizer; betas and eps left out are the
+    optimizer's own defaults, written into config.json (a resume reads them back)."""
+    out = tmp_path / "r"
+    base = list(TINY)
+    base[base.index("--optimizer") + 1] = optimizer
+    assert main(base + ["--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert [cfg["beta1"], cfg["beta2"], cfg["beta3"]] == betas and cfg["eps"] == eps
+    assert main(["--resume", "--out", str(out), "--steps", "6", "--quiet"]) == 0

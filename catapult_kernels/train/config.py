@@ -8,11 +8,14 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from .. import optim
+
 TASKS = ("modular", "teacher-student", "digits")
 MODELS = ("mlp", "transformer")
 ACTIVATIONS = ("relu", "tanh", "quadratic", "linear")
 PARAMETRIZATIONS = ("standard", "ntk", "mup")
-OPTIMIZERS = ("sgd", "adam", "adamw", "lion", "lamb", "lars")
+# Every optimizer of catapult_kernels.optim, by its lowercase name.
+OPTIMIZERS = tuple(name.lower() for name in optim.__all__)
 IMPLS = ("catapult", "torch")  # torch: torch.optim's own class (sgd, adam, adamw only)
 LOSSES = ("ce", "mse")
 SCHEDULES = ("constant", "cosine")
@@ -86,9 +89,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0
     nesterov: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: Optional[float] = None  # betas and eps: None = the optimizer's default,
+    beta2: Optional[float] = None  # recorded in config.json when the run begins
+    beta3: Optional[float] = None  # (Adan's third beta)
+    eps: Optional[float] = None
     max_grad_norm: Optional[float] = None
     agc: Optional[float] = None
     grokfast: str = "none"
@@ -151,14 +155,14 @@ class TrainConfig:
             raise ValueError(f"--momentum applies to sgd and lars, not {self.optimizer}")
         if self.nesterov and not self.momentum > 0:
             raise ValueError("--nesterov needs --momentum > 0")
-        for name in ("beta1", "beta2", "grokfast_alpha"):
+        for name in ("beta1", "beta2", "beta3", "grokfast_alpha"):
             v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
+            if v is not None and not 0.0 <= v < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
         if not (self.ntk_bias_scale > 0 and math.isfinite(self.ntk_bias_scale)):
             raise ValueError(f"--ntk-bias-scale must be a finite number > 0 (--no-bias: no biases), "
                              f"got {self.ntk_bias_scale}")
-        if not (self.eps > 0 and math.isfinite(self.eps)):
+        if self.eps is not None and not (self.eps > 0 and math.isfinite(self.eps)):
             raise ValueError(f"--eps must be > 0, got {self.eps}")
         for name in ("max_grad_norm", "agc"):
             v = getattr(self, name)

@@ -9,7 +9,7 @@ from .cli import check_device
 from .config import RESUMABLE, TrainConfig, computation_changes
 from .loop import Trainer, TensorBatches, loss_by_name, sharpness
 from .models import make_model
-from .optimizers import make_optimizer
+from .optimizers import RUN_DEFAULTS, make_optimizer, with_optimizer_defaults
 from .run_folder import RunFolder
 from .schedule import lr_factor
 from .tasks import make_task
@@ -33,11 +33,11 @@ def resolve_resume(out, overrides: dict) -> TrainConfig:
 def continuation(cfg: TrainConfig, computed: Optional[dict], source: Path) -> TrainConfig:
     """The config that continues a run computed with `computed` (read from `source`) as cfg
     asks: the run's own, with cfg's RESUMABLE options. Any other option of cfg that would
-    change what the run computes is refused, by name; a decay_steps of None means the run's."""
+    change what the run computes is refused, by name; a decay_steps, beta or eps of None means the run's."""
     if not computed:
         raise ValueError(f"--resume: {source} holds no run config (fit() wrote it, not catapult-train)")
     began = TrainConfig.from_dict(computed)
-    requested = {k: v for k, v in cfg.to_dict().items() if not (k == "decay_steps" and v is None)}
+    requested = {k: v for k, v in cfg.to_dict().items() if not (k in RUN_DEFAULTS and v is None)}
     changed = computation_changes(began, requested)
     if changed:
         raise ValueError(f"--resume continues the run in {source.parent} as it began; these options differ "
@@ -55,6 +55,7 @@ def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = F
     if not resume:
         if cfg.decay_steps is None:  # fix the cosine horizon now, so a longer resumed run keeps it
             cfg = dataclasses.replace(cfg, decay_steps=cfg.steps)
+        cfg = with_optimizer_defaults(cfg)  # recorded, so that config.json says what ran
         return _train(cfg, out, resume=False, overwrite=overwrite, quiet=quiet)
     if out is None:
         raise ValueError("--resume needs --out (the run to continue)")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import TrainConfig
 
-ADAM_LIKE = ("adam", "adamw", "lion", "lamb")  # per-coordinate normalized updates: muP's Adam rules
+SGD_LIKE = ("sgd", "lars")  # the others normalize updates per coordinate: muP's Adam rules
 
 
 class Dense(nn.Module):
@@ -92,7 +92,7 @@ class MLP(nn.Module):
     def param_groups(self, optimizer: str) -> list[dict]:
         if self.parametrization != "mup":
             return [{"params": list(self.parameters()), "lr_mult": 1.0}]
-        m, adam = self.width_mult, optimizer in ADAM_LIKE
+        m, adam = self.width_mult, optimizer not in SGD_LIKE
         # TP-V Table 3: (SGD lr, Adam lr) multipliers per kind of parameter
         rule = {"input": (m, 1.0), "hidden": (1.0, 1.0 / m), "output": (1.0 / m, 1.0 / m), "bias": (m, 1.0)}
         groups: dict[float, list] = {}
