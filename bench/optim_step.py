@@ -8,8 +8,9 @@ reported as effective bandwidth and as a fraction of a roof measured in the same
                                [--sizes 1M,10M] [--reps 20]
 
 Effective GB/s = the bytes the ideal kernel must move / time (DESIGN.md), fp32 per param:
-AdamW and Adam read p, g, m, v and write p, m, v = 28 B; SGD with momentum 20; plain SGD
-12; Lion 20; LAMB 40 (two passes: p, g, m, v read, m, v written; then p, m, v read, p
+AdamW, Adam and ADOPT read p, g, m, v and write p, m, v = 28 B; SGD with momentum 20;
+plain SGD 12; Lion 20; Adan 44 (p, g, m, d, v and the previous grad read, all but g
+written); LAMB 40 (two passes: p, g, m, v read, m, v written; then p, m, v read, p
 written); LARS 28 (a norm pass over p and g, then momentum SGD). Clipping reads g once
 more (+4), Grokfast reads and writes its EMA (+8), AGC reads p and g for the row norms
 (+8). The roof: on CPU an in-place stream x.mul_(c) (8 B/elem; a step updates in place),
@@ -29,9 +30,10 @@ import time
 import torch
 
 from catapult_kernels import ops
-from catapult_kernels.optim import LAMB, LARS, SGD, Adam, AdamW, Lion
+from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion
 from catapult_kernels.optim.base import FusedOptimizer
-from catapult_kernels.optim.reference import GradPipeline, LAMBReference, LARSReference, LionReference
+from catapult_kernels.optim.reference import (ADOPTReference, AdanReference, GradPipeline, LAMBReference,
+                                              LARSReference, LionReference)
 
 GROKFAST = dict(alpha=0.98, lamb=2.0)
 AGC = 0.01
@@ -43,6 +45,8 @@ FAMILIES = {
     "sgd": (SGD, dict(lr=1e-3), {}, torch.optim.SGD, None, 12),
     "sgd_momentum": (SGD, dict(lr=1e-3, momentum=0.9), {}, torch.optim.SGD, None, 20),
     "lion": (Lion, dict(lr=1e-4, weight_decay=0.1), {}, None, LionReference, 20),
+    "adopt": (ADOPT, dict(lr=1e-3, weight_decay=1e-2), {}, None, ADOPTReference, 28),
+    "adan": (Adan, dict(lr=1e-3), {}, None, AdanReference, 44),
     "lamb": (LAMB, dict(lr=1e-3), {}, None, LAMBReference, 40),
     "lars": (LARS, dict(lr=1.0, weight_decay=1e-4), {}, None, LARSReference, 28),
     "adamw_grokfast": (AdamW, dict(lr=1e-3), dict(grokfast=GROKFAST), None, torch.optim.AdamW, 36),
