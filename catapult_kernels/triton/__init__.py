@@ -12,10 +12,10 @@ its module in optimizers/ (found by the op's name: a new optimizer is one module
 there); lamb_triton_ is its own two-pass kernel (lamb.py). All share the grad pipeline
 and the launch machinery (kernel_common.py, multi_tensor_table.py).
 
-KERNELS[name] (by the C++ op's name: "adamw_", ...) and
-multi_tensor_norm.multi_tensor_norm_triton_eager do the same work as the ops without
-going through torch.ops in plain eager calls (the dispatcher's Python layers cost
-microseconds per tensor) and fall back to the ops under torch.compile/tracing.
+KERNELS[name] (by the C++ op's name: "multi_tensor_norm", "adamw_", ...) do the same
+work as the ops without going through torch.ops in plain eager calls (the dispatcher's
+Python layers cost microseconds per tensor) and fall back to the ops under
+torch.compile/tracing.
 CUDA tensors run compiled kernels; CPU tensors run under the Triton interpreter,
 which must be switched on (TRITON_INTERPRET=1) before triton is first imported.
 The update ops exist only where the C++ extension is built (their schemas are its ops').
@@ -42,9 +42,10 @@ from . import elementwise_update  # noqa: E402,F401
 from . import lamb  # noqa: E402,F401
 from ..ops import UPDATE_OPS  # noqa: E402
 
-# The eager entry points of the update ops' Triton twins, by C++ op name: one for each
-# op with a module optimizers/<base>.py, and lamb_.
-KERNELS = elementwise_update.register_elementwise_ops(UPDATE_OPS)
+# The eager entry points of the Triton ops, by the name of the C++ op they twin (ops.kernel's
+# table for backend='triton'): the norm, each update op with a module optimizers/<base>.py, lamb_.
+KERNELS = {"multi_tensor_norm": multi_tensor_norm.multi_tensor_norm_triton_eager,
+           **elementwise_update.register_elementwise_ops(UPDATE_OPS)}
 if "lamb_" in UPDATE_OPS:
     KERNELS["lamb_"] = lamb.register()
 
