@@ -1,4 +1,4 @@
-"""The optimizer family with the fused regularizers (Adam, AdamW, SGD, Lion, LAMB, LARS;
+"""The optimizer family with the fused regularizers (Adam, AdamW, SGD, Lion, ADOPT, Adan, LAMB, LARS;
 clip, AGC, Grokfast) against the plain-PyTorch references of
 catapult_kernels.optim.reference (torch.optim itself for SGD, Adam and AdamW), over
 20 steps on every backend; half types, state_dict round trips, skips, bad input."""
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from catapult_kernels.optim import LAMB, LARS, SGD, Adam, AdamW, Lion
-from catapult_kernels.optim.reference import GradPipeline, LAMBReference, LARSReference, LionReference
+from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion
+from catapult_kernels.optim.reference import (ADOPTReference, AdanReference, GradPipeline, LAMBReference,
+                                              LARSReference, LionReference)
 from conftest import BACKEND_DEVICES
 from training import STEPS, assert_same_params, make_data, make_model, param_groups
 
@@ -26,6 +27,12 @@ CASES = {
     "lion": (Lion, LionReference, dict(lr=1e-3, weight_decay=0.1), {}),
     "lion_all": (Lion, LionReference, dict(lr=1e-3, betas=(0.95, 0.98), weight_decay=0.5, maximize=True),
                  dict(max_grad_norm=0.1, agc=0.05, grokfast=GF)),
+    "adopt": (ADOPT, ADOPTReference, dict(lr=1e-2), {}),
+    "adopt_all": (ADOPT, ADOPTReference, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-5, weight_decay=0.1, maximize=True),
+                  dict(max_grad_norm=0.1, agc=0.05, grokfast=GF)),
+    "adan": (Adan, AdanReference, dict(lr=1e-2), {}),
+    "adan_no_prox_all": (Adan, AdanReference, dict(lr=1e-2, betas=(0.9, 0.9, 0.95), weight_decay=0.1, no_prox=True,
+                                                   maximize=True), dict(max_grad_norm=0.1, agc=0.05, grokfast=GF)),
     "lamb": (LAMB, LAMBReference, dict(lr=1e-2), {}),
     "lamb_options": (LAMB, LAMBReference, dict(lr=1e-2, weight_decay=0.1, bias_correction=False,
                                                max_weight_norm=0.5), dict(max_grad_norm=0.1, grokfast=GF)),
@@ -83,7 +90,8 @@ def _fixed_sequence(make, params0, grads, device, dtype):
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("name", ["lion_all", "lamb_options", "lars_nesterov_regularized", "adam_l2_clip_grokfast"])
+@pytest.mark.parametrize("name", ["lion_all", "lamb_options", "lars_nesterov_regularized", "adam_l2_clip_grokfast",
+                                  "adopt_all", "adan_no_prox_all"])
 def test_half_types_at_least_as_accurate_as_the_reference(backend_device, dtype, name):
     """20 steps on a fixed grad sequence: against the float64 reference, our error (math in
     float32, one rounding per stored value) is no more than 2x that of the reference run
@@ -156,7 +164,8 @@ def test_adam_state_dict_interchangeable_with_torch(direction):
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-@pytest.mark.parametrize("name", ["sgd_agc_grokfast", "lion_all", "lamb_options", "lars_nesterov_regularized"])
+@pytest.mark.parametrize("name", ["sgd_agc_grokfast", "lion_all", "lamb_options", "lars_nesterov_regularized",
+                                  "adopt_all", "adan_no_prox_all"])
 def test_skip_nonfinite_leaves_everything_unchanged(backend_device, name):
     backend, device = backend_device
     ours_cls, _, kwargs, pipeline_kwargs = CASES[name]
@@ -189,6 +198,10 @@ def test_skip_nonfinite_leaves_everything_unchanged(backend_device, name):
     (lambda ps: LAMB(ps, eps=-1.0), "epsilon"),
     (lambda ps: LARS(ps, trust_coefficient=0.0), "trust_coefficient"),
     (lambda ps: LARS(ps, momentum=-0.5), "momentum"),
+    (lambda ps: ADOPT(ps, betas=(0.9, 1.0)), "beta parameter at index 1"),
+    (lambda ps: ADOPT(ps, eps=-1.0), "epsilon"),
+    (lambda ps: Adan(ps, betas=(0.9, 0.99)), "three betas"),
+    (lambda ps: Adan(ps, weight_decay=-0.1), "weight_decay"),
 ])
 def test_bad_constructor_arguments(make, match):
     with pytest.raises(ValueError, match=match):
