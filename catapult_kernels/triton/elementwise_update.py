@@ -193,8 +193,8 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
             others.append((name, lst))
         elif len(lst) != 0:
             raise RuntimeError(f"catapult: {op}: {name} must be empty: this call does not use it")
-    agc_rows = add_regularizer_lists(op, params, pipeline.agc_scales, pipeline.grokfast_emas, others)
-    check_update_lists(params, others, state_steps)
+    agc_rows = add_regularizer_lists(op, params, pipeline.agc_scales, pipeline.grokfast_emas, others, schema.first)
+    check_update_lists(params, others, state_steps, schema.first)
     check_control_args(op, lr, pipeline, device)
     if not params or is_fake(params[0], grads[0], lr):
         return  # nothing to do, or tracing with tensors that carry no data

@@ -216,18 +216,19 @@ def _devices(tensors) -> list:
     return [t.device for t in tensors]
 
 
-def check_update_lists(params: Sequence[torch.Tensor], others, state_steps=None) -> None:
+def check_update_lists(params: Sequence[torch.Tensor], others, state_steps=None, first: str = "params") -> None:
     """check_update_lists of csrc/multi_tensor_checks.h (same checks, same messages);
-    ``others`` is a list of (name, list) pairs, state_steps None for an op without them.
+    ``others`` is a list of (name, list) pairs, state_steps None for an op without them,
+    ``first`` the name of ``params`` in the op's schema (grad_pipeline_'s is "out").
     This is the per-tensor host cost of a step, so the common case compares whole lists
     of metadata (list comprehensions, C-level list equality); only when something is
     wrong does the element-by-element loop run to report the first bad entry."""
     n = len(params)
     for name, lst in others:
         if len(lst) != n:
-            raise RuntimeError(f"catapult: {name} has {len(lst)} tensors but params has {n}")
+            raise RuntimeError(f"catapult: {name} has {len(lst)} tensors but {first} has {n}")
     if state_steps is not None and len(state_steps) != n:
-        raise RuntimeError(f"catapult: state_steps has {len(state_steps)} tensors but params has {n}")
+        raise RuntimeError(f"catapult: state_steps has {len(state_steps)} tensors but {first} has {n}")
     if n == 0:
         return
     # A CUDA device index tells the devices apart (CPU and meta tensors give -1); -1 itself
@@ -247,40 +248,41 @@ def check_update_lists(params: Sequence[torch.Tensor], others, state_steps=None)
                      and devices_of(state_steps) == devs
                      and all(s.numel() == 1 for s in state_steps))
     if not ok:
-        _check_update_lists_slow(params, others, state_steps)
+        _check_update_lists_slow(params, others, state_steps, first)
 
 
-def _check_update_lists_slow(params, others, state_steps) -> None:
+def _check_update_lists_slow(params, others, state_steps, first) -> None:
     device = params[0].device
     for i, p in enumerate(params):
         dt = p.dtype
         if p.device != device:
-            raise RuntimeError(f"catapult: params[{i}] is on {p.device} but params[0] is on {device}")
+            raise RuntimeError(f"catapult: {first}[{i}] is on {p.device} but {first}[0] is on {device}")
         if dt not in SUPPORTED_DTYPES:
-            raise RuntimeError(f"catapult: params[{i}] has dtype {dt}; supported: float32, bfloat16, float16")
+            raise RuntimeError(f"catapult: {first}[{i}] has dtype {dt}; supported: float32, bfloat16, float16")
         if not is_dense(p):
-            raise RuntimeError(f"catapult: params[{i}] is not dense in memory (strides {tuple(p.stride())})")
+            raise RuntimeError(f"catapult: {first}[{i}] is not dense in memory (strides {tuple(p.stride())})")
         shape, stride = p.shape, p.stride()
         for name, lst in others:
             t = lst[i]
             if t.device != device:
-                raise RuntimeError(f"catapult: {name}[{i}] is on {t.device} but params are on {device}")
+                raise RuntimeError(f"catapult: {name}[{i}] is on {t.device} but {first} are on {device}")
             if t.dtype != dt:
-                raise RuntimeError(f"catapult: {name}[{i}] has dtype {t.dtype} but params[{i}] has {dt}")
+                raise RuntimeError(f"catapult: {name}[{i}] has dtype {t.dtype} but {first}[{i}] has {dt}")
             if not same_layout(t, p):
                 raise RuntimeError(f"catapult: {name}[{i}] has shape {tuple(t.shape)} strides {tuple(t.stride())} "
-                                   f"but params[{i}] has shape {tuple(shape)} strides {tuple(stride)}")
+                                   f"but {first}[{i}] has shape {tuple(shape)} strides {tuple(stride)}")
         if state_steps is None:
             continue
         s = state_steps[i]
         if s.dtype != torch.float32 or s.numel() != 1:
             raise RuntimeError(f"catapult: state_steps[{i}] must be a one-element float32 tensor")
         if s.device != device:
-            raise RuntimeError(f"catapult: state_steps[{i}] is on {s.device} but params are on {device}")
+            raise RuntimeError(f"catapult: state_steps[{i}] is on {s.device} but {first} are on {device}")
 
 
 def add_regularizer_lists(op_name: str, params: Sequence[torch.Tensor], agc_scales: Sequence[torch.Tensor],
-                          grokfast_emas: Sequence[torch.Tensor], others: list) -> Optional[list]:
+                          grokfast_emas: Sequence[torch.Tensor], others: list,
+                          first: str = "params") -> Optional[list]:
     """add_regularizer_lists of csrc/multi_tensor_checks.h (same checks, same messages):
     appends ("grokfast_emas", grokfast_emas) to ``others`` (for check_update_lists) when
     Grokfast is on, checks agc_scales, and returns the AGC rows of each param (None
@@ -288,14 +290,14 @@ def add_regularizer_lists(op_name: str, params: Sequence[torch.Tensor], agc_scal
     the loop that names the first bad entry runs only when something is wrong."""
     n = len(params)
     if grokfast_emas and len(grokfast_emas) != n:
-        raise RuntimeError(f"catapult: {op_name}: grokfast_emas has {len(grokfast_emas)} tensors but params has "
+        raise RuntimeError(f"catapult: {op_name}: grokfast_emas has {len(grokfast_emas)} tensors but {first} has "
                            f"{n} (give none to switch Grokfast off)")
     if grokfast_emas:
         others.append(("grokfast_emas", grokfast_emas))
     if not agc_scales:
         return None
     if len(agc_scales) != n:
-        raise RuntimeError(f"catapult: {op_name}: agc_scales has {len(agc_scales)} tensors but params has {n} "
+        raise RuntimeError(f"catapult: {op_name}: agc_scales has {len(agc_scales)} tensors but {first} has {n} "
                            "(give none to switch AGC off)")
     rows = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
     devices_of = _device_indices if params[0].get_device() >= 0 else _devices
@@ -304,25 +306,25 @@ def add_regularizer_lists(op_name: str, params: Sequence[torch.Tensor], agc_scal
           and devices_of(agc_scales) == devices_of(params)
           and all([p.is_contiguous() for p in params]))  # contiguous: rows are contiguous runs
     if not ok:
-        _check_agc_scales_slow(op_name, params, agc_scales, rows)
+        _check_agc_scales_slow(op_name, params, agc_scales, rows, first)
     return rows
 
 
-def _check_agc_scales_slow(op_name, params, agc_scales, rows) -> None:
+def _check_agc_scales_slow(op_name, params, agc_scales, rows, first) -> None:
     for i, (a, p, r) in enumerate(zip(agc_scales, params, rows)):
         if not (a.dtype == torch.float32 and a.dim() == 1 and a.is_contiguous()):
             raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] must be a contiguous 1-D float32 tensor, "
                                f"got {a.dtype} of shape {tuple(a.shape)}")
         if a.numel() != r:
-            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] has {a.numel()} factors but params[{i}] "
+            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] has {a.numel()} factors but {first}[{i}] "
                                f"has {r} rows")
         if a.device != p.device:
-            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] is on {a.device} but params[{i}] is on "
+            raise RuntimeError(f"catapult: {op_name}: agc_scales[{i}] is on {a.device} but {first}[{i}] is on "
                                f"{p.device}")
         # dim 0 has the largest stride among dims of size > 1
         size, stride = p.shape, p.stride()
         if not all(size[0] == 1 or size[d] == 1 or stride[0] >= stride[d] * size[d] for d in range(1, p.dim())):
-            raise RuntimeError(f"catapult: {op_name}: params[{i}] (strides {tuple(stride)}) does not keep its rows "
+            raise RuntimeError(f"catapult: {op_name}: {first}[{i}] (strides {tuple(stride)}) does not keep its rows "
                                "contiguous, as AGC needs")
 
 

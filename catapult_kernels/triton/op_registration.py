@@ -37,6 +37,7 @@ class UpdateSchema:
     name: str                     # the C++ op, e.g. "adamw_"
     triton_name: str              # its Triton twin, "adamw_triton_"
     signature: str                # the schema without the name: "(Tensor(a!)[] params, ...) -> ()"
+    first: str                    # the name of the list written (argument 0): "params", grad_pipeline_'s "out"
     states: tuple[str, ...]       # the state lists, in order (arguments 2, 3, ...)
     has_step: bool                # state_steps right before lr
     lr_index: int
@@ -60,7 +61,7 @@ def update_schema(schema: torch.FunctionSchema) -> Optional[UpdateSchema]:
     kinds = [str(a.type) for a in args]
     mutated = [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write]
     return UpdateSchema(
-        name=name, triton_name=name.rstrip("_") + "_triton_", signature=text[text.index("("):],
+        name=name, triton_name=name.rstrip("_") + "_triton_", signature=text[text.index("("):], first=names[0],
         states=tuple(names[2:lr - has_step]), has_step=has_step, lr_index=lr,
         hyper=tuple(names[lr + 1:len(names) - len(GradPipeline._fields)]),
         mutated=tuple(names[i] for i in mutated), mutated_lists=tuple(mutated),
