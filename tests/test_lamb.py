@@ -25,8 +25,9 @@ SHAPES = {
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01)
 
 
-def _state(shapes, dtype, device, step=3.0, seed=0):
-    """Random params, grads and mid-training moments (v > 0) for each shape."""
+def _state(shapes, dtype, device, step=2.0, seed=0):
+    """Random params, grads and mid-training moments (v > 0) for each shape; step: the
+    steps taken before (the op runs step + 1)."""
     g = torch.Generator().manual_seed(seed)
     mk = lambda s, f=1.0: (torch.randn(s, generator=g) * f).to(dtype=dtype, device=device)  # noqa: E731
     params = [mk(s) for s in shapes]
@@ -38,19 +39,21 @@ def _state(shapes, dtype, device, step=3.0, seed=0):
 
 
 def _run(backend, params, grads, m, v, steps, bias_correction=True, max_weight_norm=0.0, maximize=False,
-         grad_norm=None, max_grad_norm=0.0, grad_scale=None, found_inf=None, lr=HYPER["lr"],
+         grad_norm=None, max_grad_norm=0.0, grad_scale=None, skip=None, lr=HYPER["lr"],
          weight_decay=HYPER["weight_decay"]):
     device = params[0].device if params else torch.device("cpu")
-    ops.lamb_(params, grads, m, v, steps, torch.tensor(lr, device=device), HYPER["beta1"], HYPER["beta2"],
-              HYPER["eps"], weight_decay, bias_correction, max_weight_norm, maximize, grad_norm, max_grad_norm,
-              grad_scale, found_inf, backend=backend)
+    pipeline = ops.PipelineArgs(grad_norm=grad_norm, max_grad_norm=max_grad_norm, grad_scale=grad_scale, skip=skip,
+                                maximize=maximize)
+    ops.update_("lamb_", params, grads, [m, v], steps, torch.tensor(lr, device=device), pipeline=pipeline,
+                backend=backend, beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
+                weight_decay=weight_decay, bias_correction=bias_correction, max_weight_norm=max_weight_norm)
 
 
 def _check(params, m, v, before, bias_correction=True, max_weight_norm=0.0, maximize=False, mult=1.0,
            weight_decay=HYPER["weight_decay"], lr=HYPER["lr"]):
     h = HYPER
     for i, (p, mi, vi, p0, g0, m0, v0, s) in enumerate(zip(params, m, v, *before)):
-        args = (float(s), lr, h["beta1"], h["beta2"], h["eps"], weight_decay, bias_correction, max_weight_norm,
+        args = (float(s) + 1, lr, h["beta1"], h["beta2"], h["eps"], weight_decay, bias_correction, max_weight_norm,
                 maximize, mult)
         gold = lamb_reference(p0.cpu(), g0.cpu(), m0.cpu(), v0.cpu(), *args, compute_dtype=torch.float64)
         same = lamb_reference(p0.cpu(), g0.cpu(), m0.cpu(), v0.cpu(), *args, compute_dtype=torch.float32)
@@ -86,7 +89,7 @@ def test_matches_reference(backend_device, dtype, shapes, bias_correction):
     _run(backend, params, grads, m, v, steps, bias_correction=bias_correction)
     _check(params, m, v, before, bias_correction)
     assert all(torch.equal(a, b) for a, b in zip(grads, before[1])), "grads must not be written"
-    assert all(torch.equal(a, b) for a, b in zip(steps, before[4])), "state_steps must not be written"
+    assert all(torch.equal(a, b + 1) for a, b in zip(steps, before[4])), "the op counts its step"
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
@@ -95,7 +98,7 @@ def test_matches_reference(backend_device, dtype, shapes, bias_correction):
                                   "max_weight_norm", "no_decay"])
 def test_options(backend_device, dtype, case):
     backend, device = backend_device
-    inputs = _state([(129,), (31, 7)], dtype, device, step=1.0, seed=2)
+    inputs = _state([(129,), (31, 7)], dtype, device, step=0.0, seed=2)
     before = _clone(*inputs)
     params, grads, m, v, steps = inputs
     norm = torch.tensor(float(norm_reference(grads)[0]), device=device)
@@ -126,7 +129,7 @@ def test_trust_ratio_per_tensor(backend_device, bias_correction):
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
     m = [(torch.randn(s, generator=gen) * 0.1).to(device) for s in shapes]
     v = [(torch.randn(s, generator=gen) * 0.1).abs().to(device) for s in shapes]
-    steps = [torch.tensor(2.0, device=device) for _ in shapes]
+    steps = [torch.tensor(1.0, device=device) for _ in shapes]  # step 2
     before = _clone(params, grads, m, v, steps)
     _run(backend, params, grads, m, v, steps, bias_correction=bias_correction)
     lr = HYPER["lr"]
@@ -152,7 +155,7 @@ def test_trust_ratio_zero_update(backend_device, weight_decay):
     grads = [torch.zeros_like(p) for p in params]
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
-    steps = [torch.tensor(1.0, device=device) for _ in params]
+    steps = [torch.tensor(0.0, device=device) for _ in params]
     before = _clone(params, m, v)
     _run(backend, params, grads, m, v, steps, weight_decay=weight_decay)
     for now, then in zip((params, m, v), before):
@@ -171,8 +174,9 @@ def test_direction_of_pass_2_is_that_of_pass_1(backend_device, dtype):
     p = torch.tensor([1.0, 1.0], dtype=dtype, device=device)
     g = torch.tensor([1e-3, 1.0], dtype=dtype, device=device)
     m, v = torch.zeros(2, dtype=dtype, device=device), torch.zeros(2, dtype=dtype, device=device)
-    before = _clone([p], [g], [m], [v], [torch.tensor(1.0, device=device)])
-    _run(backend, [p], [g], [m], [v], before[4], lr=0.1, weight_decay=0.0)
+    steps = [torch.tensor(0.0, device=device)]
+    before = _clone([p], [g], [m], [v], steps)
+    _run(backend, [p], [g], [m], [v], steps, lr=0.1, weight_decay=0.0)
     _check([p], [m], [v], before, weight_decay=0.0, lr=0.1)
 
 
@@ -189,7 +193,7 @@ def test_max_weight_norm(backend_device, max_weight_norm):
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
     m = [(torch.randn(s, generator=gen) * 0.1).to(device) for s in shapes]
     v = [(torch.randn(s, generator=gen) * 0.1).abs().to(device) for s in shapes]
-    steps = [torch.tensor(5.0, device=device) for _ in shapes]
+    steps = [torch.tensor(4.0, device=device) for _ in shapes]  # step 5
     before = _clone(params, grads, m, v, steps)
     _run(backend, params, grads, m, v, steps, max_weight_norm=max_weight_norm)
     lr = HYPER["lr"]
@@ -207,8 +211,8 @@ def test_max_weight_norm(backend_device, max_weight_norm):
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("bias_correction", [True, False], ids=["bc", "no_bc"])
 def test_several_steps(backend_device, bias_correction):
-    """Steps 1..5 (state_steps counted up as an optimizer does) track the reference run
-    step after step in float64 from the same start."""
+    """Steps 1..5 (state_steps counted up by the op) track the reference run step after
+    step in float64 from the same start."""
     backend, device = backend_device
     big = (4099,) if backend == "triton" and device == "cpu" else (2**15 + 3,)  # the interpreter is slow
     params, _, m, v, _ = _state([(257,), (13, 17), big], torch.float32, device, seed=11)
@@ -217,9 +221,9 @@ def test_several_steps(backend_device, bias_correction):
     gold = [[t.cpu().double() for t in ts] for ts in (params, m, v)]
     gen = torch.Generator().manual_seed(12)
     h = HYPER
+    steps = [torch.tensor(0.0, device=device) for _ in params]
     for step in range(1, 6):
         grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
-        steps = [torch.tensor(float(step), device=device) for _ in params]
         _run(backend, params, grads, m, v, steps, bias_correction=bias_correction)
         for i, g in enumerate(grads):
             gold[0][i], gold[1][i], gold[2][i], _ = lamb_reference(
@@ -235,7 +239,7 @@ def test_several_steps(backend_device, bias_correction):
 def test_each_tensor_uses_its_own_step(backend_device):
     backend, device = backend_device
     inputs = _state([(50,), (60,), (70,)], torch.float32, device)
-    for s, value in zip(inputs[4], (1.0, 10.0, 1000.0)):
+    for s, value in zip(inputs[4], (0.0, 9.0, 999.0)):  # steps 1, 10 and 1000
         s.fill_(value)
     before = _clone(*inputs)
     _run(backend, *inputs)
@@ -252,7 +256,7 @@ def test_found_inf_writes_nothing(backend_device, dtype, found_inf):
     inputs[1][0][4] = math.nan
     before = _clone(*inputs)
     _run(backend, *inputs, max_weight_norm=1.0, maximize=True, grad_norm=torch.tensor(5.0, device=device),
-         max_grad_norm=1.0, grad_scale=torch.tensor(8.0, device=device), found_inf=torch.tensor(found_inf, device=device))
+         max_grad_norm=1.0, grad_scale=torch.tensor(8.0, device=device), skip=torch.tensor(found_inf, device=device))
     for now, then in zip(inputs, before):
         for a, b in zip(now, then):
             assert_bitwise_equal("state", a, b)
@@ -263,7 +267,7 @@ def test_found_inf_zero_steps(backend_device):
     backend, device = backend_device
     inputs = _state([(100,)], torch.float32, device)
     before = _clone(*inputs)
-    _run(backend, *inputs, found_inf=torch.tensor(0.0, device=device))
+    _run(backend, *inputs, skip=torch.tensor(0.0, device=device))
     params, _, m, v, _ = inputs
     _check(params, m, v, before)
 
@@ -316,7 +320,7 @@ def test_bad_inputs_change_nothing(backend_device):
              v=[v[0], strided.clone()]),
         dict(kw=dict(max_grad_norm=1.0)),                           # clipping without grad_norm
         dict(kw=dict(grad_scale=torch.tensor(2.0, dtype=torch.float64, device=device))),
-        dict(kw=dict(found_inf=torch.zeros(2, device=device))),
+        dict(kw=dict(skip=torch.zeros(2, device=device))),
     ]
     if device == "cuda":
         cases.append(dict(steps=[steps[0], steps[1].cpu()]))
@@ -341,7 +345,7 @@ def test_opcheck(backend_device):
         scalars = ((torch.tensor(3.0, device=device), 1.0, torch.tensor(2.0, device=device),
                     torch.tensor(0.0, device=device)) if control else (None, 0.0, None, None))
         args = (params, grads, m, v, steps, torch.tensor(1e-3, device=device), 0.9, 0.999, 1e-6, 0.01,
-                bias_correction, max_weight_norm, False, *scalars, agc, emas, 0.98, 2.0)
+                bias_correction, max_weight_norm, *scalars, agc, emas, 0.98, 2.0, False)
         torch.library.opcheck(op, args)
 
 
@@ -354,8 +358,9 @@ def test_more_than_2_pow_31_elements(backend):
     m = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
     v = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
     g[-3:] = -1.0  # only reached with 64-bit indexing
-    ops.lamb_([p], [g], [m], [v], [torch.tensor(1.0, device="cuda")], torch.tensor(0.5, device="cuda"), 0.9, 0.999,
-              1e-6, 0.0, True, 0.0, False, backend=backend)
+    ops.update_("lamb_", [p], [g], [[m], [v]], [torch.tensor(0.0, device="cuda")], torch.tensor(0.5, device="cuda"),
+                backend=backend, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, bias_correction=True,
+                max_weight_norm=0.0)
     # step 1: r = g / (|g| + eps), about sign(g); |r| about sqrt(n), |p| = 0.5 sqrt(n): trust about 0.5
     assert p[0].item() == 0.25 and p[-4].item() == 0.25 and p[-1].item() == 0.75 and p[-3].item() == 0.75
     assert m[-1].item() == torch.tensor(-0.1, dtype=torch.bfloat16).item()

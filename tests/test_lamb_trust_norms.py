@@ -34,10 +34,11 @@ def _state(dtype, device, param_scale, huge_at=None):
 def _step_and_check(backend, device, params, grads, m, v, keep):
     """One lamb_ step, then params[i][keep[i]] against the float64 formula."""
     before = [t.clone() for t in (*params, *grads, *m, *v)]
-    steps = [torch.tensor(STEP, device=device) for _ in params]
+    steps = [torch.tensor(STEP - 1, device=device) for _ in params]  # the steps before: the op runs STEP
     h = HYPER
-    ops.lamb_(params, grads, m, v, steps, torch.tensor(h["lr"], device=device), h["beta1"], h["beta2"], h["eps"],
-              h["weight_decay"], True, 0.0, False, backend=backend)
+    ops.update_("lamb_", params, grads, [m, v], steps, torch.tensor(h["lr"], device=device), backend=backend,
+                beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"], bias_correction=True,
+                max_weight_norm=0.0)
     n = len(params)
     for i, p in enumerate(params):
         p0, g0, m0, v0 = (before[k * n + i].cpu() for k in range(4))
