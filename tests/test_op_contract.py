@@ -3,6 +3,7 @@ one device. A meta tensor among CPU ones sends the whole call to the fake kernel
 dispatcher ranks Meta above CPU), which must refuse it as the real kernels do, not do nothing
 or return empty memory. Checked for each tensor argument of each op, through torch.ops, the
 Python wrappers, the CPU kernels reached directly, and under FakeTensorMode; nothing is written."""
+import dataclasses
 import re
 
 import pytest
@@ -22,38 +23,54 @@ def _like_params(fill=0.5):
     return [torch.full(s, fill) for s in SHAPES]
 
 
-def _regularizers():
+def _pipeline():
+    """The grad pipeline's arguments (the tail of every update op), every tensor given, skip 0."""
     return dict(grad_norm=torch.tensor(2.0), max_grad_norm=1.0, grad_scale=torch.tensor(1.0),
-                found_inf=torch.tensor(0.0), agc_scales=[torch.ones(4), torch.ones(1)],
-                grokfast_emas=_like_params(0.1), grokfast_alpha=0.98, grokfast_lamb=2.0)
+                skip=torch.tensor(0.0), agc_scales=[torch.ones(4), torch.ones(1)],
+                grokfast_emas=_like_params(0.1), grokfast_alpha=0.98, grokfast_lamb=2.0, maximize=False)
 
 
 def _args(op: str) -> dict:
-    """Every argument of catapult::<op> by name, every optional tensor given, found_inf 0:
+    """Every argument of catapult::<op> by name, every optional tensor given, skip 0:
     on CPU tensors the op would write."""
     steps = lambda: [torch.tensor(1.0) for _ in SHAPES]  # noqa: E731
-    common = dict(params=_like_params(), grads=_like_params(0.25), lr=torch.tensor(0.1))
+    common = dict(params=_like_params(), grads=_like_params(0.25), lr=torch.tensor(0.1), **_pipeline())
     if op == "adamw_":
         return dict(common, exp_avgs=_like_params(0.1), exp_avg_sqs=_like_params(0.1),
                     max_exp_avg_sqs=_like_params(0.1), state_steps=steps(), beta1=0.9, beta2=0.99, eps=1e-8,
-                    weight_decay=0.01, decoupled_weight_decay=True, amsgrad=True, maximize=False, **_regularizers())
+                    weight_decay=0.01, decoupled_weight_decay=True, amsgrad=True)
     if op == "sgd_":
         return dict(common, momentum_buffers=_like_params(0.1), momentum=0.9, dampening=0.0, weight_decay=0.01,
-                    nesterov=False, maximize=False, first_step=False, trust_ratios=torch.ones(len(SHAPES)),
-                    **_regularizers())
+                    nesterov=False, first_step=False, trust_ratios=torch.ones(len(SHAPES)))
     if op == "lion_":
-        return dict(common, exp_avgs=_like_params(0.1), beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False,
-                    **_regularizers())
+        return dict(common, exp_avgs=_like_params(0.1), beta1=0.9, beta2=0.99, weight_decay=0.01)
     if op == "lamb_":
         return dict(common, exp_avgs=_like_params(0.1), exp_avg_sqs=_like_params(0.1), state_steps=steps(),
-                    beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01, bias_correction=True, max_weight_norm=0.0,
-                    maximize=False, **_regularizers())
+                    beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01, bias_correction=True, max_weight_norm=0.0)
+    if op == "adopt_":
+        return dict(common, exp_avgs=_like_params(0.1), exp_avg_sqs=_like_params(0.1), state_steps=steps(),
+                    beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01)
+    if op == "adan_":
+        return dict(common, exp_avgs=_like_params(0.1), exp_avg_diffs=_like_params(0.1),
+                    exp_avg_sqs=_like_params(0.1), pre_grads=_like_params(0.2), state_steps=steps(), beta1=0.98,
+                    beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.02, no_prox=False)
+    if op == "grad_pipeline_":
+        return dict(out=common.pop("params"), **common)
     assert op == "multi_tensor_norm"
     return dict(tensors=_like_params(), ord=2.0, per_tensor=True)
 
 
-UPDATE_OPS = ["adamw_", "sgd_", "lion_", "lamb_"]
+UPDATE_OPS = ["adamw_", "sgd_", "lion_", "lamb_", "adopt_", "adan_", "grad_pipeline_"]
 OPS = UPDATE_OPS + ["multi_tensor_norm"]
+
+
+def _update(op: str, a: dict, backend: str) -> None:
+    """catapult::<op> through ops.update_, from its arguments by name."""
+    spec = ops.UPDATE_OPS[op]
+    first = "out" if op == "grad_pipeline_" else "params"
+    pipeline = ops.PipelineArgs(**{f.name: a[f.name] for f in dataclasses.fields(ops.PipelineArgs)})
+    ops.update_(op, a[first], a["grads"], [a[s] for s in spec.states], a.get("state_steps"), a["lr"],
+                pipeline=pipeline, backend=backend, **{h: a[h] for h in spec.hyper})
 
 
 def _tensor_slots(args: dict) -> list:
@@ -139,15 +156,15 @@ def test_meta_among_cpu_refused_by_the_wrapper(backend_device, op, slot):
     if op == "multi_tensor_norm":
         call = lambda a: ops.multi_tensor_norm(a["tensors"], a["ord"], a["per_tensor"], backend=backend)  # noqa: E731
     else:
-        call = lambda a: getattr(ops, op)(**a, backend=backend)  # noqa: E731
+        call = lambda a: _update(op, a, backend)  # noqa: E731
     _refused(call, args, label)
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_meta_params_refused_when_the_rest_is_cpu(op):
-    """params[0] (tensors[0]) on meta: then the CPU tensors are the odd ones."""
+    """params[0] (out[0], tensors[0]) on meta: then the CPU tensors are the odd ones."""
     args = _args(op)
-    first = "params" if op in UPDATE_OPS else "tensors"
+    first = next(iter(args))
     args = _with_meta(args, first, 0)
     before = [t.clone() for t in _cpu_tensors(args)]
     with pytest.raises(RuntimeError, match=r"is on cpu but \S+ is on meta"):
