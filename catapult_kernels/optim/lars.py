@@ -1,17 +1,18 @@
 """LARS (You et al. 2017, "Large Batch Training of Convolutional Networks"): momentum
 SGD with a per-tensor local lr, trust_coefficient * |w| / (|g| + weight_decay * |w|).
 The norms take one fused multi-tensor pass; the update is the fused SGD kernel with
-the local lrs as per-tensor trust ratios."""
+the local lrs as per-tensor trust ratios. With AGC or Grokfast, which change the grad
+whose norm counts, the grad pipeline runs first into buffers (catapult::grad_pipeline_)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .. import ops
-from .base import Bucket, FusedOptimizer, StepControl
+from .base import Bucket, FusedOptimizer, Part, StepControl
 from .regularizers import grad_multiplier
-from .unwritten import UnwrittenFlag
 from .sgd import SGD
 
 
@@ -41,51 +42,48 @@ class LARS(SGD):
 
     def _update(self, bucket: Bucket, control: StepControl) -> None:
         group = bucket.group
+        pipeline = None
+        if group["agc"] is not None or group["grokfast"] is not None:
+            # AGC and Grokfast shape the grad whose norm the trust ratios need: the grad
+            # pipeline runs first, into buffers, and the update takes them as they are.
+            bucket, pipeline = self._through_pipeline(bucket, control), self._skip_only
         adapted, rest = [], []
         for i, p in enumerate(bucket.params):
             (rest if group["exclude_1d"] and p.dim() <= 1 else adapted).append(i)
         if adapted:
-            trust = self._trust_ratios(bucket, adapted, control)
-            self._sgd_step(bucket, control, group["weight_decay"], trust_ratios=trust, only=adapted)
+            trust = self._trust_ratios(bucket, adapted, control, piped=pipeline is not None)
+            self._sgd_step(bucket, control, group["weight_decay"], trust_ratios=trust, only=adapted,
+                           pipeline=pipeline)
         if rest:
-            self._sgd_step(bucket, control, 0.0, only=rest)
+            self._sgd_step(bucket, control, 0.0, only=rest, pipeline=pipeline)
 
-    def _trust_ratios(self, bucket: Bucket, idx: list, control: StepControl) -> torch.Tensor:
-        """The local lr of each param of the bucket listed in idx, in that order, on the device."""
+    def _through_pipeline(self, bucket: Bucket, control: StepControl) -> Bucket:
+        """The bucket with its grads replaced by the grad pipeline's output (grad_pipeline_:
+        unscaled, clipped, AGC'd, Grokfast-filtered, the EMAs advanced, maximize applied), in
+        the grads' dtype."""
+        out = [torch.empty_like(g) for g in bucket.grads]
+        lr = self._lr_tensor(bucket.group, bucket.device)
+        for part in self._parts(bucket):
+            ops.update_("grad_pipeline_", part.take(out), part.take(bucket.grads), [], None, lr,
+                        self._pipeline_args(bucket, part, control), self.backend)
+        return dataclasses.replace(bucket, grads=out)
+
+    @staticmethod
+    def _skip_only(bucket: Bucket, part: Part, control: StepControl) -> ops.PipelineArgs:
+        """The pipeline of an update over grads that went through it already: the skip flag alone."""
+        return ops.PipelineArgs(skip=part.skip(control.skip))
+
+    def _trust_ratios(self, bucket: Bucket, idx: list, control: StepControl, piped: bool) -> torch.Tensor:
+        """The local lr of each param of the bucket listed in idx, in that order, on the device:
+        from the norms of the params and of the grads as the update sees them (piped: the
+        bucket's grads are the pipeline's output; else the pipeline is the one factor of
+        unscale and clip)."""
         group = bucket.group
         wd, tc = float(group["weight_decay"]), float(group["trust_coefficient"])
-        w, g = self._norms(bucket, idx, control)
-        return torch.where((w > 0) & (g > 0), tc * w / (g + wd * w), torch.ones_like(w))
-
-    def _norms(self, bucket: Bucket, idx: list, control: StepControl) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per param listed in idx: the norm of the param, and of its grad as the update sees
-        it (after the grad pipeline)."""
-        group = bucket.group
-        mult = grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, bucket.device)
         params, grads = [bucket.params[i] for i in idx], [bucket.grads[i] for i in idx]
-        if group["agc"] is None and group["grokfast"] is None:  # one norm pass over p and g
-            norms = ops.multi_tensor_norm(params + grads, 2.0, True, self.backend)[1]
-            return norms[:len(idx)], norms[len(idx):] * mult.abs()
-        w = ops.multi_tensor_norm(params, 2.0, True, self.backend)[1]
-        # With AGC or Grokfast the grad the update sees is only formed inside the kernel:
-        # form it here in temporaries (the EMA as the kernel will leave it), for the norms.
-        norms = []
-        for i, g in zip(idx, grads):
-            g = g.float() * mult
-            if bucket.agc_scales is not None and bucket.agc_scales[i] is not None:  # one per row (dim 0)
-                g = g * bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
-            grokfast = group["grokfast"]
-            if grokfast is not None:
-                alpha = new_ema_alpha(bucket.ema_fresh[i], grokfast["alpha"])
-                ema = alpha * bucket.states[i]["grokfast_ema"].float() + (1.0 - alpha) * g
-                g = g + grokfast["lamb"] * ema
-            norms.append(torch.linalg.vector_norm(g))
-        return w, torch.stack(norms)
-
-
-def new_ema_alpha(ema_fresh, alpha: float):
-    """The EMA decay a kernel call uses: 0 starts a new EMA at the grad; where the EMA may
-    be unwritten (its first steps skipped), the device flag chooses."""
-    if isinstance(ema_fresh, UnwrittenFlag):
-        return alpha * (1.0 - ema_fresh.value)
-    return 0.0 if ema_fresh else alpha
+        norms = ops.multi_tensor_norm(params + grads, 2.0, True, self.backend)[1]
+        w, g = norms[:len(idx)], norms[len(idx):]
+        if not piped:
+            g = g * grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale,
+                                    bucket.device).abs()
+        return torch.where((w > 0) & (g > 0), tc * w / (g + wd * w), torch.ones_like(w))

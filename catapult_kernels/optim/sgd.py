@@ -59,9 +59,10 @@ class SGD(FusedOptimizer):
                     trust_ratios=trust_ratios)
 
     def _sgd_step(self, bucket: Bucket, control: StepControl, weight_decay: float,
-                  trust_ratios=None, only=None) -> None:
+                  trust_ratios=None, only=None, pipeline=None) -> None:
         """The sgd_ op over the params of the bucket listed in `only` (all of them by default),
-        with optional trust ratios (LARS), one per param of `only`, in its order."""
+        with optional trust ratios (LARS), one per param of `only`, in its order; pipeline:
+        (bucket, part, control) -> its PipelineArgs, by default the optimizer's."""
         group = bucket.group
         momentum = float(group["momentum"])
         lr = self._lr_tensor(group, bucket.device)
@@ -80,5 +81,5 @@ class SGD(FusedOptimizer):
                 trust = trust.index_select(0, index)
             buffers = [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else []
             ops.update_("sgd_", part.take(bucket.params), part.take(bucket.grads), [buffers], None, lr,
-                        self._pipeline_args(bucket, part, control), self.backend,
+                        (pipeline or self._pipeline_args)(bucket, part, control), self.backend,
                         **self._hyper(group, part, weight_decay, trust))
