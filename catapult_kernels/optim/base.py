@@ -1,7 +1,8 @@
 """What every fused optimizer shares: the step pipeline around its update kernel.
 
 step() = validate every grad, every state tensor and every hyperparameter (before anything
-changes; missing state is created as zeros, as torch does) -> one global grad-norm pass
+changes; missing state is created as zeros, as torch does; or, while nothing they came from
+changed, take the lists the last step checked: plan.py) -> one global grad-norm pass
 (when clipping or skip_nonfinite needs it) -> the AGC row factors of every group (when it
 has agc) -> per (group, device, dtype) bucket: the optimizer's fused update op
 (ops.UPDATE_OPS), which reads the clip coefficient, the GradScaler scale and the skip flag
@@ -14,18 +15,29 @@ in `_op`, with its defaults, `_check_group`, `_state_keys` and `_hyper`.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
 from .. import ops
 from ..layout import SUPPORTED_DTYPES, check_no_overlap, gather_if_strided, has_internal_overlap, same_layout
+from .plan import StepPlan
 from .regularizers import agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
 from .unwritten import UnwrittenFlag, gate
 
 # The kinds of new state whose first step sets it rather than updates it (unwritten.py).
 OWN, EMA = "own", "grokfast_ema"
+
+
+def kernel_pair(p: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels take for a param and its grad when either is not contiguous: a
+    dense copy of a strided param (written back after the update), and the grad laid out
+    like what they take (the kernels walk grads laid out like params)."""
+    kernel_p = gather_if_strided(p)
+    if not (g.is_contiguous() and kernel_p.is_contiguous()) and not same_layout(g, kernel_p):
+        g = torch.empty_like(kernel_p).copy_(g)
+    return kernel_p, g
 
 
 @dataclass
@@ -43,6 +55,17 @@ class Bucket:
     ema_fresh: Optional[list] = None  # the same for its grokfast_ema
     agc_scales: Optional[list] = None  # per param: its AGC row factors, or None: in its grad (group agc set)
     maybe_written: bool = False  # some state of the bucket has an UnwrittenFlag
+    columns: dict = field(default_factory=dict)  # state key (`step` too) -> per param its tensor
+    noncontiguous: list = field(default_factory=list)  # params whose param or grad is not contiguous
+    strided: list = field(default_factory=list)  # params whose `params` entry is a dense copy, written back
+    rows_apart: list = field(default_factory=list)  # params whose rows are not contiguous (AGC pre-scales)
+
+    def template(self) -> "Bucket":
+        """What a StepPlan keeps for the next steps: no grads, dense copies or AGC factors
+        (each step makes its own), and no new state (the next step finds it made)."""
+        steady = [False] * len(self.keys)
+        return replace(self, params=self.keys, grads=[], agc_scales=None, fresh=steady, ema_fresh=steady,
+                       maybe_written=False, strided=[])
 
 
 @dataclass
@@ -50,7 +73,8 @@ class Part:
     """The params of a bucket that one kernel call takes: those whose state and Grokfast
     EMA are equally new (a new momentum buffer or EMA is set, not updated). `run_if`:
     (flag, unwritten) conditions on the device under which the call runs (unwritten.py).
-    `agc`: whether the call applies AGC factors (not where the grads come pre-scaled)."""
+    `agc`: whether the call applies AGC factors (not where the grads come pre-scaled).
+    `idx` is increasing, so a part as long as a bucket's list is all of it."""
     idx: list
     fresh: bool
     ema_fresh: bool
@@ -58,7 +82,7 @@ class Part:
     agc: bool
 
     def take(self, items: list) -> list:
-        return [items[i] for i in self.idx]
+        return items if len(self.idx) == len(items) else [items[i] for i in self.idx]
 
     def skip(self, skip: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The skip flag of this call: the step's, or the gate of its conditions."""
@@ -129,6 +153,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # skippable step created. Keyed by ints: torch.compile guards cheaply on them.
         self._unwritten: dict = {}
         self._spans: dict = {}  # storage address -> the memory spans of the params on it
+        self._plan: Optional[StepPlan] = None  # the last eager step's checked lists (plan.py)
         super().__init__(params, defaults)
 
     # ---- pickle, deepcopy, torch.save(optimizer) --------------------------------------
@@ -144,6 +169,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
         self._unwritten = {}
         self._spans = {}
+        # Never saved; load_state_dict comes here too: let go of the replaced state now.
+        self._plan = None
         for gi, group in enumerate(self.param_groups):
             check_no_overlap(group["params"], gi, self._spans)
 
@@ -265,16 +292,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if (g.layout is not torch.strided or g.dtype is not key[1] or key[1] not in SUPPORTED_DTYPES
                         or g.shape != p.shape or g.device != key[0]):
                     self._raise_bad_grad(gi, group, p)
-                kernel_p = p
-                if not p.is_contiguous():
-                    kernel_p = gather_if_strided(p)
-                    if not (g.is_contiguous() and kernel_p.is_contiguous()) and not same_layout(g, kernel_p):
-                        g = torch.empty_like(kernel_p).copy_(g)  # the kernels walk grads laid out like params
-                elif not g.is_contiguous():
-                    g = g.contiguous()
                 bucket = by_key.get(key)
                 if bucket is None:
                     bucket = by_key[key] = Bucket(group, key[0], [], [], [], [])
+                kernel_p = p
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    bucket.noncontiguous.append(len(bucket.keys))
+                    kernel_p, g = kernel_pair(p, g)
+                    if kernel_p is not p:
+                        bucket.strided.append(len(bucket.keys))
+                if not rows_are_contiguous(kernel_p):
+                    bucket.rows_apart.append(len(bucket.keys))
                 bucket.keys.append(p)
                 bucket.slots.append((gi, pi))
                 bucket.params.append(kernel_p)
@@ -286,6 +314,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                 ops.resolve_backend(self.backend, bucket.device)
                 buckets.append(bucket)
         return buckets
+
+    def _bucket_from(self, template: Bucket, grads: list) -> Bucket:
+        """A bucket of this step from a plan's template and this step's grads."""
+        ops.resolve_backend(self.backend, template.device)
+        params, strided = template.params, []
+        if template.noncontiguous:
+            params = list(params)
+            for i in template.noncontiguous:
+                params[i], grads[i] = kernel_pair(params[i], grads[i])
+                if params[i] is not template.keys[i]:
+                    strided.append(i)
+        return replace(template, params=params, grads=grads, strided=strided)
 
     def _raise_bad_grad(self, gi: int, group: dict, p: torch.Tensor) -> None:
         """The error naming what is wrong with param p and its grad."""
@@ -332,11 +372,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = step
         return step
 
-    @staticmethod
-    def _lr_tensor(group: dict, device: torch.device) -> torch.Tensor:
+    def _lr_tensor(self, group: dict, device: torch.device) -> torch.Tensor:
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             return lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        if not torch.compiler.is_compiling() and self._plan is not None:
+            return self._plan.lr_tensor(group, device, lr)
         # ones * lr, not torch.full((), lr): torch.compile keeps a float lr symbolic in a
         # product, so a scheduler's new lr each step does not recompile the step.
         return torch.ones((), dtype=torch.float32, device=device) * lr
@@ -348,9 +389,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._settle_unwritten()
-        buckets = self._buckets()
-        for bucket in buckets:  # every state made and checked before anything changes
-            self._prepare_states(bucket)
+        buckets = self._planned_buckets()
         control = self._step_control(buckets)
         on_device = {b.device: control.on(b.device) for b in buckets}
         for bucket in buckets:
@@ -359,11 +398,34 @@ class FusedOptimizer(torch.optim.Optimizer):
         for bucket in buckets:
             self._update(bucket, on_device[bucket.device])
         for bucket in buckets:
-            for p, kernel_p in zip(bucket.keys, bucket.params):
-                if kernel_p is not p:  # a strided param: its dense copy was updated
-                    p.copy_(kernel_p)
+            for i in bucket.strided:  # a strided param: its dense copy was updated
+                bucket.keys[i].copy_(bucket.params[i])
         self._track_unwritten(buckets, on_device)
         return loss
+
+    def _planned_buckets(self) -> list[Bucket]:
+        """The step's buckets, every state made and checked before anything changes: the
+        last step's (plan.py) while nothing they came from changed, else checked anew."""
+        if torch.compiler.is_compiling():  # its guards do the plan's job (dynamo cannot trace the plan)
+            return self._checked_buckets()
+        if self._plan is not None and not self._unwritten:  # state that may be unwritten: checked anew
+            state_keys = []
+            for group in self.param_groups:
+                self._check_group(group, full=False)
+                state_keys.append(self._plan_keys(group))
+            planned = self._plan.buckets(self.param_groups, self.state, state_keys)
+            if planned is not None:
+                return [self._bucket_from(template, grads) for template, grads in planned]
+        self._plan = None  # let go of what it holds before new state is made
+        buckets = self._checked_buckets()
+        self._plan = StepPlan(self.param_groups, buckets, [self._plan_keys(g) for g in self.param_groups])
+        return buckets
+
+    def _checked_buckets(self) -> list[Bucket]:
+        buckets = self._buckets()
+        for bucket in buckets:  # every state made and checked before anything changes
+            self._prepare_states(bucket)
+        return buckets
 
     def _prepare_states(self, bucket: Bucket) -> None:
         """The bucket's states (new ones as zeros), whether each is new, and their checks."""
@@ -385,6 +447,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if EMA not in state:
                     state[EMA] = torch.zeros_like(kernel_p)
             bucket.states.append(state)
+        bucket.columns = {key: [s[key] for s in bucket.states] for key in self._plan_keys(group)}
         self._check_states(bucket)
 
     def _agc(self, bucket: Bucket, control: StepControl) -> None:
@@ -393,12 +456,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         become None): the kernels find an element's row from its offset."""
         mult = grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, bucket.device)
         bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult)
-        for i, p in enumerate(bucket.params):
-            if not rows_are_contiguous(p):
-                g = bucket.grads[i]
-                rows = bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
-                bucket.grads[i] = (g.float() * rows).to(g.dtype)
-                bucket.agc_scales[i] = None
+        for i in bucket.rows_apart:
+            g = bucket.grads[i]
+            rows = bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
+            bucket.grads[i] = (g.float() * rows).to(g.dtype)
+            bucket.agc_scales[i] = None
 
     def _track_unwritten(self, buckets: list[Bucket], on_device: dict) -> None:
         """After the kernels: flag new state that a skippable step created, update in place
@@ -460,7 +522,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         may not have been written (an UnwrittenFlag) takes both calls, gated on the device;
         grads that come with their AGC factors applied take a call without factors."""
         agc = bucket.agc_scales is not None
-        if not bucket.maybe_written and not (agc and None in bucket.agc_scales):  # the common step
+        if not bucket.maybe_written and not (agc and bucket.rows_apart):  # no call without AGC factors
+            if not any(bucket.fresh) and not any(bucket.ema_fresh):  # the common step: one call
+                return [Part(list(range(len(bucket.params))), False, False, [], agc)]
             keys = [(bool(f) and by_fresh, bool(e)) for f, e in zip(bucket.fresh, bucket.ema_fresh)]
             parts: dict[tuple, Part] = {}
             for i, key in enumerate(keys):
@@ -488,7 +552,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_norm=control.grad_norm, max_grad_norm=self.max_grad_norm or 0.0,
             grad_scale=control.grad_scale, skip=part.skip(control.skip),
             agc_scales=part.take(bucket.agc_scales) if part.agc else (),
-            grokfast_emas=part.take([s[EMA] for s in bucket.states]) if grokfast else (),
+            grokfast_emas=part.take(bucket.columns[EMA]) if grokfast else (),
             # alpha = 0 starts a new EMA at the grad
             grokfast_alpha=0.0 if part.ema_fresh or grokfast is None else grokfast["alpha"],
             grokfast_lamb=0.0 if grokfast is None else grokfast["lamb"],
@@ -508,6 +572,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _param_like_state_keys(self, group: dict) -> tuple:
         """The state tensors shaped like the param, for this group's options."""
         return self._state_keys(group) + ((EMA,) if group["grokfast"] is not None else ())
+
+    def _plan_keys(self, group: dict) -> tuple:
+        """The state of each param of the group that its bucket lists by key (Bucket.columns)."""
+        return self._param_like_state_keys(group) + (("step",) if self._has_step else ())
 
     def _state_keys(self, group: dict) -> tuple:
         """The optimizer's own state tensors shaped like the param, for this group's options."""
@@ -540,8 +608,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         keys = self._state_keys(group)
         lr = self._lr_tensor(group, bucket.device)
         for part in self._parts(bucket, by_fresh=self._sets_new_state and bool(keys)):
-            states = part.take(bucket.states)
-            lists = [[s[name[:-1]] for s in states] if name[:-1] in keys else [] for name in op.states]
+            lists = [part.take(bucket.columns[name[:-1]]) if name[:-1] in keys else [] for name in op.states]
             ops.update_(self._op, part.take(bucket.params), part.take(bucket.grads), lists,
-                        [s["step"] for s in states] if op.has_step else None, lr,
+                        part.take(bucket.columns["step"]) if op.has_step else None, lr,
                         self._pipeline_args(bucket, part, control), self.backend, **self._hyper(group, part))
