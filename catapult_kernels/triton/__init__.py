@@ -40,7 +40,7 @@ from . import kernel_common  # noqa: E402,F401
 from . import op_registration  # noqa: E402,F401
 from . import elementwise_update  # noqa: E402,F401
 from . import lamb  # noqa: E402,F401
-from ..ops import UPDATE_OPS  # noqa: E402
+from ..op_contract import UPDATE_OPS  # noqa: E402
 
 # The eager entry points of the Triton ops, by the name of the C++ op they twin (ops.kernel's
 # table for backend='triton'): the norm, each update op with a module optimizers/<base>.py, lamb_.

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..layout import SUPPORTED_DTYPES, is_dense
-from ..ops import device_checked_fake, norm_fake_outputs
+from ..op_contract import device_checked_fake, norm_fake_outputs
 from .multi_tensor_table import (TL_DTYPE, address_table, can_bypass_dispatcher, check_runnable, get_plan, is_fake,
                                  is_interpreted, keep_whole_under_functionalization, set_wrap_triton_enabled,
                                  tensor_ptr)

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch.library import triton_op
 
-from ..ops import device_checked_fake
+from ..op_contract import device_checked_fake
 from .kernel_common import GradPipeline
 from .multi_tensor_table import can_bypass_dispatcher, keep_whole_under_functionalization, set_wrap_triton_enabled
 

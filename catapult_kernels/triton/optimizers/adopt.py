@@ -17,7 +17,8 @@ def launch_args(hyper: dict, n: int, device) -> UpdateArgs:
 
 @triton.jit
 def constants(lr, t, factor, beta1, beta2, eps, weight_decay, h4, h5, F0, F1, F2, F3, INTERPRETED):
-    clip = powf(t - 1.0, tl.full([], 0.25, tl.float32), INTERPRETED)  # (t - 1)^(1/4)
+    # (t - 1)^(1/4); at t = 1 (unused: the first step only sets v) 1, not the interpreter's log(0)
+    clip = powf(tl.maximum(t - 1.0, 1.0), tl.full([], 0.25, tl.float32), INTERPRETED)
     return lr, beta1, beta2, eps, 1.0 - lr * weight_decay, clip, t == 1.0
 
 
