@@ -98,6 +98,24 @@ def test_plan_is_reused_while_nothing_changes_and_a_new_lr_does_not_rebuild_it()
     assert twins.count == 1
 
 
+def test_hyperparameters_that_keep_the_state_keys_keep_the_plan():
+    """AGC switched on (with a transposed weight, whose grad it pre-scales), other betas,
+    weight decay and maximize: the next steps take them, from the same plan."""
+    def make(ps):
+        ps.append(nn.Parameter(torch.randn(7, 5, generator=torch.Generator().manual_seed(6)).t()))
+        return AdamW(_groups(ps), lr=1e-2)
+
+    def change(opt, ps):
+        opt.param_groups[1].update(agc=0.05, betas=(0.8, 0.99), weight_decay=0.3, maximize=True)
+    twins = Twins(make)
+    twins.step(0)
+    twins.step(1)
+    twins.both(change)
+    twins.step(2)
+    twins.step(3)
+    assert twins.count == 1
+
+
 def test_plan_takes_a_tensor_lr_as_it_is_now():
     twins = Twins(lambda ps: Adam(ps, lr=torch.tensor(1e-2)))
     twins.step(0)
