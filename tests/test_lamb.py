@@ -1,7 +1,7 @@
 """catapult::lamb_ (C++) and catapult::lamb_triton_ against the LAMB formula (You et al.
 2019) in tests/reference.py, on every backend, dtype and awkward shape, with the
-per-tensor trust ratio checked explicitly. The regularizers (AGC, Grokfast) are in
-test_regularizers.py."""
+per-tensor trust ratio checked explicitly. The grad pipeline (AGC, Grokfast, skip) on every
+update op is in test_update_ops.py."""
 import math
 
 import pytest
@@ -20,7 +20,7 @@ SHAPES = {
     "above_cpu_chunk": [(2**15 + 3,)],    # more than one chunk of the CPU kernel (2^15)
     "mixed": [(0,), (1,), (131,), (257, 33), (5,)],
 }
-# beta2 0.99 as in test_adamw.py: the kernels compute 1 - beta2 and 1 - beta2^step in float32
+# beta2 0.99 as in test_update_ops.py: the kernels compute 1 - beta2 and 1 - beta2^step in float32
 # (csrc/lamb_math.h), whose cancellation at 0.999 alone costs about 5e-6 of the update.
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.01)
 
