@@ -633,38 +633,6 @@ def test_adan_first_step_ignores_pre_grad(backend_device, dtype):
         assert_bitwise_equal("pre_grad", pre, (-(g.float() / 2)).to(dtype))
 
 
-@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grad_pipeline_writes_the_pipeline_grad(backend_device, dtype):
-    """grad_pipeline_ (the pipeline for optimizers that are not elementwise): out gets the
-    pipeline's grad in the grads' dtype, the emas advance, the grads keep their bits; with
-    skip nothing is written."""
-    backend, device = backend_device
-    st = make_state(LION, [(0,), (1,), (37,), (7, 33, 2), big_shape(backend, device)], dtype, device, seed=25)
-    st["grad"] = [g * 256 for g in st["grad"]]
-    out, agc = st["param"], make_agc(st["param"], seed=26)
-    before = clone_state(st)
-    norm = torch.tensor(float(norm_reference(st["grad"])[0]), device=device)
-    pipeline = dict(grad_norm=norm, max_grad_norm=10.0, grad_scale=torch.tensor(256.0, device=device),
-                    agc_scales=agc, grokfast_emas=st["ema"], grokfast_alpha=0.9, grokfast_lamb=1.5, maximize=True)
-    lr = torch.tensor(0.5, device=device)  # ignored
-    ops.update_("grad_pipeline_", out, st["grad"], [], None, lr,
-                pipeline=ops.PipelineArgs(**pipeline, skip=torch.tensor(1.0, device=device)), backend=backend)
-    assert_all_unchanged(st, before)
-    ops.update_("grad_pipeline_", out, st["grad"], [], None, lr, pipeline=ops.PipelineArgs(**pipeline),
-                backend=backend)
-    mult = grad_multiplier_reference(norm, 10.0, 256.0)
-    for i, (g, e, a) in enumerate(zip(before["grad"], before["ema"], agc)):
-        gold = grad_pipeline_reference(g.cpu(), mult, a.cpu(), e.cpu(), 0.9, 1.5, True, torch.float64)
-        same = grad_pipeline_reference(g.cpu(), mult, a.cpu(), e.cpu(), 0.9, 1.5, True, torch.float32)
-        for name, got, want, want32 in (("out", out[i], *(x[0] for x in (gold, same))),
-                                        ("ema", st["ema"][i], *(x[1] for x in (gold, same)))):
-            assert_close_to_reference(f"{name}[{i}]", got, want.to(dtype), want32.to(dtype))
-    for a, b in zip(st["grad"], before["grad"]):
-        assert_bitwise_equal("grad", a, b)
-    assert float(lr) == 0.5
-
-
 # ----------------------------------------------------------------------------- AGC
 
 
