@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from catapult_kernels import ops
+from catapult_kernels.optim.reference import ADOPTReference, AdanReference
 from conftest import BACKEND_DEVICES, DTYPES
 from reference import (adamw_reference, adan_reference, adopt_reference, agc_factor_view, assert_bitwise_equal,
                        assert_close_to_reference, grad_multiplier_reference, grad_pipeline_reference, lamb_reference,
@@ -506,6 +507,38 @@ def test_sgd_reference_matches_torch(mode, maximize):
         p, buf, _ = sgd_reference(p, g, buf, mode.lr, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
                                   maximize, step == 0)
     torch.testing.assert_close(p, tp.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec, options", [(ADOPT, {}), (ADOPT, dict(maximize=True)), (ADAN, {}),
+                                           (ADAN, dict(no_prox=True, maximize=True))],
+                         ids=["adopt", "adopt-max", "adan", "adan-no_prox-max"])
+def test_adopt_and_adan_references_agree(spec, options):
+    """The op references against the reference optimizers (optim/reference.py), written
+    apart, in float64 over five steps from a fresh state (the first step's branch included)."""
+    h = dict(spec.hyper, no_prox=options.get("no_prox", False)) if spec is ADAN else spec.hyper
+    maximize = options.get("maximize", False)
+    torch.manual_seed(0)
+    p = torch.randn(40, dtype=torch.float64)
+    tp = torch.nn.Parameter(p.clone())
+    if spec is ADOPT:
+        opt = ADOPTReference([tp], lr=spec.lr, betas=(h["beta1"], h["beta2"]), eps=h["eps"],
+                             weight_decay=h["weight_decay"], maximize=maximize)
+    else:
+        opt = AdanReference([tp], lr=spec.lr, betas=(h["beta1"], h["beta2"], h["beta3"]), eps=h["eps"],
+                            weight_decay=h["weight_decay"], no_prox=h["no_prox"], maximize=maximize)
+    state = {name: torch.zeros_like(p) for name in spec.states}
+    for t in range(1, 6):
+        g = torch.randn(40, dtype=torch.float64)
+        tp.grad = g.clone()
+        opt.step()
+        out = spec.reference(h, spec.lr, dict(state, param=p, grad=g, step=float(t)), torch.float64, 1.0, maximize,
+                             dict(agc_scale=None, ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0))
+        p = out["param"]
+        state = {name: out[name] for name in spec.states}
+    torch.testing.assert_close(p, tp.detach(), rtol=1e-12, atol=1e-12)
+    for name in spec.states:
+        torch.testing.assert_close(state[name], opt.state[tp][name], rtol=1e-12, atol=1e-12)
+    assert opt.state[tp]["step"] == 5
 
 
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
