@@ -116,10 +116,10 @@ def _adan(h, lr, t, dt, mult, maximize, kw):
 ADAMW = Spec("adamw", "adamw_", 1e-2, dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
                                             decoupled_weight_decay=True, amsgrad=False), _adamw,
              unused=("max_exp_avg_sq",))
-ADAM = replace(ADAMW.but("", decoupled_weight_decay=False), id="adam")
+ADAM = replace(ADAMW, id="adam", hyper=dict(ADAMW.hyper, decoupled_weight_decay=False))
 SGD = Spec("sgd", "sgd_", 0.05, dict(momentum=0.9, dampening=0.1, weight_decay=0.05, nesterov=False, first_step=False,
                                       trust_ratios=None), _sgd)
-LARS = replace(SGD.but("", nesterov=True, dampening=0.0), id="lars", trust=True)
+LARS = replace(SGD, id="lars", hyper=dict(SGD.hyper, nesterov=True, dampening=0.0), trust=True)
 LION = Spec("lion", "lion_", 1e-2, dict(beta1=0.9, beta2=0.99, weight_decay=0.1), _lion)
 LAMB = Spec("lamb", "lamb_", 1e-2, dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, bias_correction=True,
                                          max_weight_norm=5.0), _lamb)
@@ -256,15 +256,14 @@ def run(spec, backend, st, lr=None, states=None, **pipeline):
                 **hyper)
 
 
-def reference(spec, st, i, compute_dtype, mult=1.0, maximize=None, agc=None, ema=None, alpha=0.98, lamb=2.0,
-              lr=None):
+def reference(spec, st, i, compute_dtype, mult=1.0, maximize=None, agc=None, ema=None, alpha=0.98, lamb=2.0):
     """The spec's reference for tensor i of the state st (before the step): {name: tensor}."""
     t = {k: v[i].cpu() for k, v in st.items() if isinstance(v, list)}
     t["step"] = float(st["step"][i]) + 1
     t["trust"] = float(st["trust"][i]) if spec.trust else 1.0
     kw = dict(agc_scale=agc, ema=ema, grokfast_alpha=alpha, grokfast_lamb=lamb)
-    out = spec.reference(spec.hyper, spec.lr if lr is None else lr, t, compute_dtype, mult,
-                         spec.maximize if maximize is None else maximize, kw)
+    out = spec.reference(spec.hyper, spec.lr, t, compute_dtype, mult, spec.maximize if maximize is None else maximize,
+                         kw)
     return {n: o for n, o in out.items() if o is not None}
 
 
