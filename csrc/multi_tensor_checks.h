@@ -45,30 +45,31 @@ inline void check_optional_scalar(const std::optional<at::Tensor>& t, const char
 // flat arrays of params[i].numel() elements.
 using NamedLists = std::vector<std::pair<const char*, at::TensorList>>;
 
-inline void check_update_lists(at::TensorList params, const NamedLists& others) {
+inline void check_update_lists(at::TensorList params, const NamedLists& others,
+                               const char* first = "params") {
   const auto n = params.size();
   for (const auto& [name, list] : others) {
     TORCH_CHECK(list.size() == n, "catapult: ", name, " has ", list.size(),
-                " tensors but params has ", n);
+                " tensors but ", first, " has ", n);
   }
   if (n == 0) return;
   const auto device = params[0].device();
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
-    TORCH_CHECK(p.device() == device, "catapult: params[", i, "] is on ", p.device(),
-                " but params[0] is on ", device);
-    TORCH_CHECK(is_supported_float(p.scalar_type()), "catapult: params[", i,
+    TORCH_CHECK(p.device() == device, "catapult: ", first, "[", i, "] is on ", p.device(),
+                " but ", first, "[0] is on ", device);
+    TORCH_CHECK(is_supported_float(p.scalar_type()), "catapult: ", first, "[", i,
                 "] has dtype ", p.scalar_type(), "; supported: float32, bfloat16, float16");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "catapult: params[", i,
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "catapult: ", first, "[", i,
                 "] is not dense in memory (strides ", p.strides(), ")");
     for (const auto& [name, list] : others) {
       const auto& t = list[i];
       TORCH_CHECK(t.device() == device, "catapult: ", name, "[", i, "] is on ", t.device(),
-                  " but params are on ", device);
+                  " but ", first, " are on ", device);
       TORCH_CHECK(t.scalar_type() == p.scalar_type(), "catapult: ", name, "[", i,
-                  "] has dtype ", t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+                  "] has dtype ", t.scalar_type(), " but ", first, "[", i, "] has ", p.scalar_type());
       TORCH_CHECK(same_layout(t, p), "catapult: ", name, "[",
-                  i, "] has shape ", t.sizes(), " strides ", t.strides(), " but params[", i,
+                  i, "] has shape ", t.sizes(), " strides ", t.strides(), " but ", first, "[", i,
                   "] has shape ", p.sizes(), " strides ", p.strides());
     }
   }
@@ -77,7 +78,7 @@ inline void check_update_lists(at::TensorList params, const NamedLists& others) 
 // The same, plus one float32 step count per param on the params' device.
 inline void check_update_lists(at::TensorList params, const NamedLists& others,
                                at::TensorList state_steps) {
-  check_update_lists(params, others);
+  check_update_lists(params, others, "params");
   TORCH_CHECK(state_steps.size() == params.size(), "catapult: state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
   for (size_t i = 0; i < state_steps.size(); ++i) {
@@ -114,13 +115,14 @@ inline int64_t agc_rows(const at::Tensor& p) { return p.dim() >= 2 ? p.size(0) :
 // a contiguous float32 tensor of agc_rows(p) factors on the params' device, with dim 0
 // the outermost dim of p's memory, so that each row is one contiguous run).
 inline void add_regularizer_lists(const char* op, at::TensorList params, at::TensorList agc_scales,
-                                  at::TensorList grokfast_emas, NamedLists& lists) {
+                                  at::TensorList grokfast_emas, NamedLists& lists,
+                                  const char* first = "params") {
   TORCH_CHECK(grokfast_emas.empty() || grokfast_emas.size() == params.size(), "catapult: ", op,
-              ": grokfast_emas has ", grokfast_emas.size(), " tensors but params has ",
-              params.size(), " (give none to switch Grokfast off)");
+              ": grokfast_emas has ", grokfast_emas.size(), " tensors but ", first,
+              " has ", params.size(), " (give none to switch Grokfast off)");
   if (!grokfast_emas.empty()) lists.emplace_back("grokfast_emas", grokfast_emas);
   TORCH_CHECK(agc_scales.empty() || agc_scales.size() == params.size(), "catapult: ", op,
-              ": agc_scales has ", agc_scales.size(), " tensors but params has ", params.size(),
+              ": agc_scales has ", agc_scales.size(), " tensors but ", first, " has ", params.size(),
               " (give none to switch AGC off)");
   for (size_t i = 0; i < agc_scales.size(); ++i) {
     const auto& a = agc_scales[i];
@@ -129,14 +131,14 @@ inline void add_regularizer_lists(const char* op, at::TensorList params, at::Ten
                 op, ": agc_scales[", i, "] must be a contiguous 1-D float32 tensor, got ",
                 a.scalar_type(), " of shape ", a.sizes());
     TORCH_CHECK(a.numel() == agc_rows(p), "catapult: ", op, ": agc_scales[", i, "] has ",
-                a.numel(), " factors but params[", i, "] has ", agc_rows(p), " rows");
+                a.numel(), " factors but ", first, "[", i, "] has ", agc_rows(p), " rows");
     TORCH_CHECK(a.device() == p.device(), "catapult: ", op, ": agc_scales[", i, "] is on ",
-                a.device(), " but params[", i, "] is on ", p.device());
+                a.device(), " but ", first, "[", i, "] is on ", p.device());
     bool outer = true;  // dim 0 has the largest stride among dims of size > 1
     for (int64_t d = 1; d < p.dim(); ++d) {
       outer = outer && (p.size(0) == 1 || p.size(d) == 1 || p.stride(0) >= p.stride(d) * p.size(d));
     }
-    TORCH_CHECK(outer, "catapult: ", op, ": params[", i, "] (strides ", p.strides(),
+    TORCH_CHECK(outer, "catapult: ", op, ": ", first, "[", i, "] (strides ", p.strides(),
                 ") does not keep its rows contiguous, as AGC needs");
   }
 }

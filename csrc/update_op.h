@@ -61,11 +61,19 @@ constexpr int state_slots() {
   return num_states<Spec>() > 0 ? num_states<Spec>() : 1;
 }
 
+// The name of the list an op writes: params, unless the spec names it (kParams).
+template <class Spec>
+constexpr const char* params_name() {
+  if constexpr (requires { Spec::kParams; }) {
+    return Spec::kParams;
+  } else {
+    return "params";
+  }
+}
+
 template <class Spec>
 std::string update_schema() {
-  std::string params = "params";
-  if constexpr (requires { Spec::kParams; }) params = Spec::kParams;
-  std::string s = std::string(Spec::kName) + "(Tensor(a!)[] " + params + ", Tensor[] grads, ";
+  std::string s = std::string(Spec::kName) + "(Tensor(a!)[] " + params_name<Spec>() + ", Tensor[] grads, ";
   char alias = 'b';
   for (const char* state : Spec::kStates) s += std::string("Tensor(") + alias++ + "!)[] " + state + ", ";
   if (Spec::kHasStep) s += "Tensor(s!)[] state_steps, ";
@@ -181,11 +189,11 @@ void check_update_args(const UpdateArgs& a, unsigned used, const at::Device& dev
                   " must be empty: this call does not use it");
     }
   }
-  add_regularizer_lists(Spec::kName, a.params, a.agc_scales, a.grokfast_emas, lists);
-  if (Spec::kHasStep) {
+  add_regularizer_lists(Spec::kName, a.params, a.agc_scales, a.grokfast_emas, lists, params_name<Spec>());
+  if constexpr (Spec::kHasStep) {
     check_update_lists(a.params, lists, a.state_steps);
   } else {
-    check_update_lists(a.params, lists);
+    check_update_lists(a.params, lists, params_name<Spec>());
   }
   check_step_control(Spec::kName, a.params, a.lr, a.grad_norm, a.max_grad_norm, a.grad_scale, a.skip,
                      device);
