@@ -44,32 +44,6 @@ __all__ = ["register_elementwise_ops", "optimizer_module"]
 
 
 @triton.jit
-def _state_ptr(addrs, row, start, p_ptr, COL: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-               L: tl.constexpr):
-    """The chunk of a state list's tensor (column COL; -1: a list the call does not use,
-    whose placeholder, p_ptr, is never read nor written)."""
-    if COL >= 0:
-        return tensor_ptr(addrs, row, L, COL, DTYPE, ALIGNED) + start
-    else:
-        return p_ptr
-
-
-@triton.jit
-def _load(ptr, idx, mask, like, READ: tl.constexpr):
-    """A block of a list in float32, or 0 where the call does not read it."""
-    if READ:
-        return tl.load(ptr + idx, mask=mask).to(tl.float32)
-    else:
-        return tl.zeros_like(like)
-
-
-@triton.jit
-def _store(ptr, x, idx, mask, COL: tl.constexpr, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
-    if COL >= 0:
-        store_as(ptr + idx, x, mask, DTYPE, INTERPRETED)
-
-
-@triton.jit
 def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult,
                   grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                   ELEMENT: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
@@ -77,19 +51,26 @@ def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr
                   S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
                   S3_READ: tl.constexpr, DTYPE: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr,
                   MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # Loads and stores inline (constexpr branches), not in helper functions: the interpreter
+    # pays about a millisecond per nested jit call, and this runs once per block.
     g = pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
                       grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, True, INTERPRETED)
-    p = _load(p_ptr, idx, mask, g, P_READ)
-    s0 = _load(s0_ptr, idx, mask, g, S0_READ)
-    s1 = _load(s1_ptr, idx, mask, g, S1_READ)
-    s2 = _load(s2_ptr, idx, mask, g, S2_READ)
-    s3 = _load(s3_ptr, idx, mask, g, S3_READ)
+    zero = tl.full(idx.shape, 0.0, tl.float32)  # a list the call does not read
+    p = tl.load(p_ptr + idx, mask=mask).to(tl.float32) if P_READ else zero
+    s0 = tl.load(s0_ptr + idx, mask=mask).to(tl.float32) if S0_READ else zero
+    s1 = tl.load(s1_ptr + idx, mask=mask).to(tl.float32) if S1_READ else zero
+    s2 = tl.load(s2_ptr + idx, mask=mask).to(tl.float32) if S2_READ else zero
+    s3 = tl.load(s3_ptr + idx, mask=mask).to(tl.float32) if S3_READ else zero
     p, s0, s1, s2, s3 = ELEMENT(p, g, s0, s1, s2, s3, c, F0, F1, F2, F3)
     store_as(p_ptr + idx, p, mask, DTYPE, INTERPRETED)
-    _store(s0_ptr, s0, idx, mask, S0_COL, DTYPE, INTERPRETED)
-    _store(s1_ptr, s1, idx, mask, S1_COL, DTYPE, INTERPRETED)
-    _store(s2_ptr, s2, idx, mask, S2_COL, DTYPE, INTERPRETED)
-    _store(s3_ptr, s3, idx, mask, S3_COL, DTYPE, INTERPRETED)
+    if S0_COL >= 0:
+        store_as(s0_ptr + idx, s0, mask, DTYPE, INTERPRETED)
+    if S1_COL >= 0:
+        store_as(s1_ptr + idx, s1, mask, DTYPE, INTERPRETED)
+    if S2_COL >= 0:
+        store_as(s2_ptr + idx, s2, mask, DTYPE, INTERPRETED)
+    if S3_COL >= 0:
+        store_as(s3_ptr + idx, s3, mask, DTYPE, INTERPRETED)
 
 
 @triton.jit
@@ -111,10 +92,12 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
     row, start, n = program_block(numels, blocks, CHUNK)
     p_ptr = tensor_ptr(addrs, row, L, 0, DTYPE, ALIGNED) + start
     g_ptr = tensor_ptr(addrs, row, L, 1, DTYPE, ALIGNED) + start
-    s0_ptr = _state_ptr(addrs, row, start, p_ptr, S0_COL, DTYPE, ALIGNED, L)
-    s1_ptr = _state_ptr(addrs, row, start, p_ptr, S1_COL, DTYPE, ALIGNED, L)
-    s2_ptr = _state_ptr(addrs, row, start, p_ptr, S2_COL, DTYPE, ALIGNED, L)
-    s3_ptr = _state_ptr(addrs, row, start, p_ptr, S3_COL, DTYPE, ALIGNED, L)
+    # each state list's chunk (column S*_COL), or for a list the call does not use (-1) a
+    # placeholder, p_ptr, never read nor written
+    s0_ptr = tensor_ptr(addrs, row, L, S0_COL, DTYPE, ALIGNED) + start if S0_COL >= 0 else p_ptr
+    s1_ptr = tensor_ptr(addrs, row, L, S1_COL, DTYPE, ALIGNED) + start if S1_COL >= 0 else p_ptr
+    s2_ptr = tensor_ptr(addrs, row, L, S2_COL, DTYPE, ALIGNED) + start if S2_COL >= 0 else p_ptr
+    s3_ptr = tensor_ptr(addrs, row, L, S3_COL, DTYPE, ALIGNED) + start if S3_COL >= 0 else p_ptr
     mult, ema_ptr, agc_ptr, row_len = grad_pipeline_setup(
         addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
         DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L)
