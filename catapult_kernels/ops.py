@@ -155,6 +155,16 @@ class PipelineArgs:
 NO_PIPELINE = PipelineArgs()
 
 
+def update_op(op: str) -> UpdateOp:
+    """UPDATE_OPS[op], or an error that says why there is none."""
+    if _C_ERROR is not None:
+        raise RuntimeError(f"catapult_kernels' C++ extension failed to import ({_C_ERROR}); every backend's "
+                           "update ops take their schemas from it. Rebuild with `pip install --no-build-isolation -e .`")
+    if op not in UPDATE_OPS:
+        raise ValueError(f"unknown update op {op!r}; the update ops are {', '.join(UPDATE_OPS)}")
+    return UPDATE_OPS[op]
+
+
 def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[Sequence[torch.Tensor]], state_steps: Optional[Sequence[torch.Tensor]],
             lr: torch.Tensor, pipeline: PipelineArgs = NO_PIPELINE, backend: str = "auto", **hyper) -> None:
@@ -162,9 +172,7 @@ def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     state list of the op, in its order (an unused one empty); state_steps the step counts
     (None for an op without), which the op advances; hyper the op's own arguments by name.
     The contract of each op is beside its math (csrc/optimizers/<name>.h, csrc/ops.cpp)."""
-    spec = UPDATE_OPS.get(op)
-    if spec is None:
-        raise ValueError(f"unknown update op {op!r}; the update ops are {', '.join(UPDATE_OPS)}")
+    spec = update_op(op)
     if len(states) != len(spec.states):
         raise ValueError(f"{op} takes {len(spec.states)} state lists ({', '.join(spec.states)}), got {len(states)}")
     if (state_steps is not None) != spec.has_step:

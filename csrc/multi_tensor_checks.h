@@ -95,8 +95,9 @@ inline void check_update_lists(at::TensorList params, const NamedLists& others,
 inline void check_step_control(const char* op, at::TensorList params, const at::Tensor& lr,
                                const std::optional<at::Tensor>& grad_norm, double max_grad_norm,
                                const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& skip, const at::Device& device) {
-  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: ", op, ": params are on ",
+                               const std::optional<at::Tensor>& skip, const at::Device& device,
+                               const char* first = "params") {
+  TORCH_CHECK(params.empty() || params[0].device() == device, "catapult: ", op, ": ", first, " are on ",
               params.empty() ? device : params[0].device(), "; this kernel takes ", device.type(),
               " tensors");
   check_scalar_tensor(lr, "lr", device);

@@ -30,7 +30,6 @@
 #include <c10/util/Exception.h>
 
 #include <array>
-#include <bit>
 #include <cstdint>
 #include <iterator>
 #include <optional>
@@ -196,7 +195,7 @@ void check_update_args(const UpdateArgs& a, unsigned used, const at::Device& dev
     check_update_lists(a.params, lists, params_name<Spec>());
   }
   check_step_control(Spec::kName, a.params, a.lr, a.grad_norm, a.max_grad_norm, a.grad_scale, a.skip,
-                     device);
+                     device, params_name<Spec>());
 }
 
 // Calls f(std::integral_constant<int, V>) for the runtime variant v of [0, N).

@@ -16,6 +16,8 @@ CONFIGS = {
     "plain_clip": dict(max_grad_norm=0.05),
     "momentum_dampening_wd": dict(momentum=0.9, dampening=0.1, weight_decay=1e-3),
     "nesterov_maximize_clip": dict(momentum=0.8, nesterov=True, maximize=True, max_grad_norm=0.1),
+    # nonzero in double but 0 in float32: torch keeps a momentum buffer, and so do the kernels
+    "momentum_below_float32": dict(momentum=1e-50, weight_decay=1e-3),
 }
 
 

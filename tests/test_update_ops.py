@@ -915,10 +915,11 @@ SKIP_SPECS = [*SPECS, ADAMW.but("amsgrad", amsgrad=True, unused=()), _sgd_modes(
 @pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("spec", SKIP_SPECS, ids=_ids(SKIP_SPECS))
-@pytest.mark.parametrize("skip", [1.0, math.inf])
+@pytest.mark.parametrize("skip", [1.0, math.inf, 2.0])
 def test_skip_writes_nothing(backend_device, dtype, spec, skip):
-    """A skipped step (an overflow, a non-finite grad) writes nothing: params, state, the
-    step counts and the Grokfast emas keep their bits, whatever else the pipeline is asked."""
+    """A skipped step (an overflow, a non-finite grad; any nonzero flag) writes nothing:
+    params, state, the step counts and the Grokfast emas keep their bits, whatever else the
+    pipeline is asked."""
     backend, device = backend_device
     st = make_state(spec, [(1000,), (7, 33, 2)], dtype, device, seed=16)
     st["grad"][0][3] = math.nan
@@ -939,6 +940,19 @@ def test_skip_zero_steps(spec, backend_device):
     before = clone_state(st)
     run(spec, backend, st, agc=agc, emas=st["ema"], skip=torch.tensor(0.0, device=device))
     check(spec, st, before, agc=agc, emas=st["ema"])
+
+
+@pytest.mark.parametrize("spec, backend_device", _backend_cases(SPECS))
+def test_a_one_element_skip_of_shape_1_counts_like_a_0d_one(spec, backend_device):
+    """The control scalars are one-element tensors of any shape: a skip of shape [1] skips or
+    steps (step counts included) as a 0-d one does."""
+    backend, device = backend_device
+    st = make_state(spec, [(100,), (5, 9)], torch.float32, device, seed=17)
+    before = clone_state(st)
+    run(spec, backend, st, skip=torch.ones(1, device=device))
+    assert_all_unchanged(st, before, [])
+    run(spec, backend, st, skip=torch.zeros(1, device=device))
+    check(spec, st, before)
 
 
 # ---------------------------------------------------------------------- bad inputs

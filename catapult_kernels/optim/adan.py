@@ -12,7 +12,7 @@ from .base import FusedOptimizer, Part
 class Adan(FusedOptimizer):
     """With diff = g - g_prev (0 on the first step) and bias corrections bc_i = 1 - beta_i^t:
     m <- b1 m + (1-b1) g; d <- b2 d + (1-b2) diff; v <- b3 v + (1-b3) (g + b2 diff)^2;
-    update = (m/bc1 + b2 d/bc2) / (sqrt(v/bc3) + eps); p <- (p - lr update) / (1 + lr wd),
+    update = (m/bc1 + b2 d/bc2) / (sqrt(v)/sqrt(bc3) + eps); p <- (p - lr update) / (1 + lr wd),
     or with no_prox p <- p (1 - lr wd) - lr update. State keys `step`, `exp_avg`,
     `exp_avg_diff`, `exp_avg_sq`, `pre_grad`. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""

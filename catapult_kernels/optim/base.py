@@ -588,7 +588,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def _has_step(self) -> bool:
         """Whether the state holds a step count (`step`), as torch's Adam does."""
-        return ops.UPDATE_OPS[self._op].has_step
+        return ops.update_op(self._op).has_step
 
     def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
         """p's state, made on its first step as torch makes it (zeros like p), with a float32
@@ -604,7 +604,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update(self, bucket: Bucket, control: StepControl) -> None:
         """The update op over the bucket, in as few calls as _parts allows."""
         group = bucket.group
-        op = ops.UPDATE_OPS[self._op]
+        op = ops.update_op(self._op)
         keys = self._state_keys(group)
         lr = self._lr_tensor(group, bucket.device)
         for part in self._parts(bucket, by_fresh=self._sets_new_state and bool(keys)):

@@ -29,7 +29,8 @@ import torch
 
 # What the plan records of each param and each grad, in the order compared: a grad's layout
 # first, as a sparse grad has no contiguity to ask about (a param's .data stays dense).
-PARAM_METADATA = (attrgetter("dtype"), attrgetter("device"), attrgetter("shape"), torch.Tensor.is_contiguous)
+PARAM_METADATA = (attrgetter("dtype"), attrgetter("device"), attrgetter("shape"), torch.Tensor.is_contiguous,
+                  torch.Tensor.stride)  # a dense strided param's layout decides its AGC path
 GRAD_METADATA = (attrgetter("layout"),) + PARAM_METADATA
 
 

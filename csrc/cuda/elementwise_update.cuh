@@ -7,16 +7,14 @@
 // vectors of p, g, the states the call uses (and the Grokfast ema) are all loaded
 // before the math, the grad goes through the pipeline (grad_pipeline.cuh), the spec's
 // element function runs, and p, the states (and ema) are stored back. Every block of a
-// tensor reads the step count before this step (t = count + 1); one foreach add after
-// the launches counts the step (not when skipped). Capturable: every changing scalar is
-// a device tensor; no host sync.
+// tensor reads the step count before this step (t = count + 1); a launch after the
+// update's counts the step (step_count.cuh; not when skipped). Capturable: every changing
+// scalar is a device tensor; no host sync.
 //
 // CATAPULT_REGISTER_CUDA(Spec) registers this kernel (one generated file per spec).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/_foreach_add.h>
-#include <ATen/ops/rsub.h>
 #include <torch/library.h>
 
 #include <array>
@@ -24,6 +22,7 @@
 
 #include "cuda/grad_pipeline.cuh"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/step_count.cuh"
 #include "update_op.h"
 
 namespace catapult {
@@ -34,6 +33,7 @@ namespace cuda {
 template <class Spec, int V, bool kGrokfast>
 struct UpdateLayout {
   static constexpr unsigned kUse = Spec::uses(V);
+  static constexpr unsigned kRead = Spec::reads(V) & kUse;
   static constexpr int kLists = 2 + std::popcount(kUse) + (kGrokfast ? 1 : 0);
   // Everything but the grads is written back.
   static constexpr unsigned kStoreMask = ((1u << kLists) - 1u) & ~2u;
@@ -50,10 +50,18 @@ struct UpdateElementOp {
 
   __device__ __forceinline__ void operator()(float (&e)[L::kLists], int i) const {
     const float g = grad.template of<1>(e, i);
+    // Every used list is loaded (chunk_elementwise loads them all); one the variant does
+    // not read enters as 0, as on CPU.
     float s[state_slots<Spec>()];
     int l = 2;
 #pragma unroll
-    for (int k = 0; k < state_slots<Spec>(); ++k) s[k] = (L::kUse >> k & 1u) ? e[l++] : 0.0f;
+    for (int k = 0; k < state_slots<Spec>(); ++k) {
+      s[k] = 0.0f;
+      if (L::kUse >> k & 1u) {
+        if (L::kRead >> k & 1u) s[k] = e[l];
+        ++l;
+      }
+    }
     Spec::template update<V, float>(e[0], g, s, c);
     l = 2;
 #pragma unroll
@@ -133,14 +141,7 @@ void update_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       }
     });
   });
-  if constexpr (Spec::kHasStep) {
-    // After every block has read the old counts; adds 0 on a skipped step.
-    if (a.skip.has_value()) {
-      at::_foreach_add_(a.state_steps, at::rsub(*a.skip, 1.0));
-    } else {
-      at::_foreach_add_(a.state_steps, 1.0);
-    }
-  }
+  if constexpr (Spec::kHasStep) count_step(a.state_steps, a.skip);  // after every block read them
 }
 
 }  // namespace cuda

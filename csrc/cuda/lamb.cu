@@ -23,9 +23,7 @@
 // and unused). Capturable: every changing scalar is read on the device, scratch
 // comes from the caching allocator on the current stream, and the host never waits.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/rsub.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -38,6 +36,7 @@
 #include "cuda/block_reduce.cuh"
 #include "cuda/grad_pipeline.cuh"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/step_count.cuh"
 #include "lamb_math.h"
 #include "multi_tensor_checks.h"
 #include "update_op.h"
@@ -335,12 +334,7 @@ void lamb_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     const UpdateFunctor<T, false> f{lr_ptr, pipe, trust_ptr, b1, b2, ep, wd, bias_correction};
     launch_update<T, false>(x, select, f);
   });
-  // The op counts the step, after both passes read the old count (adds 0 when skipped).
-  if (skip.has_value()) {
-    at::_foreach_add_(state_steps, at::rsub(*skip, 1.0));
-  } else {
-    at::_foreach_add_(state_steps, 1.0);
-  }
+  count_step(state_steps, skip);  // the op counts the step, after both passes read the old count
 }
 
 }  // namespace

@@ -19,19 +19,20 @@ struct Spec {
 
   struct Params {
     float momentum, one_minus_dampening, weight_decay;
+    bool use_momentum;  // momentum != 0 in double, as torch.optim.SGD tests it (1e-50 is momentum)
     bool nesterov, first_step;
     const float* trust;  // per param, by index; nullptr: 1
   };
   static Params params(const Hyper& h) {
     // 1 - dampening in double, then rounded: the alpha torch.optim.SGD passes to add_.
     return {static_cast<float>(h.f(0)), static_cast<float>(1.0 - h.f(1)), static_cast<float>(h.f(2)),
-            h.b(3), h.b(4), h.per_param(5, "trust_ratios")};
+            h.f(0) != 0.0, h.b(3), h.b(4), h.per_param(5, "trust_ratios")};
   }
 
   // 0: no momentum; 1: momentum; 2: nesterov; 3: first step; 4: first step, nesterov.
   static constexpr int kVariants = 5;
   static int variant(const Params& h) {
-    if (h.momentum == 0.0f) return 0;
+    if (!h.use_momentum) return 0;
     return 1 + (h.nesterov ? 1 : 0) + (h.first_step ? 2 : 0);
   }
   static constexpr unsigned uses(int v) { return v == 0 ? 0u : 1u; }

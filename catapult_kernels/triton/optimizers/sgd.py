@@ -9,7 +9,7 @@ from . import UpdateArgs
 
 def launch_args(hyper: dict, n: int, device) -> UpdateArgs:
     weight_decay = float(hyper["weight_decay"])
-    momentum = nonzero_as_float32(float(hyper["momentum"]))  # the spec's variant: h.momentum == 0.0f
+    momentum = float(hyper["momentum"]) != 0.0  # the spec's variant: in double, as torch.optim.SGD
     first_step = momentum and bool(hyper["first_step"])
     uses = 0b1 if momentum else 0b0  # momentum_buffers
     return UpdateArgs(uses=uses, reads=0b0 if first_step else uses,
