@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from catapult_kernels import ops
-from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion
+from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion, unwritten
 
 GF = dict(alpha=0.9, lamb=2.0)
 CASES = {
@@ -160,6 +160,37 @@ def test_state_dict_round_trips_through_per_param_and_torch():
         torch.testing.assert_close(p, q, rtol=2e-2 if p.dtype is torch.bfloat16 else 1e-5, atol=1e-5)
 
 
+def test_load_state_dict_rewinds_a_flat_optimizer():
+    """A state_dict loaded into an optimizer that ran flat replaces its flat state."""
+    grads = _grads(8)
+    straight, straight_opt = _run(CASES["sgd_momentum_grokfast"], grads, flat=True)
+    params = _params()
+    opt = CASES["sgd_momentum_grokfast"](_groups(params), flat=True)
+    for t, step_grads in enumerate(grads[:4] + grads[4:7] + grads[4:]):
+        if t == 4:
+            saved, kept = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in _flat(params)]
+        if t == 7:  # back to step 4
+            opt.load_state_dict(saved)
+            for p, k in zip(_flat(params), kept):
+                p.data.copy_(k)
+        for p, g in zip(_flat(params), _flat(step_grads)):
+            p.grad.copy_(g)
+        opt.step()
+    _assert_same(params, straight, opt, straight_opt)
+
+
+def test_grads_given_before_construction_are_kept():
+    params, ref = _params(), _params()
+    for p, q, g in zip(_flat(params), _flat(ref), _flat(_grads(1)[0])):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt, ref_opt = Lion(_groups(params), flat=True), Lion(_groups(ref))
+    assert all(p.grad._base is not None for p in _flat(params))  # views of the flat grad buffers
+    for _ in range(2):
+        opt.step()
+        ref_opt.step()
+    _assert_same(params, ref, opt, ref_opt)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -217,9 +248,20 @@ def test_params_without_a_grad_take_the_per_param_path():
         assert opt._flat_sets[0].diverged == ("step" in ref_opt.state[q])
 
 
+@pytest.fixture(params=["host_reads_flag", "flag_unknown_on_host"])
+def flag_on_host(request, monkeypatch):
+    """On the CPU the host reads an unwritten-state flag at once; on CUDA it can take some
+    steps: then the state is maybe unwritten, and its set runs per param."""
+    if request.param == "flag_unknown_on_host":
+        known = unwritten.UnwrittenFlag.known
+        monkeypatch.setattr(unwritten.UnwrittenFlag, "known",
+                            lambda self, sync=False: known(self, sync) if sync else None)
+    return request.param
+
+
 @pytest.mark.parametrize("how", ["nonfinite", "found_inf"])
 @pytest.mark.parametrize("name", ["adamw_amsgrad_grokfast", "sgd_momentum_grokfast", "lion_grokfast", "adan"])
-def test_skipped_steps_leave_everything_as_it_was(name, how, kernel_calls):
+def test_skipped_steps_leave_everything_as_it_was(name, how, kernel_calls, flag_on_host):
     """Skipped steps (a nan grad with skip_nonfinite, GradScaler's found_inf), the first one
     among them (new state, set on its first real step) and later ones (on the flat path),
     give bit for bit the run that never saw them."""
@@ -241,7 +283,8 @@ def test_skipped_steps_leave_everything_as_it_was(name, how, kernel_calls):
         return params, opt
 
     ours, opt = run(True, grads, skipped)
-    assert kernel_calls[-1] == 1
+    if flag_on_host == "host_reads_flag":  # else the new state stays maybe unwritten: per param
+        assert all(s.state_keys is not None for s in opt._flat_sets) and kernel_calls[-1] == 1
     assert int(opt.skipped_steps) == 3
     theirs, ref_opt = run(False, [g for t, g in enumerate(grads) if t not in skipped], set())
     _assert_same(ours, theirs, opt, ref_opt)
@@ -330,3 +373,30 @@ def test_compiled_step_runs_per_param_with_the_eager_numbers():
     for p, q in zip(params, eager_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         assert torch.equal(opt.state[p]["step"], eager_opt.state[q]["step"])
+
+
+def test_compiled_training_step_with_zero_grad_keeps_the_views():
+    """A compiled training step (backward, step, opt.zero_grad()) gives the eager flat numbers,
+    and leaves the grads views of the flat buffer, zeroed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    eager_model = copy.deepcopy(model)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def make_step(m, opt):
+        def step():
+            ((m(x) - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return step
+    opt = AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5, flat=True)
+    eager_opt = AdamW(eager_model.parameters(), lr=1e-2, max_grad_norm=0.5, flat=True)
+    compiled, eager = torch.compile(make_step(model, opt)), make_step(eager_model, eager_opt)
+    for _ in range(3):
+        compiled()
+        eager()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    flat_set, = opt._flat_sets
+    assert all(p.grad is v for p, v in zip(model.parameters(), flat_set.grads)) and not flat_set.grad.any()
