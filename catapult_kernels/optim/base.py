@@ -341,7 +341,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets: list[Bucket] = []
         for gi, group in enumerate(self.param_groups):
             skip = flat.get(gi, ())
-            if len(skip) == len(group["params"]):
+            if skip and len(skip) == len(group["params"]):  # all flat: checked there
                 continue
             self._check_group(group, full=False)
             by_key: dict[tuple, Bucket] = {}
@@ -546,7 +546,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         flat: dict = {}  # group index -> the indices of its params in flat_sets
         for flat_set in flat_sets:
             flat.setdefault(flat_set.group_index, set()).update(flat_set.indices)
-        groups = [g for gi, g in enumerate(self.param_groups) if len(flat.get(gi, ())) < len(g["params"])]
+        groups = [g for gi, g in enumerate(self.param_groups) if not (gi in flat and len(flat[gi]) == len(g["params"]))]
         flat_key = tuple(map(id, flat_sets))
         if self._plan is not None and not self._unwritten and self._plan_flat == flat_key:
             # state that may be unwritten: checked anew
