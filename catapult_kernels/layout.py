@@ -64,23 +64,33 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.isin(_offsets(a), _offsets(b)).any())
 
 
-def check_no_overlap(params: list[torch.Tensor], group_index: int, spans: dict) -> None:
+def check_no_overlap(params: list[torch.Tensor], group_index: int, spans: dict, record: bool = True) -> None:
     """Refuse a param of a new group that shares memory with one given before or in the same
     group (two Parameters over one storage, overlapping views): the kernels update params in
     parallel, so such updates would be lost at random. Disjoint views of one buffer (a flat
     parameter layout) are fine. `spans` (storage address -> [(first byte, end, group, index,
-    param)]) holds the params so far and gains the group's once all of them pass; only params
-    on one storage are compared, so adding groups one by one stays linear."""
+    param)]) holds the params so far and gains the group's once all of them pass (unless not
+    record); only params on one storage are compared, by a sweep over their spans in address
+    order, so adding groups one by one, or thousands of views of one buffer, stays near linear."""
     new: dict = {}
     for i, p in enumerate(params):
         if p.device.type == "meta" or p.numel() == 0:
             continue
         ptr, start, end = _span(p)
-        for s0, e0, gj, j, q in spans.get(ptr, []) + new.get(ptr, []):
-            if s0 < end and start < e0 and (q is p or _share_elements(p, q)):
-                raise ValueError(f"param {j} of group {gj} and param {i} of group {group_index} share memory: "
-                                 "their fused updates would race and lose updates; give each param its "
-                                 "own storage (clone()), or pass one of them once")
         new.setdefault(ptr, []).append((start, end, group_index, i, p))
     for ptr, items in new.items():
-        spans.setdefault(ptr, []).extend(items)
+        added = {id(item) for item in items}
+        open_spans: list = []  # the spans so far that reach past the current start
+        for item in sorted(spans.get(ptr, []) + items, key=lambda e: (e[0], e[2], e[3])):
+            start, end, _, _, p = item
+            open_spans = [e for e in open_spans if e[1] > start]
+            for other in open_spans:
+                if (id(other) in added or id(item) in added) and (other[4] is p or _share_elements(p, other[4])):
+                    (_, _, gj, j, _), (_, _, gi, i, _) = sorted((other, item), key=lambda e: (e[2], e[3]))
+                    raise ValueError(f"param {j} of group {gj} and param {i} of group {gi} share memory: "
+                                     "their fused updates would race and lose updates; give each param its "
+                                     "own storage (clone()), or pass one of them once")
+            open_spans.append(item)
+    if record:
+        for ptr, items in new.items():
+            spans.setdefault(ptr, []).extend(items)

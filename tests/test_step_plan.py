@@ -45,9 +45,9 @@ class Twins:
         self.count = 0
         checked = self.opt._checked_buckets
 
-        def counted():
+        def counted(*args):
             self.count += 1
-            return checked()
+            return checked(*args)
         self.opt._checked_buckets = counted
 
     def both(self, change):

@@ -22,6 +22,7 @@ import torch
 
 from .. import ops
 from ..layout import SUPPORTED_DTYPES, check_no_overlap, gather_if_strided, has_internal_overlap, same_layout
+from .flat import FlatSet, flatten
 from .plan import StepPlan
 from .regularizers import agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
 from .unwritten import UnwrittenFlag, gate
@@ -115,6 +116,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     grokfast: None, or dict(alpha=0.98, lamb=2.0): the Grokfast EMA gradient filter.
     agc: None, or the adaptive gradient clipping ratio (NFNets; e.g. 0.01).
     backend: 'auto', 'cpu', 'cuda' or 'triton'.
+    flat: lay out the params (and grads, then state) of each group with one (device, dtype)
+        in one buffer, so that a step over them is one kernel call (flat.py); p.data
+        becomes a view of it. Groups with agc stay per param.
     The pipeline order (unscale, global clip, AGC, Grokfast, weight decay, update) is in
     regularizers.py. After a step, `grad_norm` holds the pre-clip global norm (a 0-d device
     tensor) when it was computed (max_grad_norm or skip_nonfinite), and `skipped_steps`
@@ -131,12 +135,20 @@ class FusedOptimizer(torch.optim.Optimizer):
     # plus "s" (exp_avg -> exp_avgs); a state key the group does not keep gets an empty list.
     _op = ""
     # Attributes that pickle, copy.deepcopy and torch.save(optimizer) keep besides torch's.
-    _options = ("backend", "max_grad_norm", "skip_nonfinite", "_report")
+    _options = ("backend", "max_grad_norm", "skip_nonfinite", "flat", "_report")
+    # Whether flat=True may lay the params out in one buffer: not where the update needs a
+    # norm per param (LAMB, LARS).
+    _flattenable = True
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
                  skip_nonfinite: bool = False, grokfast=None, agc: Optional[float] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", flat: bool = False):
         ops.check_backend_name(backend)
+        if flat and not self._flattenable:
+            raise ValueError(f"{type(self).__name__} does not take flat=True: its update needs each param's own norm")
+        if flat and agc is not None:
+            raise ValueError("flat=True does not take agc (AGC needs each param's rows); "
+                             "set agc on the groups to leave per param instead")
         defaults = dict(defaults, grokfast=check_grokfast(grokfast), agc=check_agc(agc))
         if max_grad_norm is not None and not (max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0, or None for no clipping)")
@@ -146,6 +158,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.backend = backend
+        self.flat = bool(flat)
+        self._flat_sets: list[FlatSet] = []  # the params laid out flat (flat.py)
+        self._plan_flat: tuple = ()  # the flat sets that the step of the plan left out
         # What step() reports. A dict mutated in place, not attributes set on self:
         # torch.compile (dynamo) refuses attribute writes on an optimizer inside a step.
         self._report: dict[str, Optional[torch.Tensor]] = {"grad_norm": None, "skipped_steps": None}
@@ -162,17 +177,28 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), **{k: getattr(self, k) for k in self._options}}
 
     def __setstate__(self, state: dict) -> None:
+        flat_sets = self.__dict__.get("_flat_sets")  # None when unpickled
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("flat", False)
         self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
         self._unwritten = {}
         self._spans = {}
         # Never saved; load_state_dict comes here too: let go of the replaced state now.
         self._plan = None
+        if flat_sets is None:  # unpickled: new params, laid out anew
+            self._flat_sets = []
+            self._plan_flat = ()
+            if self.flat:
+                for gi, group in enumerate(self.param_groups):
+                    if group["agc"] is None:
+                        self._flat_sets += flatten(gi, group)
         for gi, group in enumerate(self.param_groups):
             check_no_overlap(group["params"], gi, self._spans)
+        for flat_set in self._flat_sets:  # a loaded state is per param: flat again at the next step
+            flat_set.state_keys, flat_set.bucket, flat_set.diverged = None, None, False
 
     # ---- hyperparameters ------------------------------------------------------------
     def _check_group(self, group: dict, full: bool = True) -> None:
@@ -219,10 +245,41 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"param {i} of group {len(self.param_groups) - 1} has elements that share "
                                      f"memory (strides {p.stride()}, an expand()ed view?): an update cannot "
                                      "write it; pass a clone(), as torch.optim needs too")
-            check_no_overlap(group["params"], len(self.param_groups) - 1, self._spans)
+            check_no_overlap(group["params"], len(self.param_groups) - 1, self._spans, record=not self.flat)
         except ValueError:
             self.param_groups.pop()
             raise
+        if self.flat:
+            self._flatten(len(self.param_groups) - 1, group)
+
+    def _flatten(self, gi: int, group: dict) -> None:
+        """Lay out the group's params flat (flat.py) unless it has agc, and record where they lie."""
+        if group["agc"] is None:
+            self._flat_sets += flatten(gi, group)
+        check_no_overlap(group["params"], gi, self._spans)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, except that the grads of params laid out flat are zeroed in place
+        and stay views of the flat grad buffer, also with set_to_none=True (a param that
+        backward does not reach then has a zero grad, and is updated with it)."""
+        if not self._flat_sets:
+            return super().zero_grad(set_to_none)
+        flat = set()
+        for flat_set in self._flat_sets:
+            flat_set.zero_grads()
+            flat.update(map(id, flat_set.params))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in flat:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     # ---- state_dict -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -277,16 +334,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         skipped = self._report["skipped_steps"]
         return torch.zeros((), dtype=torch.int64) if skipped is None else skipped
 
-    def _buckets(self) -> list[Bucket]:
-        """Params with grads, grouped by (group, device, dtype), all checked before any change.
+    def _buckets(self, flat: dict) -> list[Bucket]:
+        """Params with grads, grouped by (group, device, dtype), all checked before any change,
+        except those that run flat (flat: group index -> their indices in it).
         A step over thousands of small tensors is bound by this loop: keep it lean."""
         buckets: list[Bucket] = []
         for gi, group in enumerate(self.param_groups):
+            skip = flat.get(gi, ())
+            if skip and len(skip) == len(group["params"]):  # all flat: checked there
+                continue
             self._check_group(group, full=False)
             by_key: dict[tuple, Bucket] = {}
             for pi, p in enumerate(group["params"]):
                 g = p.grad
-                if g is None:
+                if g is None or (skip and pi in skip):
                     continue
                 key = (p.device, p.dtype)
                 if (g.layout is not torch.strided or g.dtype is not key[1] or key[1] not in SUPPORTED_DTYPES
@@ -389,7 +450,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._settle_unwritten()
-        buckets = self._planned_buckets()
+        flat_sets = self._flat_sets_to_run()
+        buckets = self._planned_buckets(flat_sets) + [flat_set.bucket for flat_set in flat_sets]
         control = self._step_control(buckets)
         on_device = {b.device: control.on(b.device) for b in buckets}
         for bucket in buckets:
@@ -400,29 +462,109 @@ class FusedOptimizer(torch.optim.Optimizer):
         for bucket in buckets:
             for i in bucket.strided:  # a strided param: its dense copy was updated
                 bucket.keys[i].copy_(bucket.params[i])
+        for flat_set in flat_sets:
+            flat_set.spread_step()
         self._track_unwritten(buckets, on_device)
         return loss
 
-    def _planned_buckets(self) -> list[Bucket]:
-        """The step's buckets, every state made and checked before anything changes: the
-        last step's (plan.py) while nothing they came from changed, else checked anew."""
+    def _flat_sets_to_run(self) -> list[FlatSet]:
+        """The flat sets (flat.py) whose step is one kernel call over their buffers: those
+        whose params are all in place with their grads (a grad that replaced its view is
+        copied in), whose state is all there and not maybe unwritten, and whose group has
+        no agc. Their state is made flat here when it is not yet (checked as the per-param
+        path checks it). The others take the per-param path; their step counts may then
+        part, so their state is made flat again (and the counts compared) before they next
+        run flat. Under torch.compile, every param takes the per-param path."""
+        if not self._flat_sets or torch.compiler.is_compiling():
+            return []
+        runs, moved = [], []
+        for flat_set in self._flat_sets:
+            group = self.param_groups[flat_set.group_index]
+            self._check_group(group, full=False)
+            if not flat_set.in_place():  # a `p.data = x`: these params are no longer flat
+                moved.append(flat_set)
+            elif (not flat_set.diverged and group["agc"] is None
+                  and not (self._unwritten and any(slot in self._unwritten for slot in flat_set.slots))
+                  and flat_set.take_grads() and self._flat_state(flat_set, group)):
+                ops.resolve_backend(self.backend, flat_set.param.device)
+                runs.append(flat_set)
+            else:
+                flat_set.state_keys = flat_set.bucket = None
+        self._flat_sets = [f for f in self._flat_sets if f not in moved]
+        return runs
+
+    def _flat_state(self, flat_set: FlatSet, group: dict) -> bool:
+        """Whether the set's state is flat, after making it so if every param has all of its
+        state, each laid out like its param, with one step count (else False: the per-param
+        path makes or checks it). A step count that differs between the params keeps the set
+        per param until the next load_state_dict."""
+        keys = self._plan_keys(group)
+        if flat_set.state_keys == keys:
+            return True
+        tensor_keys = [k for k in keys if k != "step"]
+        states = [self.state.get(p) for p in flat_set.params] if keys else []
+        for p, state in zip(flat_set.params, states):
+            if not state or any(state.get(k) is None for k in keys):
+                return False
+            for k in tensor_keys:
+                t = state[k]
+                if not isinstance(t, torch.Tensor) or t.dtype is not p.dtype or t.device != p.device \
+                        or not same_layout(t, p):
+                    return False
+        device = flat_set.param.device
+        steps = None
+        if "step" in keys:
+            steps = torch.stack([self._step_tensor(state, device) for state in states])
+            if not bool((steps == steps[0]).all()):  # a sync on CUDA: only when the state turns flat
+                flat_set.diverged = True
+                return False
+        flat_set.state = {}
+        for k in tensor_keys:
+            flat_set.state[k] = torch.empty_like(flat_set.param)
+            views = flat_set.views(flat_set.state[k])
+            torch._foreach_copy_(views, [state[k] for state in states])
+            for state, view in zip(states, views):
+                state[k] = view
+        columns = {k: [flat_set.state[k]] for k in tensor_keys}
+        if steps is not None:
+            flat_set.steps = steps
+            for state, step in zip(states, steps.unbind()):
+                state["step"] = step
+            columns["step"] = [steps[0]]
+        flat_set.bucket = Bucket(group, device, [flat_set.param], [(flat_set.group_index, -1)], [flat_set.param],
+                                 [flat_set.grad], states=[dict(flat_set.state)], fresh=[False],
+                                 ema_fresh=[False], columns=columns)
+        flat_set.state_keys = keys
+        return True
+
+    def _planned_buckets(self, flat_sets: list[FlatSet] = ()) -> list[Bucket]:
+        """The step's buckets of the params outside `flat_sets`, every state made and checked
+        before anything changes: the last step's (plan.py) while nothing they came from
+        changed, else checked anew."""
         if torch.compiler.is_compiling():  # its guards do the plan's job (dynamo cannot trace the plan)
             return self._checked_buckets()
-        if self._plan is not None and not self._unwritten:  # state that may be unwritten: checked anew
+        flat: dict = {}  # group index -> the indices of its params in flat_sets
+        for flat_set in flat_sets:
+            flat.setdefault(flat_set.group_index, set()).update(flat_set.indices)
+        groups = [g for gi, g in enumerate(self.param_groups) if not (gi in flat and len(flat[gi]) == len(g["params"]))]
+        flat_key = tuple(map(id, flat_sets))
+        if self._plan is not None and not self._unwritten and self._plan_flat == flat_key:
+            # state that may be unwritten: checked anew
             state_keys = []
-            for group in self.param_groups:
+            for group in groups:
                 self._check_group(group, full=False)
                 state_keys.append(self._plan_keys(group))
-            planned = self._plan.buckets(self.param_groups, self.state, state_keys)
+            planned = self._plan.buckets(groups, self.state, state_keys)
             if planned is not None:
                 return [self._bucket_from(template, grads) for template, grads in planned]
         self._plan = None  # let go of what it holds before new state is made
-        buckets = self._checked_buckets()
-        self._plan = StepPlan(self.param_groups, buckets, [self._plan_keys(g) for g in self.param_groups])
+        buckets = self._checked_buckets(flat)
+        self._plan = StepPlan(groups, buckets, [self._plan_keys(g) for g in groups])
+        self._plan_flat = flat_key
         return buckets
 
-    def _checked_buckets(self) -> list[Bucket]:
-        buckets = self._buckets()
+    def _checked_buckets(self, flat: Optional[dict] = None) -> list[Bucket]:
+        buckets = self._buckets(flat or {})
         for bucket in buckets:  # every state made and checked before anything changes
             self._prepare_states(bucket)
         return buckets

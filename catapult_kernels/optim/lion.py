@@ -19,10 +19,10 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto"):
+                 agc: Optional[float] = None, backend="auto", flat=False):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

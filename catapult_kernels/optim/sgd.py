@@ -24,12 +24,12 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, foreach: Optional[bool] = None, differentiable=False,
                  fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
-                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto"):
+                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)
