@@ -165,13 +165,10 @@ SHAPES = {
     "above_block": [(65537,)],                        # over a chunk of the CPU (2^15) and CUDA kernels
     "mixed": [(0,), (1,), (131,), (257, 33), (5,)],
 }
-# The Triton interpreter runs some 50k elements a second: there the block to be above is its
-# chunk of 1024 elements (kernel_common.update_sizes), the matrix of the mixed set is smaller,
-# and only the base configuration of each op (INTERPRETER_EVERY_SHAPE) runs every shape set;
-# the other configurations change the element function, not the chunks and tails of the
-# generic driver, and run the mixed set.
+# The Triton interpreter is slow (about a millisecond a block): there the block to be above is
+# its chunk of 1024 elements (kernel_common.update_sizes), and the matrix of the mixed set is
+# smaller.
 INTERPRETER_SHAPES = dict(SHAPES, above_block=[(2**13 + 3,)], mixed=[(0,), (1,), (131,), (65, 33), (5,)])
-INTERPRETER_EVERY_SHAPE = {"adamw", "sgd-momentum", "lion", "adopt", "adan"}
 AGC_SHAPES = [(37,), (3, 5), (7, 33, 2), (2, 3, 4, 5), (1, 9), (6, 1), (0, 4), (1,)]
 
 
@@ -324,9 +321,6 @@ def _matches_cases():
         for shape_set in spec.shape_sets:
             for dtype in DTYPES:
                 for bd in BACKEND_DEVICES:
-                    if (interpreted(*bd.values[0]) and spec.id not in INTERPRETER_EVERY_SHAPE
-                            and shape_set != "mixed"):
-                        continue
                     cases.append(pytest.param(spec, shape_set, dtype, bd.values[0],
                                               id=f"{spec.id}-{shape_set}-{dtype}-{bd.id}"))
     return cases
