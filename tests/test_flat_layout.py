@@ -12,6 +12,7 @@ from torch import nn
 
 from catapult_kernels import ops
 from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion, unwritten
+from conftest import BACKEND_DEVICES
 
 GF = dict(alpha=0.9, lamb=2.0)
 CASES = {
@@ -88,15 +89,16 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("backend", [b.values[0][0] for b in BACKEND_DEVICES if b.values[0][1] == "cpu"])
 @pytest.mark.parametrize("name", CASES)
-def test_flat_steps_equal_per_param_steps_bit_for_bit(name, kernel_calls):
+def test_flat_steps_equal_per_param_steps_bit_for_bit(name, backend, kernel_calls):
     """20 steps over two groups and mixed dtypes: the params and every state tensor equal
     flat=False's bit for bit, and from the second step (the first makes the state) each
-    flat set takes one kernel call."""
+    flat set takes one kernel call; on every backend that runs on CPU tensors here."""
     grads = _grads(20)
-    ours, opt = _run(CASES[name], grads, flat=True)
+    ours, opt = _run(CASES[name], grads, flat=True, backend=backend)
     assert kernel_calls[-3:] == [1, 1, 1]  # three flat sets, one buffer each
-    theirs, ref_opt = _run(CASES[name], grads, flat=False)
+    theirs, ref_opt = _run(CASES[name], grads, flat=False, backend=backend)
     _assert_same(ours, theirs, opt, ref_opt)
     for p in _flat(ours):  # the state is flat: views of one buffer per set
         for key, t in opt.state[p].items():
