@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from .base import FusedOptimizer, Part
 
 
