@@ -61,3 +61,19 @@ def test_out_laid_out_unlike_the_grads_is_refused(backend_device):
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape .* but out\[0\] has shape"):
         ops.update_("grad_pipeline_", out, grads, [], None, torch.tensor(0.1, device=device), backend=backend)
     assert all(not o.float().any() for o in out)
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES)
+@pytest.mark.parametrize("pipeline_on", [False, True], ids=["off", "on"])
+def test_opcheck(backend_device, pipeline_on):
+    """torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch."""
+    backend, device = backend_device
+    grads, emas, agc = _inputs(torch.float32, device)
+    out = [torch.zeros_like(g) for g in grads]
+    pipeline = ops.PipelineArgs()
+    if pipeline_on:
+        pipeline = ops.PipelineArgs(grad_norm=torch.tensor(3.0, device=device), max_grad_norm=1.0,
+                                    grad_scale=torch.tensor(2.0, device=device), skip=torch.tensor(0.0, device=device),
+                                    agc_scales=agc, grokfast_emas=emas, grokfast_alpha=0.9, maximize=True)
+    op = torch.ops.catapult.grad_pipeline_triton_ if backend == "triton" else torch.ops.catapult.grad_pipeline_
+    torch.library.opcheck(op, (out, grads, torch.tensor(0.1, device=device), *pipeline.args()))
