@@ -1,6 +1,6 @@
-// Scalar math of one LAMB step (You et al. 2019, "Large Batch Optimization for Deep
-// Learning", Algorithm 2), shared by the CPU and CUDA kernels (the Triton kernel
-// mirrors it in catapult_kernels/triton/lamb.py). Two passes: lamb_moments updates
+// The math of one LAMB step (You et al. 2019, "Large Batch Optimization for Deep
+// Learning", Algorithm 2), shared by the CPU (scalar and vector lanes) and CUDA kernels
+// (the Triton kernel mirrors it in catapult_kernels/triton/lamb.py). Two passes: lamb_moments updates
 // m and v and gives the update direction r, whose norm (and the param's) sets the
 // per-tensor trust ratio; the second pass writes p = p - lr * trust * r with the same
 // r (float32: lamb_direction from the stored m and v; 16-bit types, whose stored
@@ -31,15 +31,19 @@ CATAPULT_HD LAMBStep lamb_step_constants(float beta1, float beta2, float eps, fl
   return s;
 }
 
-// r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, from the updated m and v.
-CATAPULT_HD float lamb_direction(float p, float m, float v, const LAMBStep& s) {
-  return (m / s.bias_correction1) / (sqrtf(v / s.bias_correction2) + s.eps) + s.weight_decay * p;
+// r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, from the updated m and v. F: a lane
+// type of lanes.h (float, or on CPU at::vec::Vectorized<float>), the same bits in each.
+template <typename F>
+CATAPULT_HD F lamb_direction(const F& p, const F& m, const F& v, const LAMBStep& s) {
+  return (m / F(s.bias_correction1)) / (lane_sqrt(v / F(s.bias_correction2)) + F(s.eps)) +
+         F(s.weight_decay) * p;
 }
 
 // Pass 1 for one element: update m and v from g (the grad pipeline's output); returns r.
-CATAPULT_HD float lamb_moments(float p, float g, float& m, float& v, const LAMBStep& s) {
-  m = s.beta1 * m + s.one_minus_beta1 * g;
-  v = s.beta2 * v + s.one_minus_beta2 * g * g;
+template <typename F>
+CATAPULT_HD F lamb_moments(const F& p, const F& g, F& m, F& v, const LAMBStep& s) {
+  m = F(s.beta1) * m + F(s.one_minus_beta1) * g;
+  v = F(s.beta2) * v + F(s.one_minus_beta2) * g * g;
   return lamb_direction(p, m, v, s);
 }
 

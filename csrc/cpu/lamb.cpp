@@ -27,31 +27,6 @@ namespace {
 
 using namespace catapult::cpu;
 
-struct LAMBVec {
-  Vec beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, bias_correction1,
-      bias_correction2;
-  explicit LAMBVec(const catapult::LAMBStep& s)
-      : beta1(s.beta1),
-        one_minus_beta1(s.one_minus_beta1),
-        beta2(s.beta2),
-        one_minus_beta2(s.one_minus_beta2),
-        eps(s.eps),
-        weight_decay(s.weight_decay),
-        bias_correction1(s.bias_correction1),
-        bias_correction2(s.bias_correction2) {}
-};
-
-// catapult::lamb_direction and lamb_moments on lanes, operation for operation.
-inline Vec lamb_direction_vec(const Vec& p, const Vec& m, const Vec& v, const LAMBVec& s) {
-  return (m / s.bias_correction1) / ((v / s.bias_correction2).sqrt() + s.eps) + s.weight_decay * p;
-}
-
-inline Vec lamb_moments_vec(const Vec& p, const Vec& g, Vec& m, Vec& v, const LAMBVec& s) {
-  m = s.beta1 * m + s.one_minus_beta1 * g;
-  v = s.beta2 * v + s.one_minus_beta2 * g * g;
-  return lamb_direction_vec(p, m, v, s);
-}
-
 struct Entry {
   void* p;
   const void* g;
@@ -92,7 +67,6 @@ void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipel
   T* m = static_cast<T*>(e.m) + b;
   T* v = static_cast<T*>(e.v) + b;
   T* ema = e.ema ? static_cast<T*>(e.ema) + b : nullptr;
-  const LAMBVec sv(e.step);
   const Vec multv(mult);
   const Vec lr_trust(e.lr_trust);
   Acc rr, pp;
@@ -103,8 +77,8 @@ void moments_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipel
     load_block(p + i, p0, p1);
     load_block(m + i, m0, m1);
     load_block(v + i, v0, v1);
-    const Vec r0 = lamb_moments_vec(p0, g0, m0, v0, sv);
-    const Vec r1 = lamb_moments_vec(p1, g1, m1, v1, sv);
+    const Vec r0 = catapult::lamb_moments(p0, g0, m0, v0, e.step);
+    const Vec r1 = catapult::lamb_moments(p1, g1, m1, v1, e.step);
     if constexpr (kStore) {
       store_block(m + i, m0, m1);
       store_block(v + i, v0, v1);
@@ -147,7 +121,6 @@ void apply_range(const Entry& e, int64_t b, int64_t n) {
   T* p = static_cast<T*>(e.p) + b;
   const T* m = static_cast<const T*>(e.m) + b;
   const T* v = static_cast<const T*>(e.v) + b;
-  const LAMBVec sv(e.step);
   const Vec lr_trust(e.lr_trust);
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
@@ -155,8 +128,8 @@ void apply_range(const Entry& e, int64_t b, int64_t n) {
     load_block(p + i, p0, p1);
     load_block(m + i, m0, m1);
     load_block(v + i, v0, v1);
-    p0 = p0 - lr_trust * lamb_direction_vec(p0, m0, v0, sv);
-    p1 = p1 - lr_trust * lamb_direction_vec(p1, m1, v1, sv);
+    p0 = p0 - lr_trust * catapult::lamb_direction(p0, m0, v0, e.step);
+    p1 = p1 - lr_trust * catapult::lamb_direction(p1, m1, v1, e.step);
     store_block(p + i, p0, p1);
   }
   for (; i < n; ++i) {
@@ -172,7 +145,6 @@ void stored_direction_sums(const Entry& e, int64_t b, int64_t n, Sums& sums) {
   const float* p = static_cast<const float*>(e.p) + b;
   const float* m = static_cast<const float*>(e.m) + b;
   const float* v = static_cast<const float*>(e.v) + b;
-  const LAMBVec sv(e.step);
   SquareSum rr, pp;
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
@@ -180,8 +152,8 @@ void stored_direction_sums(const Entry& e, int64_t b, int64_t n, Sums& sums) {
     load_block(p + i, p0, p1);
     load_block(m + i, m0, m1);
     load_block(v + i, v0, v1);
-    rr.add(lamb_direction_vec(p0, m0, v0, sv));
-    rr.add(lamb_direction_vec(p1, m1, v1, sv));
+    rr.add(catapult::lamb_direction(p0, m0, v0, e.step));
+    rr.add(catapult::lamb_direction(p1, m1, v1, e.step));
     pp.add(p0);
     pp.add(p1);
   }
