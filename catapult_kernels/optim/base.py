@@ -21,10 +21,12 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..distributed.sharding import Sharding, is_dtensor, local, local_grad
+from ..distributed.zero import zero_process_group
 from ..layout import SUPPORTED_DTYPES, check_no_overlap, gather_if_strided, has_internal_overlap, same_layout
 from .flat import FlatSet, flatten
 from .plan import StepPlan
-from .regularizers import agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
+from .regularizers import agc_rows, agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
 from .unwritten import UnwrittenFlag, gate
 
 # The kinds of new state whose first step sets it rather than updates it (unwritten.py).
@@ -60,12 +62,17 @@ class Bucket:
     noncontiguous: list = field(default_factory=list)  # params whose param or grad is not contiguous
     strided: list = field(default_factory=list)  # params whose `params` entry is a dense copy, written back
     rows_apart: list = field(default_factory=list)  # params whose rows are not contiguous (AGC pre-scales)
+    # Per param: the Sharding of a DTensor (its `params`, `grads` and `columns` entries are
+    # local shards; its `keys` and state entries DTensors), None for a plain tensor. None:
+    # no DTensor in the bucket.
+    shardings: Optional[list] = None
 
     def template(self) -> "Bucket":
         """What a StepPlan keeps for the next steps: no grads, dense copies or AGC factors
         (each step makes its own), and no new state (the next step finds it made)."""
         steady = [False] * len(self.keys)
-        return replace(self, params=self.keys, grads=[], agc_scales=None, fresh=steady, ema_fresh=steady,
+        params = self.keys if self.shardings is None else list(map(local, self.keys))
+        return replace(self, params=params, grads=[], agc_scales=None, fresh=steady, ema_fresh=steady,
                        maybe_written=False, strided=[])
 
 
@@ -123,7 +130,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     regularizers.py. After a step, `grad_norm` holds the pre-clip global norm (a 0-d device
     tensor) when it was computed (max_grad_norm or skip_nonfinite), and `skipped_steps`
     the count of skips (also in state_dict()). A skipped step leaves params and state as
-    if it never happened. Params that share memory are refused (their updates would race)."""
+    if it never happened. Params that share memory are refused (their updates would race).
+
+    Distributed: DTensor params (FSDP2, tensor parallel, HSDP) are updated on their local
+    shards, their state made as DTensors placed like them, and the global norm reduced
+    across the ranks that hold other shards, counting replicas once (distributed/), with
+    no host sync; `grad_norm` is then a plain tensor holding the whole model's norm on
+    every rank. As the local optimizer of a ZeroRedundancyOptimizer, the norm is summed
+    over ZeRO's process group."""
 
     # torch.amp.GradScaler then hands us grad_scale and found_inf instead of unscaling
     # the grads itself, as it does for torch's fused optimizers.
@@ -169,6 +183,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._unwritten: dict = {}
         self._spans: dict = {}  # storage address -> the memory spans of the params on it
         self._plan: Optional[StepPlan] = None  # the last eager step's checked lists (plan.py)
+        # ZeroRedundancyOptimizer's process group when it builds us over this rank's part of
+        # the params: the global norm sums every rank's part (distributed/zero.py).
+        self._zero_group = zero_process_group()
         super().__init__(params, defaults)
 
     # ---- pickle, deepcopy, torch.save(optimizer) --------------------------------------
@@ -184,6 +201,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("flat", False)
         self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
+        self.__dict__.setdefault("_zero_group", None)
         self._unwritten = {}
         self._spans = {}
         # Never saved; load_state_dict comes here too: let go of the replaced state now.
@@ -196,7 +214,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if group["agc"] is None:
                         self._flat_sets += flatten(gi, group)
         for gi, group in enumerate(self.param_groups):
-            check_no_overlap(group["params"], gi, self._spans)
+            check_no_overlap(list(map(local, group["params"])), gi, self._spans)
         for flat_set in self._flat_sets:  # a loaded state is per param: flat again at the next step
             flat_set.state_keys, flat_set.bucket, flat_set.diverged = None, None, False
 
@@ -236,16 +254,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
                 raise ValueError(f"the params of one group must be on one device, got {sorted(map(str, devices))}")
+            if self.flat and any(map(is_dtensor, group["params"])):
+                raise ValueError("flat=True does not take DTensor params (FSDP2, tensor parallel): their "
+                                 "shards are laid out by torch; leave flat off")
             for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise ValueError(f"complex params are not supported (a param of dtype {p.dtype})")
                 if p.dtype not in SUPPORTED_DTYPES:
                     raise ValueError(f"param dtype {p.dtype} is not supported; use float32, bfloat16 or float16")
-                if has_internal_overlap(p):
+                if has_internal_overlap(local(p)):
                     raise ValueError(f"param {i} of group {len(self.param_groups) - 1} has elements that share "
                                      f"memory (strides {p.stride()}, an expand()ed view?): an update cannot "
                                      "write it; pass a clone(), as torch.optim needs too")
-            check_no_overlap(group["params"], len(self.param_groups) - 1, self._spans, record=not self.flat)
+            check_no_overlap(list(map(local, group["params"])), len(self.param_groups) - 1, self._spans,
+                             record=not self.flat)
         except ValueError:
             self.param_groups.pop()
             raise
@@ -356,11 +378,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                 bucket = by_key.get(key)
                 if bucket is None:
                     bucket = by_key[key] = Bucket(group, key[0], [], [], [], [])
-                kernel_p = p
-                if not (p.is_contiguous() and g.is_contiguous()):
+                param = p
+                if is_dtensor(p):  # the kernels take its local shard
+                    param, g = local(p), local_grad(p, g)
+                    if bucket.shardings is None:
+                        bucket.shardings = [None] * len(bucket.keys)
+                if bucket.shardings is not None:
+                    bucket.shardings.append(Sharding.of(p))
+                kernel_p = param
+                if not (param.is_contiguous() and g.is_contiguous()):
                     bucket.noncontiguous.append(len(bucket.keys))
-                    kernel_p, g = kernel_pair(p, g)
-                    if kernel_p is not p:
+                    kernel_p, g = kernel_pair(param, g)
+                    if kernel_p is not param:
                         bucket.strided.append(len(bucket.keys))
                 if not rows_are_contiguous(kernel_p):
                     bucket.rows_apart.append(len(bucket.keys))
@@ -380,11 +409,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A bucket of this step from a plan's template and this step's grads."""
         ops.resolve_backend(self.backend, template.device)
         params, strided = template.params, []
+        if template.shardings is not None:
+            grads = [g if s is None else local_grad(p, g) for p, g, s in zip(template.keys, grads, template.shardings)]
         if template.noncontiguous:
             params = list(params)
             for i in template.noncontiguous:
                 params[i], grads[i] = kernel_pair(params[i], grads[i])
-                if params[i] is not template.keys[i]:
+                if params[i] is not template.params[i]:
                     strided.append(i)
         return replace(template, params=params, grads=grads, strided=strided)
 
@@ -406,7 +437,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_norm = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
             grads = [g for b in buckets for g in b.grads]
-            grad_norm = ops.global_norm(grads, 2.0, self.backend)
+            if self._zero_group is not None or any(b.shardings is not None for b in buckets):
+                from ..distributed.norms import global_norm  # pieces on other ranks too
+                shardings = [s for b in buckets for s in (b.shardings or [None] * len(b.grads))]
+                grad_norm = global_norm(grads, shardings, 2.0, self.backend, group=self._zero_group,
+                                        device=self._some_device())
+            else:
+                grad_norm = ops.global_norm(grads, 2.0, self.backend)
             self._report["grad_norm"] = (grad_norm if grad_scale is None
                                          else grad_norm / grad_scale.to(grad_norm.device))
         # GradScaler's found_inf is a sum over devices; the kernels and step counts want 0 or 1.
@@ -420,6 +457,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             # the count lives where the flag does: a loaded count on the CPU would cost a sync per step
             self._report["skipped_steps"] = counted if skipped is None else skipped.to(counted.device) + counted
         return StepControl(grad_norm, grad_scale, skip)
+
+    def _some_device(self) -> torch.device:
+        """Where a rank without grads takes part in a collective: its params' device, or
+        the process group's (ZeRO may give a rank no params)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        if self._zero_group is not None and torch.distributed.get_backend(self._zero_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @staticmethod
     def _step_tensor(state: dict, device: torch.device) -> torch.Tensor:
@@ -461,7 +508,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._update(bucket, on_device[bucket.device])
         for bucket in buckets:
             for i in bucket.strided:  # a strided param: its dense copy was updated
-                bucket.keys[i].copy_(bucket.params[i])
+                local(bucket.keys[i]).copy_(bucket.params[i])
         for flat_set in flat_sets:
             flat_set.spread_step()
         self._track_unwritten(buckets, on_device)
@@ -576,6 +623,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         grokfast = group["grokfast"] is not None
         unwritten, no_flags = self._unwritten, {}
         bucket.fresh, bucket.ema_fresh, bucket.states = [], [], []
+        sharded = bucket.shardings is not None
         for p, slot, kernel_p in zip(bucket.keys, bucket.slots, bucket.params):
             state = self.state.get(p, no_flags)
             flags = unwritten.get(slot, no_flags) if unwritten else no_flags
@@ -586,10 +634,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = self._state(p, group, bucket.device)
             if group["grokfast"] is not None:
                 state = self.state[p]  # also for plain SGD, which keeps no state of its own
-                if EMA not in state:
-                    state[EMA] = torch.zeros_like(kernel_p)
+                if EMA not in state:  # a DTensor's is a DTensor placed like it
+                    state[EMA] = torch.zeros_like(p if is_dtensor(p) else kernel_p)
             bucket.states.append(state)
-        bucket.columns = {key: [s[key] for s in bucket.states] for key in self._plan_keys(group)}
+        bucket.columns = {key: [local(s[key]) if sharded else s[key] for s in bucket.states]
+                          for key in self._plan_keys(group)}
         self._check_states(bucket)
 
     def _agc(self, bucket: Bucket, control: StepControl) -> None:
@@ -597,12 +646,28 @@ class FusedOptimizer(torch.optim.Optimizer):
         (a transposed weight) takes them in a pre-scaled copy of its grad instead (its factors
         become None): the kernels find an element's row from its offset."""
         mult = grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, bucket.device)
-        bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult)
+        bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult,
+                                       reduce_units=self._unit_reduction(bucket))
         for i in bucket.rows_apart:
             g = bucket.grads[i]
             rows = bucket.agc_scales[i].reshape((-1,) + (1,) * (g.dim() - 1))
             bucket.grads[i] = (g.float() * rows).to(g.dtype)
             bucket.agc_scales[i] = None
+
+    @staticmethod
+    def _unit_reduction(bucket: Bucket):
+        """For a bucket with DTensors: what turns the local AGC unit norms into whole ones
+        (the units a sharding cuts across ranks), else None."""
+        if bucket.shardings is None:
+            return None
+        from ..distributed.norms import reduce_unit_squares
+        sizes = [agc_rows(p) for p in bucket.params]
+        ndims = [p.dim() for p in bucket.keys]
+
+        def reduce(norms: torch.Tensor) -> torch.Tensor:
+            squares = list(norms.to(torch.float64).square().split(sizes))
+            return torch.cat(reduce_unit_squares(squares, bucket.shardings, ndims)).sqrt().to(norms.dtype)
+        return reduce
 
     def _track_unwritten(self, buckets: list[Bucket], on_device: dict) -> None:
         """After the kernels: flag new state that a skippable step created, update in place
@@ -700,12 +765,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             grokfast_lamb=0.0 if grokfast is None else grokfast["lamb"],
             maximize=bool(group.get("maximize", False)))
 
+    def _through_pipeline(self, bucket: Bucket, control: StepControl) -> Bucket:
+        """The bucket with its grads replaced by the grad pipeline's output (grad_pipeline_:
+        unscaled, clipped, AGC'd, Grokfast-filtered, the EMAs advanced, maximize applied), in
+        the grads' dtype."""
+        out = [torch.empty_like(g) for g in bucket.grads]
+        lr = self._lr_tensor(bucket.group, bucket.device)
+        for part in self._parts(bucket):
+            ops.update_("grad_pipeline_", part.take(out), part.take(bucket.grads), [], None, lr,
+                        self._pipeline_args(bucket, part, control), self.backend)
+        return replace(bucket, grads=out)
+
     def _check_states(self, bucket: Bucket) -> None:
         """State tensors (a loaded state_dict may hold anything) laid out like their params,
         checked before any kernel runs so that a bad one changes nothing."""
-        for p, state in zip(bucket.params, bucket.states):
-            for key in self._param_like_state_keys(bucket.group):
-                t = state[key]
+        for key in self._param_like_state_keys(bucket.group):
+            if bucket.shardings is not None:
+                for state, sharding in zip(bucket.states, bucket.shardings):
+                    if Sharding.of(state[key]) != sharding:
+                        where = "a plain tensor" if sharding is None else f"a DTensor with {sharding.placements}"
+                        raise RuntimeError(f"state[{key!r}] of a param is not placed like the param, {where} "
+                                           f"(state: {Sharding.of(state[key])}): a state_dict of another sharding?")
+            for p, t in zip(bucket.params, bucket.columns[key]):  # the kernels' tensors: local shards
                 if t.dtype is not p.dtype or t.device != p.device or not same_layout(t, p):
                     raise RuntimeError(f"state[{key!r}] of a param is {tuple(t.shape)} {t.dtype} on {t.device} "
                                        f"(strides {t.stride()}) but the param is {tuple(p.shape)} {p.dtype} "

@@ -1,11 +1,18 @@
 """LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning"): Adam's direction
 plus decoupled weight decay, scaled per tensor by the trust ratio |w| / |r|. Two fused
-passes inside one op: the moments and the per-tensor norms, then the update."""
+passes inside one op: the moments and the per-tensor norms, then the update.
+
+On DTensor shards the norms are over whole tensors, summed across ranks between the two
+passes, which one op cannot do: the step then runs the grad pipeline op into buffers and
+LAMB's math as torch ops on the local shards in float32 (sharded_update), with one
+all-reduce of the per-tensor squares: a few more passes over memory than the fused op."""
 from __future__ import annotations
 
 from typing import Optional
 
-from .base import FusedOptimizer, Part
+import torch
+
+from .base import Bucket, FusedOptimizer, Part, StepControl
 
 
 class LAMB(FusedOptimizer):
@@ -42,3 +49,40 @@ class LAMB(FusedOptimizer):
         return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                     weight_decay=float(group["weight_decay"]), bias_correction=bool(group["bias_correction"]),
                     max_weight_norm=float(group["max_weight_norm"] or 0.0))
+
+    def _update(self, bucket: Bucket, control: StepControl) -> None:
+        if bucket.shardings is None:
+            return super()._update(bucket, control)
+        self._sharded_update(self._through_pipeline(bucket, control), control)
+
+    def _sharded_update(self, bucket: Bucket, control: StepControl) -> None:
+        """The LAMB step of lamb_math.h over local shards whose grads went through the grad
+        pipeline, the norms of p and r summed over the ranks (distributed/norms.py). A
+        skipped step (control.skip) writes the old values back: nothing changes."""
+        from ..distributed.norms import reduce_squares
+        group = bucket.group
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, wd, clamp = float(group["eps"]), float(group["weight_decay"]), float(group["max_weight_norm"] or 0.0)
+        params, m_old, v_old = bucket.params, bucket.columns["exp_avg"], bucket.columns["exp_avg_sq"]
+        steps = bucket.columns["step"]
+        moments, directions = [], []
+        for p, g, m, v, step in zip(params, bucket.grads, m_old, v_old, steps):
+            t = step + 1
+            m = beta1 * m.float() + (1 - beta1) * g.float()
+            v = beta2 * v.float() + (1 - beta2) * g.float() * g.float()
+            bc1, bc2 = (1 - beta1 ** t, 1 - beta2 ** t) if group["bias_correction"] else (1.0, 1.0)
+            directions.append((m / bc1) / ((v / bc2).sqrt() + eps) + wd * p.float())
+            moments.append((m, v))
+        squares = torch.stack([x.double().square().sum() for x in (*params, *directions)])
+        norms = reduce_squares(squares, bucket.shardings * 2).sqrt().float()
+        w, r = norms[:len(params)], norms[len(params):]
+        if clamp > 0:
+            w = torch.clamp(w, max=clamp)
+        trust = torch.where((w > 0) & (r > 0), w / r, torch.ones_like(w))
+        lr_trust = self._lr_tensor(group, bucket.device) * trust
+        keep = None if control.skip is None else control.skip == 0
+        for i, (p, (m, v), direction) in enumerate(zip(params, moments, directions)):
+            new = {p: p.float() - lr_trust[i] * direction, m_old[i]: m, v_old[i]: v}
+            for old, value in new.items():
+                old.copy_(value if keep is None else torch.where(keep, value.to(old.dtype), old))
+            steps[i].add_(1 if keep is None else keep.float())

@@ -5,7 +5,6 @@ the local lrs as per-tensor trust ratios. With AGC or Grokfast, which change the
 whose norm counts, the grad pipeline runs first into buffers (catapult::grad_pipeline_)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -59,17 +58,6 @@ class LARS(SGD):
         if rest:
             self._sgd_step(bucket, control, 0.0, only=rest, pipeline=pipeline)
 
-    def _through_pipeline(self, bucket: Bucket, control: StepControl) -> Bucket:
-        """The bucket with its grads replaced by the grad pipeline's output (grad_pipeline_:
-        unscaled, clipped, AGC'd, Grokfast-filtered, the EMAs advanced, maximize applied), in
-        the grads' dtype."""
-        out = [torch.empty_like(g) for g in bucket.grads]
-        lr = self._lr_tensor(bucket.group, bucket.device)
-        for part in self._parts(bucket):
-            ops.update_("grad_pipeline_", part.take(out), part.take(bucket.grads), [], None, lr,
-                        self._pipeline_args(bucket, part, control), self.backend)
-        return dataclasses.replace(bucket, grads=out)
-
     @staticmethod
     def _skip_only(bucket: Bucket, part: Part, control: StepControl) -> ops.PipelineArgs:
         """The pipeline of an update over grads that went through it already: the skip flag alone."""
@@ -84,6 +72,10 @@ class LARS(SGD):
         wd, tc = float(group["weight_decay"]), float(group["trust_coefficient"])
         params, grads = [bucket.params[i] for i in idx], [bucket.grads[i] for i in idx]
         norms = ops.multi_tensor_norm(params + grads, 2.0, True, self.backend)[1]
+        if bucket.shardings is not None:  # DTensor shards: each norm over the whole tensor
+            from ..distributed.norms import reduce_squares
+            shardings = [bucket.shardings[i] for i in idx] * 2
+            norms = reduce_squares(norms.to(torch.float64).square(), shardings).sqrt().to(norms.dtype)
         w, g = norms[:len(idx)], norms[len(idx):]
         if not piped:
             g = g * grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale,

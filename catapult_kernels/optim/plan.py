@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from ..distributed.sharding import local
+
 # What the plan records of each param and each grad, in the order compared: a grad's layout
 # first, as a sparse grad has no contiguity to ask about (a param's .data stays dense).
 PARAM_METADATA = (attrgetter("dtype"), attrgetter("device"), attrgetter("shape"), torch.Tensor.is_contiguous,
@@ -85,6 +87,8 @@ def states_unchanged(template, state: dict) -> bool:
     if not same_objects(dicts, template.states):
         return False
     try:
+        if template.shardings is not None:  # the columns hold DTensors' local shards
+            return all(all(map(is_, (local(d[key]) for d in dicts), column)) for key, column in template.columns.items())
         return all(all(map(is_, map(itemgetter(key), dicts), column)) for key, column in template.columns.items())
     except KeyError:  # a state key was deleted
         return False

@@ -15,7 +15,7 @@ weight decay and update.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -82,13 +82,16 @@ def row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def agc_scales(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clipping: float,
-               mult: torch.Tensor) -> list[torch.Tensor]:
+               mult: torch.Tensor, reduce_units: Optional[Callable] = None) -> list[torch.Tensor]:
     """Per param, the factor of each unit: min(1, clipping * max(|w_i|, 1e-3) / |mult * g_i|),
     where mult * g is the grad after unscaling and global clipping (the AGC input). A unit
-    with a zero grad gets 1; a non-finite grad gives a non-finite factor (never hides it)."""
+    with a zero grad gets 1; a non-finite grad gives a non-finite factor (never hides it).
+    reduce_units: what makes local unit norms whole where shards cut units (DTensors)."""
     if not params:
         return []
-    w = row_norms(params)
-    g = row_norms(grads) * mult.abs()
+    w, g = row_norms(params), row_norms(grads)
+    if reduce_units is not None:
+        w, g = reduce_units(w), reduce_units(g)
+    g = g * mult.abs()
     factors = torch.clamp(clipping * torch.clamp(w, min=AGC_EPS) / g, max=1.0)
     return list(factors.split([agc_rows(p) for p in params]))

@@ -79,7 +79,7 @@ class SGD(FusedOptimizer):
                 if trust.is_cuda:  # a list index would copy from pageable memory: a sync
                     index = index.pin_memory().to(trust.device, non_blocking=True)
                 trust = trust.index_select(0, index)
-            buffers = [s["momentum_buffer"] for s in part.take(bucket.states)] if momentum != 0 else []
+            buffers = part.take(bucket.columns["momentum_buffer"]) if momentum != 0 else []
             ops.update_("sgd_", part.take(bucket.params), part.take(bucket.grads), [buffers], None, lr,
                         (pipeline or self._pipeline_args)(bucket, part, control), self.backend,
                         **self._hyper(group, part, weight_decay, trust))
