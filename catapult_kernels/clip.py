@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import ops
+from .distributed.sharding import Sharding, is_dtensor, local, norm_piece
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
@@ -24,15 +25,27 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     computed from the norm in float32 (float64 with float64 grads) before it is rounded
     to the returned dtype, so float16 grads whose norm exceeds 65504 are clipped rather
     than zeroed (the returned norm is inf there, as torch's). `foreach` is accepted for
-    compatibility: the norm is always multi-tensor."""
+    compatibility: the norm is always multi-tensor.
+
+    DTensor grads (FSDP2, tensor parallel): the norm is of the whole grads, each rank summing
+    its shards' with the other ranks' in one all-reduce per mesh (replicas counted once), and
+    each rank scales its own shards; the result is a plain tensor, the same on every rank
+    (torch's is a DTensor: call .full_tensor() on it, not on ours)."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    grads = [p.grad for p in parameters if p.grad is not None]
+    with_grads = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in with_grads]
     max_norm, norm_type = float(max_norm), float(norm_type)
     if not grads:
         return torch.tensor(0.0)
     ops.check_backend_name(backend)
-    total = ops.global_norm(grads, norm_type, backend)
+    if any(map(is_dtensor, grads)):  # shards (FSDP2, tensor parallel): the norm of the whole grads
+        from .distributed.norms import global_norm
+        pieces = [norm_piece(g) if is_dtensor(g) else g for g in grads]
+        total = global_norm(list(map(local, pieces)), list(map(Sharding.of, pieces)), norm_type, backend)
+        grads = list(map(local, grads))  # each rank scales its own shards (a Partial one's pieces too)
+    else:
+        total = ops.global_norm(grads, norm_type, backend)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "

@@ -43,6 +43,15 @@ def local_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g._local_tensor
 
 
+def norm_piece(g: torch.Tensor) -> torch.Tensor:
+    """What this rank's shard of DTensor g counts in a norm of g: its local shard, or, where g
+    is still Partial (pieces that sum to the values), the values made whole (a collective)."""
+    if any(placement.is_partial() for placement in g.placements):
+        from torch.distributed.tensor import Replicate
+        g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements])
+    return g
+
+
 @dataclass(frozen=True)
 class Sharding:
     """Where the pieces of a DTensor lie: its mesh and placements."""
@@ -55,15 +64,17 @@ class Sharding:
 
     def counted_here(self) -> bool:
         """Whether this rank's shard counts in a sum over the mesh: its coordinate is 0 along
-        every mesh dim that does not shard the tensor (Replicate; a param is never Partial)."""
+        every mesh dim that replicates the tensor. Every other placement of a param shards
+        it (Shard, and _StridedShard under FSDP2 over tensor parallel, which is_shard() does
+        not count); a param is never Partial (local_grad and norm_piece make grads whole)."""
         coordinate = self.mesh.get_coordinate()
         if coordinate is None:  # this rank is not on the mesh: it holds no piece
             return False
-        return all(c == 0 for c, placement in zip(coordinate, self.placements) if not placement.is_shard())
+        return all(c == 0 for c, placement in zip(coordinate, self.placements) if placement.is_replicate())
 
     def unit_splitting_dims(self, ndim: int) -> tuple:
         """The mesh dims along which the ranks hold pieces of one AGC unit (a row, dim 0
         slice, of a 2+ dim tensor; a 1-D tensor is one unit): those that shard a tensor
         dim other than 0, or any dim of a 1-D tensor."""
         return tuple(d for d, placement in enumerate(self.placements)
-                     if placement.is_shard() and (ndim < 2 or placement.dim != 0))
+                     if not placement.is_replicate() and (ndim < 2 or placement.dim != 0))

@@ -153,6 +153,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether flat=True may lay the params out in one buffer: not where the update needs a
     # norm per param (LAMB, LARS).
     _flattenable = True
+    # Group options of ours that torch's optimizers do not have; None is off.
+    _extra_group_keys = ("grokfast", "agc")
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
                  skip_nonfinite: bool = False, grokfast=None, agc: Optional[float] = None,
@@ -306,9 +308,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- state_dict -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """torch's state_dict, plus `skipped_steps`. Reads the device flags of new state
-        whose first steps were all skipped (a sync), and leaves that state out."""
+        whose first steps were all skipped (a sync), and leaves that state out. The group
+        options torch's optimizers lack (grokfast, agc) are left out where off, so that a
+        checkpoint has the keys of torch's (torch.distributed.checkpoint loads only keys
+        that both sides have); load_state_dict sets them back to this optimizer's defaults."""
         self._settle_unwritten(sync=True)
         state_dict = super().state_dict()
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if not (k in self._extra_group_keys and v is None)}
+                                      for g in state_dict["param_groups"]]
         state_dict["skipped_steps"] = self.skipped_steps.clone()
         return state_dict
 
@@ -318,6 +325,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer keeps for it (a state_dict of another optimizer is refused, naming the key)."""
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", None)
+        # An option of ours that a group does not hold was off (state_dict() leaves it out
+        # then; torch's optimizers have none): not this optimizer's default.
+        state_dict["param_groups"] = [{**dict.fromkeys(self._extra_group_keys), **g}
+                                      for g in state_dict["param_groups"]]
         groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
         for gi, group in enumerate(groups):
             self._check_group(group)
@@ -662,11 +673,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             return None
         from ..distributed.norms import reduce_unit_squares
         sizes = [agc_rows(p) for p in bucket.params]
-        ndims = [p.dim() for p in bucket.keys]
+        ndims = [p.dim() for p in bucket.keys] * 2
 
-        def reduce(norms: torch.Tensor) -> torch.Tensor:
-            squares = list(norms.to(torch.float64).square().split(sizes))
-            return torch.cat(reduce_unit_squares(squares, bucket.shardings, ndims)).sqrt().to(norms.dtype)
+        def reduce(w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            squares = list(torch.cat([w, g]).to(torch.float64).square().split(sizes * 2))
+            whole = torch.cat(reduce_unit_squares(squares, bucket.shardings * 2, ndims)).sqrt().to(w.dtype)
+            return whole[:w.numel()], whole[w.numel():]
         return reduce
 
     def _track_unwritten(self, buckets: list[Bucket], on_device: dict) -> None:

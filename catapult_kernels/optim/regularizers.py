@@ -86,12 +86,12 @@ def agc_scales(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], cl
     """Per param, the factor of each unit: min(1, clipping * max(|w_i|, 1e-3) / |mult * g_i|),
     where mult * g is the grad after unscaling and global clipping (the AGC input). A unit
     with a zero grad gets 1; a non-finite grad gives a non-finite factor (never hides it).
-    reduce_units: what makes local unit norms whole where shards cut units (DTensors)."""
+    reduce_units: (w, g) -> the same made whole where shards cut units (DTensors)."""
     if not params:
         return []
     w, g = row_norms(params), row_norms(grads)
     if reduce_units is not None:
-        w, g = reduce_units(w), reduce_units(g)
+        w, g = reduce_units(w, g)
     g = g * mult.abs()
     factors = torch.clamp(clipping * torch.clamp(w, min=AGC_EPS) / g, max=1.0)
     return list(factors.split([agc_rows(p) for p in params]))

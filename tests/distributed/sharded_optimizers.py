@@ -1,0 +1,170 @@
+"""torchrun --nproc-per-node 2: every optimizer on DTensor params against one process.
+
+FSDP2 (fully_shard): a 33-row layer (17/16 rows per rank) and a 1-row layer with a 1-element
+bias (one rank's shards are empty); each rank takes its half of the global batch. Tensor
+parallel: a colwise layer and a rowwise one whose bias is replicated (counted once in the
+norm; the rowwise weight's AGC rows are cut across ranks). Each step is checked for host
+syncs (none) and collectives (the expected all-reduces); the params after 3 steps against
+a single process on the whole batch, within a few times the drift of torch's own AdamW +
+clip_grad_norm_ under FSDP2. Also clip_grad_norm_ on DTensor grads against torch's."""
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import catapult_kernels
+from common import CPU_FLAG_READS, OPTIMIZERS, PIPELINES, RANK, HostSyncs, finish, init, max_rel_diff, report
+
+STEPS = 3
+GLOBAL_BATCH = 8
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 33), torch.nn.Tanh(), torch.nn.Linear(33, 1))
+
+
+def tp_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def batch(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, n_in, generator=g) * 3, torch.randn(GLOBAL_BATCH, n_out, generator=g)
+
+
+def loss_of(model, x, y) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def expected_all_reduces(name: str, options: dict, units_cut: bool) -> int:
+    """Per step: one for the global norm, one for the AGC units that shards cut, one for
+    the per-tensor norms of LAMB and LARS."""
+    global_norm = "max_grad_norm" in options or "skip_nonfinite" in options
+    return int(global_norm) + int("agc" in options and units_cut) + int(name in ("LAMB", "LARS"))
+
+
+def all_reduces(comm: CommDebugMode) -> int:
+    return sum(n for op, n in comm.get_comm_counts().items() if "all_reduce" in str(op))
+
+
+def train(model, opt, x, y, count: bool):
+    """STEPS steps; the host syncs and all-reduces of each step() (when count)."""
+    syncs, reduces = [], []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        if not count:
+            opt.step()
+            continue
+        with CommDebugMode() as comm, HostSyncs() as host:
+            opt.step()
+        syncs.append(host.count)
+        reduces.append(all_reduces(comm))
+    return syncs, reduces
+
+
+def fsdp(mesh, model):
+    for layer in (model[0], model[2], model):
+        fully_shard(layer, mesh=mesh)
+    return model
+
+
+def torch_drift(mesh) -> float:
+    """How far torch's AdamW + clip_grad_norm_ under FSDP2 and tensor parallel ends from one
+    process (the larger)."""
+    def run(model, xb, yb):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_of(model, xb, yb).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+        return model
+    x, y = batch(5, 1)
+    fsdp_drift = max_rel_diff(run(fsdp(mesh, mlp()), x.chunk(2)[RANK], y.chunk(2)[RANK]), run(mlp(), x, y))
+    x, y = batch(6, 4)
+    tp = parallelize_module(tp_mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    tp_drift = max_rel_diff(run(tp, x, y), run(tp_mlp(), x, y))
+    report("torch_drift", fsdp=fsdp_drift, tp=tp_drift)
+    return max(fsdp_drift, tp_drift, 1e-7)  # the floor: float32's resolution at a few ulps
+
+
+def check_fsdp(mesh, drift: float) -> None:
+    x, y = batch(5, 1)
+    mine = x.chunk(2)[RANK], y.chunk(2)[RANK]
+    for name, make in OPTIMIZERS.items():
+        for pipeline, options in PIPELINES.items():
+            sharded, single = fsdp(mesh, mlp()), mlp()
+            opt_sharded, opt_single = make(sharded.parameters(), **options), make(single.parameters(), **options)
+            syncs, reduces = train(sharded, opt_sharded, *mine, count=True)
+            train(single, opt_single, x, y, count=False)
+            diff = max_rel_diff(sharded, single)
+            expected = expected_all_reduces(name, options, units_cut=True)  # the biases are 1-D
+            report(f"fsdp/{name}/{pipeline}", diff=diff, bound=4 * drift, syncs=syncs, all_reduces=reduces,
+                   expected_all_reduces=expected)
+            assert diff <= 4 * drift, (name, pipeline, diff, drift)
+            if pipeline not in CPU_FLAG_READS:
+                assert syncs == [0] * STEPS, (name, pipeline, syncs)
+            assert reduces == [expected] * STEPS, (name, pipeline, reduces, expected)
+            if opt_single.grad_norm is not None:
+                assert torch.allclose(opt_sharded.grad_norm, opt_single.grad_norm, rtol=1e-6), name
+                assert opt_single.grad_norm > options["max_grad_norm"]  # the clip acts
+
+
+def check_tensor_parallel(mesh, drift: float) -> None:
+    x, y = batch(6, 4)
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    for name, make in OPTIMIZERS.items():
+        options = PIPELINES["clip+grokfast+agc"]
+        sharded, single = parallelize_module(tp_mlp(), mesh, plan), tp_mlp()
+        assert sharded[2].bias.placements[0].is_replicate()
+        opt_sharded, opt_single = make(sharded.parameters(), **options), make(single.parameters(), **options)
+        syncs, reduces = train(sharded, opt_sharded, x, y, count=True)
+        train(single, opt_single, x, y, count=False)
+        diff = max_rel_diff(sharded, single)
+        expected = expected_all_reduces(name, options, units_cut=True)  # rowwise rows, colwise bias
+        report(f"tp/{name}", diff=diff, bound=4 * drift, syncs=syncs, all_reduces=reduces,
+               expected_all_reduces=expected)
+        assert diff <= 4 * drift, (name, diff, drift)
+        assert syncs == [0] * STEPS and reduces == [expected] * STEPS, (name, syncs, reduces)
+        assert torch.allclose(opt_sharded.grad_norm, opt_single.grad_norm, rtol=1e-6), name
+
+
+def check_clip_grad_norm(mesh) -> None:
+    """catapult_kernels.clip_grad_norm_ on DTensor grads (FSDP2 and tensor parallel) against
+    torch's on the same grads: the same total norm, the same clipped grads."""
+    for kind, x, y in (("fsdp", *batch(5, 1)), ("tp", *batch(6, 4))):
+        models = []
+        for _ in range(2):
+            model = fsdp(mesh, mlp()) if kind == "fsdp" else parallelize_module(
+                tp_mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+            loss_of(model, x, y).backward()
+            models.append(model)
+        with CommDebugMode() as comm, HostSyncs() as host:
+            ours = catapult_kernels.clip_grad_norm_(models[0].parameters(), 0.1)
+        theirs = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.1).full_tensor()
+        grads = max(((a.grad - b.grad).full_tensor().abs().max() / b.grad.full_tensor().abs().max()).item()
+                    for a, b in zip(models[0].parameters(), models[1].parameters()))
+        report(f"clip_grad_norm_/{kind}", ours=ours.item(), torch=theirs.item(), grad_diff=grads,
+               all_reduces=all_reduces(comm), syncs=host.count)
+        assert type(ours) is torch.Tensor and torch.allclose(ours, theirs, rtol=1e-6), (ours, theirs)
+        assert grads <= 1e-6 and all_reduces(comm) == 1 and host.count == 0
+
+
+def main() -> None:
+    init()
+    mesh = init_device_mesh("cpu", (2,))
+    drift = torch_drift(mesh)
+    check_fsdp(mesh, drift)
+    check_tensor_parallel(mesh, drift)
+    check_clip_grad_norm(mesh)
+    finish()
+
+
+if __name__ == "__main__":
+    main()
