@@ -42,7 +42,7 @@ def test_sharded_optimizers():
         for pipeline in ("plain", "clip+grokfast+agc", "skip_nonfinite+clip+grokfast"):
             assert f"fsdp/{name}/{pipeline}" in checks
         assert f"tp/{name}" in checks
-    assert {"clip_grad_norm_/fsdp", "clip_grad_norm_/tp"} <= set(checks)
+    assert {"clip_grad_norm_/fsdp", "clip_grad_norm_/tp", "refusals"} <= set(checks)
 
 
 def test_checkpoints_and_data_parallel(tmp_path):
@@ -60,3 +60,4 @@ def test_four_ranks():
     checks = torchrun("four_ranks.py", 4)
     for name in ("AdamW", "LAMB", "LARS"):
         assert {f"hsdp/{name}", f"fsdp+tp/{name}"} <= set(checks)
+

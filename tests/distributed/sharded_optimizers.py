@@ -156,6 +156,36 @@ def check_clip_grad_norm(mesh) -> None:
         assert grads <= 1e-6 and all_reduces(comm) == 1 and host.count == 0
 
 
+def check_refusals(mesh) -> None:
+    """Bad input on DTensors: a clear error before anything changes."""
+    import catapult_kernels.optim as co
+    x, y = batch(5, 1)
+    model = fsdp(mesh, mlp())
+    try:
+        co.AdamW(model.parameters(), flat=True)
+        raise AssertionError("flat=True took DTensor params")
+    except ValueError as e:
+        assert "flat=True" in str(e) and "DTensor" in str(e), e
+    opt = co.AdamW(model.parameters(), lr=1e-2)
+    step_once = lambda: (opt.zero_grad(), loss_of(model, x, y).backward(), opt.step())  # noqa: E731
+    step_once()
+    weight = model[0].weight
+    opt.state[weight]["exp_avg"] = opt.state[weight]["exp_avg"].full_tensor()  # a state of another sharding
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    try:
+        step_once()
+        raise AssertionError("a plain state tensor for a DTensor param was taken")
+    except RuntimeError as e:
+        assert "not placed like the param" in str(e), e
+    assert all(torch.equal(b, p.full_tensor()) for b, p in zip(before, model.parameters()))
+    try:
+        catapult_kernels.clip_grad_norm_(model.parameters(), 1.0, norm_type=0.0)
+        raise AssertionError("norm_type 0 on DTensor grads was taken")
+    except ValueError as e:
+        assert "norm_type" in str(e), e
+    report("refusals")
+
+
 def main() -> None:
     init()
     mesh = init_device_mesh("cpu", (2,))
@@ -163,6 +193,7 @@ def main() -> None:
     check_fsdp(mesh, drift)
     check_tensor_parallel(mesh, drift)
     check_clip_grad_norm(mesh)
+    check_refusals(mesh)
     finish()
 
 
