@@ -36,7 +36,7 @@ def local_grad(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if not is_dtensor(g):
         raise RuntimeError(f"a DTensor param has a plain {tuple(g.shape)} grad: its grad must be a DTensor "
                            "on the param's mesh, as FSDP2 and tensor parallel make them")
-    if g.device_mesh != p.device_mesh:
+    if g.device_mesh is not p.device_mesh and g.device_mesh != p.device_mesh:
         raise RuntimeError(f"a DTensor param on {p.device_mesh} has its grad on another mesh, {g.device_mesh}")
     if g.placements != p.placements:
         g = g.redistribute(p.device_mesh, p.placements)

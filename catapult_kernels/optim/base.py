@@ -311,7 +311,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         whose first steps were all skipped (a sync), and leaves that state out. The group
         options torch's optimizers lack (grokfast, agc) are left out where off, so that a
         checkpoint has the keys of torch's (torch.distributed.checkpoint loads only keys
-        that both sides have); load_state_dict sets them back to this optimizer's defaults."""
+        that both sides have); load_state_dict reads a left-out option as off."""
         self._settle_unwritten(sync=True)
         state_dict = super().state_dict()
         state_dict["param_groups"] = [{k: v for k, v in g.items() if not (k in self._extra_group_keys and v is None)}
