@@ -42,7 +42,8 @@ def test_sharded_optimizers():
         for pipeline in ("plain", "clip+grokfast+agc", "skip_nonfinite+clip+grokfast"):
             assert f"fsdp/{name}/{pipeline}" in checks
         assert f"tp/{name}" in checks
-    assert {"clip_grad_norm_/fsdp", "clip_grad_norm_/tp", "refusals"} <= set(checks)
+    assert {"clip_grad_norm_/fsdp", "clip_grad_norm_/tp", "refusals",
+            "grad_scaler/inf_on_one_rank"} <= set(checks)
 
 
 def test_checkpoints_and_data_parallel(tmp_path):

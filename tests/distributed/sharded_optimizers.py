@@ -156,6 +156,31 @@ def check_clip_grad_norm(mesh) -> None:
         assert grads <= 1e-6 and all_reduces(comm) == 1 and host.count == 0
 
 
+def check_grad_scaler(mesh) -> None:
+    """torch.amp.GradScaler over FSDP2 shards: an inf in one rank's shard only skips the step
+    on every rank (GradScaler's found_inf covers the whole grad), params and state unchanged."""
+    import catapult_kernels.optim as co
+    x, y = batch(5, 1)
+    model = fsdp(mesh, mlp())
+    opt = co.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, x.chunk(2)[RANK], y.chunk(2)[RANK])).backward()
+        if step == 1:
+            before = [t.full_tensor().clone() for t in (*model.parameters(), *(s["exp_avg"] for s in opt.state.values()))]
+            if RANK == 1:
+                model[0].weight.grad._local_tensor[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if step == 1:
+            after = [t.full_tensor() for t in (*model.parameters(), *(s["exp_avg"] for s in opt.state.values()))]
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+            report("grad_scaler/inf_on_one_rank", scale=scaler.get_scale(), unchanged=unchanged)
+            assert unchanged and scaler.get_scale() == 2.0 ** 9
+    assert all(torch.isfinite(p.full_tensor()).all() for p in model.parameters())
+
+
 def check_refusals(mesh) -> None:
     """Bad input on DTensors: a clear error before anything changes."""
     import catapult_kernels.optim as co
@@ -193,6 +218,7 @@ def main() -> None:
     check_fsdp(mesh, drift)
     check_tensor_parallel(mesh, drift)
     check_clip_grad_norm(mesh)
+    check_grad_scaler(mesh)
     check_refusals(mesh)
     finish()
 
