@@ -3,7 +3,7 @@ torch's AdamW (fused and foreach) + clip_grad_norm_(params, 1.0), on 2 gloo rank
 the collectives and host syncs of each step counted.
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 --standalone -m bench.distributed_step \\
-        [--sizes 10M] [--tensors 1536x4096] [--reps 30] [--out bench/results]
+        [--sizes 10M] [--tensors 512x4096,1536x4096] [--reps 30] [--out bench/results]
 
 (from the repository root; the script path form, `torchrun ... bench/distributed_step.py`,
 needs PYTHONPATH=. to find the package `bench`.)
@@ -23,7 +23,10 @@ Each rep: every contender in turn (ABAB..., so a slow spell of the machine hits 
 alike), each after a barrier, timed on each rank; a rep's time is the max over the ranks
 (all-reduced MAX once at the end). Reported: the median, and torch / catapult per case.
 One more step per contender, untimed, runs under CommDebugMode (the collectives of the
-step, by op) and a dispatch mode counting host reads of tensor values (host syncs).
+step, by op) and a dispatch mode counting host reads of tensor values (host syncs) among
+the ops on the DTensors: torch's foreach AdamW reads each param's step counter, a CPU
+tensor, with .item() (2 per param: a host read, no GPU sync even on GPUs); reads inside
+an aten kernel (torch's fused CPU AdamW reads the same counters in C++) are not seen.
 """
 from __future__ import annotations
 
@@ -180,7 +183,7 @@ def bench_case(label: str, build, mesh, reps: int) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10M", help="MLP cases: params each, e.g. 1M,10M ('' for none)")
-    ap.add_argument("--tensors", default="1536x4096",
+    ap.add_argument("--tensors", default="512x4096,1536x4096",
                     help="many-tensor cases: COUNTxELEMENTS each, e.g. 512x4096,1536x4096 ('' for none)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
