@@ -2,7 +2,6 @@
 reference, the counters of host syncs and collectives, and a clean exit."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -85,5 +84,14 @@ def max_rel_diff(model: torch.nn.Module, reference: torch.nn.Module) -> float:
     return worst
 
 
-def clone(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model)
+def naive_norm(model: torch.nn.Module) -> float:
+    """The grad norm a placement-blind all-reduce of local squares gives (replicas counted
+    as often as they are held): what the placement-aware norm must not be."""
+    squares = sum(full_local(p.grad).double().square().sum() for p in model.parameters())
+    dist.all_reduce(squares)
+    return squares.sqrt().item()
+
+
+def full_local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -9,7 +9,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from common import OPTIMIZERS, PIPELINES, HostSyncs, finish, init, max_rel_diff, report
+from common import OPTIMIZERS, PIPELINES, HostSyncs, finish, init, max_rel_diff, naive_norm, report
 from sharded_optimizers import STEPS, all_reduces, batch, expected_all_reduces, loss_of, mlp, tp_mlp, train
 
 BOUND = 1e-6  # a few times torch's own drift under FSDP2 (sharded_optimizers.py measures it)
@@ -31,7 +31,7 @@ def check_hsdp() -> None:
         train(single, opt_single, x, y, count=False)
         diff = max_rel_diff(sharded, single)
         expected = expected_all_reduces(name, options, units_cut=True)
-        report(f"hsdp/{name}", diff=diff, syncs=syncs, all_reduces=reduces, expected_all_reduces=expected,
+        report(f"hsdp/{name}", diff=diff, naive_grad_norm=naive_norm(sharded), syncs=syncs, all_reduces=reduces, expected_all_reduces=expected,
                grad_norm=opt.grad_norm.item(), single_grad_norm=opt_single.grad_norm.item())
         assert diff <= BOUND and syncs == [0] * STEPS and reduces == [expected] * STEPS, (name, diff, syncs, reduces)
         assert torch.allclose(opt.grad_norm, opt_single.grad_norm, rtol=1e-6)

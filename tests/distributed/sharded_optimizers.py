@@ -16,7 +16,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import catapult_kernels
-from common import CPU_FLAG_READS, OPTIMIZERS, PIPELINES, RANK, HostSyncs, finish, init, max_rel_diff, report
+from common import (CPU_FLAG_READS, OPTIMIZERS, PIPELINES, RANK, HostSyncs, finish, init, max_rel_diff, naive_norm,
+                    report)
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -145,12 +146,13 @@ def check_clip_grad_norm(mesh) -> None:
                 tp_mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
             loss_of(model, x, y).backward()
             models.append(model)
+        naive = naive_norm(models[0])
         with CommDebugMode() as comm, HostSyncs() as host:
             ours = catapult_kernels.clip_grad_norm_(models[0].parameters(), 0.1)
         theirs = torch.nn.utils.clip_grad_norm_(models[1].parameters(), 0.1).full_tensor()
         grads = max(((a.grad - b.grad).full_tensor().abs().max() / b.grad.full_tensor().abs().max()).item()
                     for a, b in zip(models[0].parameters(), models[1].parameters()))
-        report(f"clip_grad_norm_/{kind}", ours=ours.item(), torch=theirs.item(), grad_diff=grads,
+        report(f"clip_grad_norm_/{kind}", ours=ours.item(), torch=theirs.item(), naive=naive, grad_diff=grads,
                all_reduces=all_reduces(comm), syncs=host.count)
         assert type(ours) is torch.Tensor and torch.allclose(ours, theirs, rtol=1e-6), (ours, theirs)
         assert grads <= 1e-6 and all_reduces(comm) == 1 and host.count == 0
