@@ -15,16 +15,17 @@ from typing import Optional
 from .. import __version__
 from . import config as C
 from .config import TrainConfig
+from .parallel import from_rank0, is_main_process, launched_by_torchrun, process_group, world_size
 from .run_folder import FolderLock
 
 DEFAULTS = TrainConfig()
 
 
-def _add(parser, flag: str, help: str, **kw) -> None:
-    dest = flag.lstrip("-").replace("-", "_")
+def _add(parser, flag: str, help: str, *aliases: str, dest: Optional[str] = None, **kw) -> None:
+    dest = dest or flag.lstrip("-").replace("-", "_")
     default = getattr(DEFAULTS, dest, None)
     shown = f" (default: {default})" if default is not None and not isinstance(default, bool) else ""
-    parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
+    parser.add_argument(flag, *aliases, dest=dest, default=argparse.SUPPRESS, help=help + shown, **kw)
 
 
 def _choices(parser, flag: str, choices: tuple, help: str) -> None:
@@ -35,7 +36,9 @@ def _choices(parser, flag: str, choices: tuple, help: str) -> None:
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("task")
     _choices(g, "--task", C.TASKS, "task")
-    _add(g, "--p", "modular: the prime modulus", type=int)
+    # --p, the config's name, stays; torchrun's own parser takes --p for one of its options
+    _add(g, "--modulus", "modular: the prime modulus (--p is the same, except after torchrun)", "--p", dest="p",
+         type=int)
     _choices(g, "--op", C.MODULAR_OPS, "modular: the operation")
     _add(g, "--train-frac", "modular: the fraction of all pairs used for training", type=float)
     _add(g, "--n-train", "teacher-student, digits: training examples", type=int)
@@ -78,7 +81,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _add(g, "--batch-size", "minibatch size (default: full batch)", type=int)
     _add(g, "--steps", "optimizer steps", type=int)
     _add(g, "--seed", "seed of data, init and batch order", type=int)
-    _add(g, "--device", "cpu, cuda, cuda:1, ...")
+    _add(g, "--device", "cpu, cuda, cuda:1, ... (with --parallel: cpu or cuda, one GPU per rank)")
+    _choices(g, "--parallel", C.PARALLEL, "data parallel over the global batch, under torchrun --nproc-per-node N "
+             "(ddp: a full replica per rank; fsdp: params sharded by FSDP2); metrics as one process would log")
     g = parser.add_argument_group("diagnostics and output")
     _add(g, "--log-every", "steps between metrics records", type=int)
     _add(g, "--sharpness-every", "steps between sharpness measurements (0: none)", type=int)
@@ -146,6 +151,12 @@ def _check_resume_or_overwrite(ns: argparse.Namespace) -> None:
         raise ValueError("--resume continues what is in --out and --overwrite replaces it: pass one of them")
 
 
+def _check_one_process(overrides: dict, command: str) -> None:
+    if overrides.get("parallel", "none") != "none" or launched_by_torchrun():
+        raise ValueError(f"{command} runs in one process: --parallel and torchrun apply to a single run "
+                         "(torchrun --nproc-per-node N -m catapult_kernels.train ... --parallel ddp)")
+
+
 def _remove_if_empty(folder: Path) -> None:
     """Take back a folder this command made, if the command failed before writing in it (bad
     input found late), so that it leaves nothing behind."""
@@ -157,28 +168,37 @@ def main_train(argv: list[str]) -> int:
     from .experiment import default_out, describe, resolve_resume, run
     from .loop import StopSignals
     p = _parser("catapult-train", "Train one run; writes config.json, metrics.jsonl, summary.json, "
-                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check.")
+                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check. Under torchrun "
+                "--nproc-per-node N with --parallel ddp or fsdp, one run on N processes; rank 0 writes --out.")
     add_train_options(p)
     add_run_options(p, "run")
     ns = p.parse_args(argv)
     overrides = _overrides(ns)
     _check_resume_or_overwrite(ns)
-    if ns.resume:
-        if ns.out is None:
-            raise ValueError("--resume needs --out (the run to continue)")
-        cfg = resolve_resume(ns.out, overrides)
-    else:
-        cfg = TrainConfig(**overrides).validate()
-    out = Path(ns.out) if ns.out else default_out(cfg)  # made now, atomically: no other run picks it
-    try:
-        check_out(out)
-        check_device(cfg.device)
-        with StopSignals() as signals:  # Ctrl-C or SIGTERM, even during setup: checkpoint at a step boundary
-            summary = run(cfg, out, resume=ns.resume, overwrite=ns.overwrite, quiet=ns.quiet)
-    except BaseException:
-        if ns.out is None:
-            _remove_if_empty(out)
-        raise
+    if ns.resume and ns.out is None:
+        raise ValueError("--resume needs --out (the run to continue)")
+    # under torchrun the group comes first: rank 0 alone reads and makes folders (it broadcasts what it finds)
+    with process_group(launched_by_torchrun(), "torchrun"):
+        if ns.resume:
+            cfg = from_rank0(lambda: resolve_resume(ns.out, overrides))
+        else:
+            cfg = TrainConfig(**overrides).validate()
+        if cfg.parallel == "none" and world_size() > 1:
+            raise ValueError(f"torchrun started {world_size()} processes, but --parallel is none: each would train "
+                             "the whole run into one folder; pass --parallel ddp or --parallel fsdp")
+        # made now, atomically: no other run picks it
+        out = Path(ns.out) if ns.out else from_rank0(lambda: default_out(cfg))
+        try:
+            from_rank0(lambda: check_out(out))
+            check_device(cfg.device)
+            with StopSignals() as signals:  # Ctrl-C or SIGTERM, even during setup: checkpoint at a step boundary
+                summary = run(cfg, out, resume=ns.resume, overwrite=ns.overwrite, quiet=ns.quiet)
+        except BaseException:
+            if ns.out is None and is_main_process():
+                _remove_if_empty(out)
+            raise
+    if not is_main_process():
+        return 128 + (signals.signum or signal.SIGINT) if summary["status"] == "interrupted" else 0
     print(f"{out}: {summary['status']}\n{describe(summary)}")
     if summary["status"] == "interrupted":
         print(f"catapult-train: interrupted at step {summary['steps']}; continue with: "
@@ -201,6 +221,7 @@ def main_sweep(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     overrides = _overrides(ns)
     _check_resume_or_overwrite(ns)
+    _check_one_process(overrides, "sweep")
     for name in ("width", "lr", "seed"):  # the grid sets these: a single value would be ignored
         if name in overrides:
             raise ValueError(f"sweep takes --{name}s (one cell per value), not --{name}")
@@ -240,6 +261,7 @@ def main_coord_check(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true")
     ns = p.parse_args(argv)
     overrides = _overrides(ns)
+    _check_one_process(overrides, "coord-check")
     for name, why in (("width", "--widths"), ("parametrization", "both standard and mup, side by side")):
         if name in overrides:  # the check sets these itself: a value given here would be ignored
             raise ValueError(f"coord-check takes {why}, not --{name}")
@@ -269,11 +291,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     command = COMMANDS.get(argv[0]) if argv else None
     try:
         return command(argv[1:]) if command else main_train(argv)
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"catapult-train: error: {e}", file=sys.stderr)
+    except ValueError as e:  # bad input: one clear line, no traceback (under torchrun, rank 0's)
+        if is_main_process():
+            print(f"catapult-train: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk, not the input (e.g. a full disk): one clear line too
-        print(f"catapult-train: error: {e}", file=sys.stderr)
+        if is_main_process():
+            print(f"catapult-train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while stopping, or Ctrl-C outside a run
         print("catapult-train: stopped at once; a run continues from its last checkpoint with --resume",

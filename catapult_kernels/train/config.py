@@ -21,6 +21,7 @@ LOSSES = ("ce", "mse")
 SCHEDULES = ("constant", "cosine")
 MODULAR_OPS = ("add", "sub", "mul", "div")
 GROKFAST = ("none", "ema")
+PARALLEL = ("none", "ddp", "fsdp")  # data parallel under torchrun (parallel.py)
 
 _K_OVER_LAMBDA0 = re.compile(r"^\s*([^/\s]+)\s*/\s*lambda0\s*$")
 
@@ -107,6 +108,8 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     device: str = "cpu"
+    parallel: str = "none"
+    world_size: int = 1  # the processes the run trains on: recorded by run(), not an option
     # diagnostics and output
     log_every: int = 10
     sharpness_every: int = 0  # 0: only lambda0 at step 0 when needed
@@ -127,9 +130,10 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("op", self.op, MODULAR_OPS)
         _choice("grokfast", self.grokfast, GROKFAST)
+        _choice("parallel", self.parallel, PARALLEL)
         LearningRate.parse(self.lr)
         for name in ("p", "n_train", "n_val", "input_dim", "depth", "width", "base_width", "layers",
-                     "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch"):
+                     "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch", "world_size"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup", "sharpness_every", "checkpoint_every", "seed"):
             _nonnegative_int(name, getattr(self, name))
@@ -138,7 +142,7 @@ class TrainConfig:
         if self.decay_steps is not None:
             _positive_int("decay_steps", self.decay_steps)
         if self.p < 2 or any(self.p % d == 0 for d in range(2, int(self.p ** 0.5) + 1)):
-            raise ValueError(f"--p must be a prime (so that every b != 0 has an inverse), got {self.p}")
+            raise ValueError(f"--modulus must be a prime (so that every b != 0 has an inverse), got {self.p}")
         if not 0.0 < self.train_frac < 1.0:
             raise ValueError(f"--train-frac must lie in (0, 1), got {self.train_frac}")
         if self.d_model % self.heads:
@@ -175,6 +179,9 @@ class TrainConfig:
                 raise ValueError(f"--impl torch has sgd, adam and adamw; {self.optimizer} exists only as catapult")
             if self.grokfast != "none" or self.agc is not None:
                 raise ValueError("--grokfast and --agc are fused into catapult's optimizers: use --impl catapult")
+        if self.parallel != "none" and self.device.startswith("cuda:"):
+            raise ValueError(f"--parallel runs each rank on its own GPU (cuda:LOCAL_RANK): pass --device cuda, "
+                             f"not {self.device}")
         if not 0.0 < self.grok_threshold <= 1.0:
             raise ValueError(f"--grok-threshold must lie in (0, 1], got {self.grok_threshold}")
         return self

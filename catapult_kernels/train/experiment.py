@@ -1,6 +1,7 @@
 """One run from a TrainConfig: task, model, lambda0, optimizer, schedule, then the loop."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from .config import RESUMABLE, TrainConfig, computation_changes
 from .loop import Trainer, TensorBatches, loss_by_name, sharpness
 from .models import make_model
 from .optimizers import RUN_DEFAULTS, make_optimizer, with_optimizer_defaults
+from .parallel import from_rank0, process_group, rank_device, world_size
 from .run_folder import RunFolder
 from .schedule import lr_factor
 from .tasks import make_task
@@ -37,6 +39,11 @@ def continuation(cfg: TrainConfig, computed: Optional[dict], source: Path) -> Tr
     if not computed:
         raise ValueError(f"--resume: {source} holds no run config (fit() wrote it, not catapult-train)")
     began = TrainConfig.from_dict(computed)
+    if cfg.world_size != began.world_size:  # the ranks' slices set the rounding: the same count continues exactly
+        raise ValueError(f"--resume: the run in {source.parent} trained on {began.world_size} process(es), this one "
+                         f"has {cfg.world_size}: resume it with torchrun --nproc-per-node {began.world_size}"
+                         if began.world_size > 1 else
+                         f"--resume: the run in {source.parent} trained in one process: resume it without torchrun")
     requested = {k: v for k, v in cfg.to_dict().items() if not (k in RUN_DEFAULTS and v is None)}
     changed = computation_changes(began, requested)
     if changed:
@@ -52,33 +59,39 @@ def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = F
     continue the run in `out`, as it began (see continuation)."""
     cfg.validate()
     check_device(cfg.device)
-    if not resume:
-        if cfg.decay_steps is None:  # fix the cosine horizon now, so a longer resumed run keeps it
-            cfg = dataclasses.replace(cfg, decay_steps=cfg.steps)
-        cfg = with_optimizer_defaults(cfg)  # recorded, so that config.json says what ran
-        return _train(cfg, out, resume=False, overwrite=overwrite, quiet=quiet)
-    if out is None:
+    if resume and out is None:
         raise ValueError("--resume needs --out (the run to continue)")
-    with RunFolder(out, resume=True) as folder:  # held until the run ends: the checkpoint compared is the one resumed
-        computed = folder.load_checkpoint(map_location="cpu", mmap=True).get("config")
-        cfg = continuation(cfg, computed, folder.file("checkpoint.pt"))
-        return _train(cfg, out, resume=True, overwrite=False, quiet=quiet)
+    with process_group(cfg.parallel != "none"):
+        cfg = dataclasses.replace(cfg, world_size=world_size() if cfg.parallel != "none" else 1)
+        if not resume:
+            if cfg.decay_steps is None:  # fix the cosine horizon now, so a longer resumed run keeps it
+                cfg = dataclasses.replace(cfg, decay_steps=cfg.steps)
+            cfg = with_optimizer_defaults(cfg)  # recorded, so that config.json says what ran
+            return _train(cfg, out, resume=False, overwrite=overwrite, quiet=quiet)
+        with contextlib.ExitStack() as held:
+            def resumed_config() -> TrainConfig:  # rank 0's folder, held until the run ends: the checkpoint
+                folder = held.enter_context(RunFolder(out, resume=True))  # compared is the one resumed
+                computed = folder.load_checkpoint(map_location="cpu", mmap=True).get("config")
+                return continuation(cfg, computed, folder.file("checkpoint.pt"))
+            cfg = from_rank0(resumed_config)
+            return _train(cfg, out, resume=True, overwrite=False, quiet=quiet)
 
 
 def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool) -> dict:
-    data = make_task(cfg).to(cfg.device)
+    device = rank_device(cfg.device, cfg.parallel)
+    data = make_task(cfg).to(device)
     if cfg.batch_size is not None and cfg.batch_size > len(data.y_train):
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(data.y_train)} training examples")
-    model = make_model(cfg, data.in_dim, data.out_dim).to(cfg.device)
+    model = make_model(cfg, data.in_dim, data.out_dim).to(device)
     loss_fn = loss_by_name(cfg.loss)
     lambda0 = None
     if not resume:  # a resumed run takes lambda0 (and its lr) from the checkpoint's optimizer state
         batch = TensorBatches(data.x_train, data.y_train, None, cfg.seed).sample(cfg.sharpness_batch)
-        lambda0 = sharpness(model, loss_fn, batch, cfg.sharpness_iters, cfg.seed, 0)
+        lambda0 = from_rank0(lambda: sharpness(model, loss_fn, batch, cfg.sharpness_iters, cfg.seed, 0))
     lr = cfg.learning_rate.resolve(lambda0) if not resume else 1.0
-    optimizer = make_optimizer(cfg, model, lr)
-    trainer = Trainer(
-        model, optimizer, (data.x_train, data.y_train), (data.x_val, data.y_val), loss=loss_fn,
+    trainer = Trainer(  # the optimizer is made over the model's params as the trainer places them (FSDP shards)
+        model, lambda m: make_optimizer(cfg, m, lr), (data.x_train, data.y_train), (data.x_val, data.y_val),
+        loss=loss_fn, parallel=cfg.parallel,
         steps=cfg.steps, batch_size=cfg.batch_size,
         lr_factor=None if cfg.schedule == "constant" and cfg.warmup == 0 else
         (lambda t: lr_factor(t, cfg, cfg.decay_steps)),

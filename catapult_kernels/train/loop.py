@@ -8,10 +8,14 @@ no host sync per step.
 
 A checkpoint holds the state at the start of an iteration (params, optimizer state, global
 RNG, trackers); resuming from it replays the run bit for bit on CPU, because the minibatch
-order is a pure function of (seed, step) and so is the lr schedule."""
+order is a pure function of (seed, step) and so is the lr schedule.
+
+parallel="ddp" or "fsdp" trains one run on the ranks of a process group (torchrun), over the
+global batch, logging what one process would: see parallel.py."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import threading
@@ -26,6 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, IterableDataset
 
 from .. import ops
+from ..distributed.sharding import is_dtensor, local, Sharding
+from .parallel import DataParallel, full_tensors, process_group, shard_like
 from .phase import classify, is_runaway
 from .run_folder import RunFolder
 from .sharpness import NoDoubleBackward, top_hessian_eigenvalue
@@ -233,6 +239,9 @@ def sharpness(model: torch.nn.Module, loss_fn: Callable, batch: Pair, iters: int
 def global_norm(tensors: list) -> float:
     if not tensors:
         return 0.0
+    if any(is_dtensor(t) for t in tensors):  # FSDP's shards: each rank's pieces, one all-reduce
+        from ..distributed.norms import global_norm as sharded_norm
+        return float(sharded_norm([local(t) for t in tensors], [Sharding.of(t) for t in tensors]))
     if all(t.dtype in ops.SUPPORTED_DTYPES for t in tensors) and len({t.device for t in tensors}) == 1:
         return float(ops.global_norm(tensors))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
@@ -281,7 +290,8 @@ class StopSignals:
 class Trainer:
     """Trains `model` with `optimizer` for `steps` updates; see fit()."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: torch.nn.Module,
+                 optimizer: Union[torch.optim.Optimizer, Callable[[torch.nn.Module], torch.optim.Optimizer]],
                  train: Union[Pair, Iterable], val: Optional[Union[Pair, Iterable]] = None, *,
                  loss: Union[str, Callable] = "ce", steps: int, batch_size: Optional[int] = None,
                  lr_factor: Optional[Callable[[int], float]] = None, log_every: int = 10,
@@ -289,7 +299,7 @@ class Trainer:
                  measure_lambda0: bool = True, lambda0: Optional[float] = None, grok_threshold: float = 0.95,
                  max_grad_norm: Optional[float] = None, out=None, resume: bool = False, overwrite: bool = False,
                  checkpoint_every: int = 0, config: Optional[dict] = None, plots: bool = True,
-                 quiet: bool = False, seed: int = 0):
+                 quiet: bool = False, seed: int = 0, parallel: Optional[str] = None):
         for name, v in (("steps", steps), ("log_every", log_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -298,8 +308,24 @@ class Trainer:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if (resume or overwrite or checkpoint_every) and out is None:
             raise ValueError("resume, overwrite and checkpoint_every need a run folder: pass out=")
-        self.model, self.opt = model, optimizer
         self.device = next(model.parameters()).device
+        self.dp = DataParallel(parallel, self.device)
+        if self.dp.active and isinstance(train, (tuple, list)) and (batch_size or len(train[0])) < self.dp.world_size:
+            raise ValueError(f"batch_size {batch_size or len(train[0])} on {self.dp.world_size} ranks: every rank "
+                             "needs at least one example per step")
+        fsdp_to_shard = self.dp.mode == "fsdp" and not self.dp.is_sharded(model)
+        if fsdp_to_shard and isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("parallel='fsdp' replaces the model's params by their shards, so an optimizer made "
+                             "before holds the wrong ones: pass optimizer as a function of the sharded model "
+                             "(lambda m: AdamW(m.parameters())), or apply fully_shard(model) before making it")
+        # sharpness on rank 0's full replica: DDP's module; under FSDP a copy made before sharding
+        self._measurable = self.dp.mode != "fsdp" or fsdp_to_shard
+        if sharpness_every and not self._measurable:
+            raise ValueError("sharpness under parallel='fsdp' is measured on a full copy of the model made before "
+                             "sharding: pass the model unsharded (the trainer shards it)")
+        self._replica = copy.deepcopy(model) if fsdp_to_shard and self.dp.is_main else None
+        self.model, self.inner = self.dp.wrap(model)  # the training step calls model; inner holds the params
+        self.opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(self.inner)
         self.loss_fn = loss_by_name(loss)
         self.steps, self.log_every = steps, log_every
         self.lr_factor = lr_factor
@@ -317,29 +343,34 @@ class Trainer:
         self._stop_requested = False
         for group in self.opt.param_groups:  # the schedule scales each group's lr as first given
             group.setdefault("initial_lr", group["lr"])
-        self.folder = RunFolder(out, resume=resume, overwrite=overwrite) if out is not None else None
+        self.out = out  # every rank takes part in a checkpoint; self.folder: rank 0 writes it
+        self.folder = None
+        if out is not None:
+            self.dp.from_rank0(lambda: self._open_folder(out, resume, overwrite))
         if resume:
             try:
                 self._load()
             except BaseException:  # no trainer to close the folder later: let go of its lock now
-                self.folder.close()
+                if self.folder is not None:
+                    self.folder.close()
                 raise
+
+    def _open_folder(self, out, resume: bool, overwrite: bool) -> None:
+        self.folder = RunFolder(out, resume=resume, overwrite=overwrite)
 
     # ---- the loop ----
     def run(self) -> dict:
         if self.start == 0 and self.trackers.lambda0 is None and self.measure_lambda0:
             self.trackers.lambda0 = self._lambda0()
-        if self.folder is not None:
-            self.folder.truncate_metrics(before_step=self.start)  # first: a corrupt record is refused before any write
-            if self.start == 0 or self._config_given:  # a resume without a config keeps config.json as it is
-                self.folder.write_json("config.json", self.config)
+        if self.out is not None:
+            self.dp.from_rank0(self._begin_folder)
         bar = self._progress_bar()
         pending: list[torch.Tensor] = []  # the losses since the last log step, on the device
         status = "finished"
         with StopSignals() as signals:
             t0, t = time.perf_counter(), self.start
             while True:
-                if self._stop_requested or signals.requested:
+                if self._stop_agreed(t, signals):
                     status = "interrupted"
                     break
                 if t > self.start and ((self.checkpoint_every and t % self.checkpoint_every == 0) or t == self.steps):
@@ -357,10 +388,23 @@ class Trainer:
             self.trackers.loop_s += time.perf_counter() - t0
         if bar is not None:
             bar.close()
-        if self.folder is not None and status != "finished":
+        if self.out is not None and status != "finished":
             self._flush(t, pending)
             self._save(t, 0.0)  # a stop: the state at the start of step t; divergent: the last state
         return self._finish(status, t)
+
+    def _begin_folder(self) -> None:
+        self.folder.truncate_metrics(before_step=self.start)  # first: a corrupt record is refused before any write
+        if self.start == 0 or self._config_given:  # a resume without a config keeps config.json as it is
+            self.folder.write_json("config.json", self.config)
+
+    def _stop_agreed(self, t: int, signals: StopSignals) -> bool:
+        """Whether to stop before step t. Ranks stop at one step together: they agree at log
+        steps (where the loop syncs anyway), so a signal stops a parallel run there."""
+        asked = self._stop_requested or signals.requested
+        if not self.dp.active:
+            return asked
+        return t % self.log_every == 0 and self.dp.any(asked)
 
     def _iteration(self, t: int, pending: list) -> Optional[dict]:
         sharp = self.sharpness_every and (t % self.sharpness_every == 0 or t == self.steps)
@@ -370,13 +414,18 @@ class Trainer:
             record["sharpness"] = self.trackers.sharpness_last = self._sharpness(t)
             self.trackers.sharpness_last_step = t
         x, y = self.batches(t)
+        x, y, share = self.dp.local_part(x, y)
         self.opt.zero_grad(set_to_none=True)
         out = self.model(x)
         loss = self.loss_fn(out, y)
-        loss.backward()
+        if self.dp.active:  # this rank's part of the batch's mean; x world size, as DDP and FSDP average grads
+            loss = loss * share
+            (loss * self.dp.world_size).backward()
+        else:
+            loss.backward()
         pending.append(loss.detach())
         if log:
-            losses = torch.stack(pending).tolist()  # the one host sync per log step
+            losses = self.dp.sum(torch.stack(pending)).tolist()  # the one host sync per log step
             pending.clear()
             self._track_losses(t - len(losses) + 1, losses)
             record.update(self._measure(t, out, y, losses[-1]))
@@ -385,7 +434,7 @@ class Trainer:
         if stepped:
             self._set_lr(t)
             if self.max_grad_norm is not None:
-                clip_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                clip_norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), self.max_grad_norm)
             self.opt.step()
             self.trackers.updates += 1
         if log:
@@ -396,7 +445,7 @@ class Trainer:
     def _flush(self, t: int, pending: list) -> None:
         """Fold the unread losses of steps t - len(pending) .. t - 1 into the trackers."""
         if pending:
-            self._track_losses(t - len(pending), torch.stack(pending).tolist())
+            self._track_losses(t - len(pending), self.dp.sum(torch.stack(pending)).tolist())
             pending.clear()
 
     def _track_losses(self, first_step: int, losses: list) -> None:
@@ -416,10 +465,10 @@ class Trainer:
         training tensors or every batch of the DataLoader."""
         record = {}
         with torch.no_grad():
-            if self.batches.full_batch:
-                record["loss"], train_examples = batch_loss, len(y)
+            if self.batches.full_batch:  # out and y: this rank's slice of the training set
+                record["loss"], train_examples = batch_loss, len(self.batches.y)
                 correct = _correct(out, y)
-                train_acc = None if correct is None else float(correct) / len(y)
+                train_acc = None if correct is None else float(self.dp.sum(correct)) / train_examples
             else:
                 record["loss"], train_acc, train_examples = self._evaluate(self.batches.training_set)
             if train_acc is not None:
@@ -429,7 +478,7 @@ class Trainer:
                 record["val_loss"], val_acc, _ = self._evaluate(self.val)
                 if val_acc is not None:
                     record["val_acc"] = val_acc
-            record["weight_norm"] = global_norm([p.detach() for p in self.model.parameters()])
+            record["weight_norm"] = global_norm([p.detach() for p in self.inner.parameters()])
         tr = self.trackers
         if tr.memorize_step is None and record.get("train_acc", 0.0) >= 0.99:
             tr.memorize_step = t
@@ -440,24 +489,29 @@ class Trainer:
     def _evaluate(self, data) -> tuple[float, Optional[float], int]:
         """Mean loss, accuracy (None for regression) and example count over `data` (tensors
         or batches): every module in eval mode (Dropout off, BatchNorm on its running
-        statistics, which stay as they are), no grads, the RNG unchanged, one host sync."""
+        statistics, which stay as they are), no grads, the RNG unchanged, one host sync.
+        In a parallel run each rank passes its slice of every batch, and the sums are summed."""
         batches = [data] if isinstance(data, (tuple, list)) and torch.is_tensor(data[0]) else data
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         total, classify_ = 0, True
-        with torch.no_grad(), _modes(self.model, lambda m: False), _unchanged_rng(data):
+        with torch.no_grad(), _modes(self.inner, lambda m: False), _unchanged_rng(data):
             for x, y, *_ in batches:
                 x, y = x.to(self.device), y.to(self.device)
-                for i in range(0, len(x), 8192):  # bounded memory on large validation sets
-                    out = self.model(x[i:i + 8192])
-                    yi = y[i:i + 8192]
+                for xi, yi in self.dp.pieces(x, y, 8192):  # bounded memory on large validation sets
+                    out = self.inner(xi)  # on every rank, even for an empty slice: FSDP's forward is a collective
+                    if not len(yi):
+                        continue
                     loss_sum += self.loss_fn(out, yi).double() * len(yi)
                     correct = _correct(out, yi)
                     classify_ = classify_ and correct is not None
                     if classify_:
                         correct_sum += correct
                     total += len(yi)
-        loss_sum, correct_sum = torch.stack([loss_sum, correct_sum]).tolist()
+        self.dp.reshard(self.inner)
+        sums = [loss_sum, correct_sum] + ([loss_sum.new_tensor(total)] if self.dp.active else [])
+        loss_sum, correct_sum, *counted = self.dp.sum(torch.stack(sums)).tolist()
+        total = int(counted[0]) if counted else total
         return loss_sum / max(total, 1), (correct_sum / max(total, 1) if classify_ else None), total
 
     def _grad_norm(self, clip_norm: Optional[torch.Tensor], stepped: bool) -> float:
@@ -465,24 +519,45 @@ class Trainer:
         a norm pass of its own only when the step computed none."""
         norm = clip_norm if clip_norm is not None else getattr(self.opt, "grad_norm", None)
         if stepped and norm is not None:
-            return float(norm)
-        return global_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            return float(norm.full_tensor() if is_dtensor(norm) else norm)
+        return global_norm([p.grad for p in self.inner.parameters() if p.grad is not None])
 
     def _sharpness(self, t: int) -> float:
-        return sharpness(self.model, self.loss_fn, self.batches.sample(self.sharpness_batch),
-                         self.sharpness_iters, self.seed, t)
+        """Measured by rank 0 on its full replica (parallel.py), the value broadcast."""
+        model = self._measured_model()
+        return self.dp.from_rank0(lambda: sharpness(model, self.loss_fn, self.batches.sample(self.sharpness_batch),
+                                                    self.sharpness_iters, self.seed, t))
+
+    def _measured_model(self) -> Optional[torch.nn.Module]:
+        """The model with whole params: inner, or under FSDP rank 0's replica, set to the gathered
+        params (every rank takes part in the gathering; the other ranks get None)."""
+        if self._replica is None and self.dp.mode != "fsdp":
+            return self.inner
+        whole = {name: p.full_tensor() for name, p in self.inner.named_parameters()}
+        if self._replica is None:
+            return None
+        with torch.no_grad():
+            for name, p in self._replica.named_parameters():
+                p.copy_(whole[name])
+            for (_, b), own in zip(self._replica.named_buffers(), self.inner.buffers()):
+                b.copy_(own)
+        return self._replica
 
     def _lambda0(self) -> Optional[float]:
         """The sharpness at step 0; None, with a one-line warning, for a model autograd cannot
         differentiate twice (a custom autograd.Function, a compiled model): the training does
         not need it, and sharpness_every, which asks for it, still raises. Any other error
         (out of memory, a bug in the model) is raised, not hidden behind a null."""
-        try:
-            return self._sharpness(0)
-        except NoDoubleBackward as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not self._measurable:
+            reason = "the model came sharded (FSDP), and the trainer has no full copy to measure"
+        else:
+            try:
+                return self._sharpness(0)
+            except NoDoubleBackward as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if self.dp.is_main:
             warnings.warn(f"lambda0 not measured, recorded as null: {reason}", RuntimeWarning)
-            return None
+        return None
 
     # ---- lr ----
     def _set_lr(self, t: int) -> None:
@@ -510,7 +585,7 @@ class Trainer:
             bar.refresh()
 
     def _progress_bar(self):
-        if self.quiet:
+        if self.quiet or not self.dp.is_main:
             return None
         try:
             from tqdm import tqdm
@@ -554,30 +629,49 @@ class Trainer:
 
     # ---- checkpoints ----
     def _save(self, t: int, loop_s_so_far: float) -> None:
-        if self.folder is None:
+        """A parallel run's checkpoint is a single-process one (FSDP's shards gathered: every
+        rank takes part), with the RNG states of every rank; rank 0 writes it."""
+        if self.out is None:
             return
         trackers = asdict(self.trackers)
         trackers["loop_s"] += loop_s_so_far
+        model, optimizer = full_tensors(self.inner.state_dict()), full_tensors(self.opt.state_dict())
+        torch_rng = self.dp.per_rank(torch.get_rng_state())
+        cuda_rng = self.dp.per_rank(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        if self.folder is None:
+            return
         self.folder.save_checkpoint({
-            "step": t, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-            "trackers": trackers, "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "step": t, "model": model, "optimizer": optimizer,
+            "trackers": trackers, "torch_rng": torch_rng, "cuda_rng": cuda_rng,
             "config": self.config,
         })
 
-    def _load(self) -> None:
+    def _read_checkpoint(self) -> dict:
         ckpt = self.folder.load_checkpoint(map_location="cpu")
         if ckpt["trackers"]["diverged"]:
             raise ValueError(f"{self.folder.path} diverged at step {ckpt['step']}; there is nothing to resume")
         if self.steps < ckpt["step"]:
             raise ValueError(f"--resume: the checkpoint is at step {ckpt['step']}; --steps {self.steps} "
                              "would shorten the run (give the same or a larger --steps)")
-        self.model.load_state_dict(ckpt["model"])
+        return ckpt
+
+    def _load(self) -> None:
+        """Rank 0 reads the checkpoint and broadcasts it; FSDP's ranks keep their shards of it."""
+        ckpt = self.dp.from_rank0(self._read_checkpoint)
+        own_rng = self.dp.own(ckpt["torch_rng"], "RNG state")
+        own_cuda_rng = self.dp.own(ckpt["cuda_rng"], "CUDA RNG state") if ckpt["cuda_rng"] is not None else None
+        if self.dp.mode == "fsdp":
+            placed = self.inner.state_dict()
+            ckpt["model"] = {k: shard_like(v, placed[k]) if k in placed else v for k, v in ckpt["model"].items()}
+            params = [p for group in self.opt.param_groups for p in group["params"]]
+            ckpt["optimizer"]["state"] = {i: {k: shard_like(v, params[i]) for k, v in state.items()}
+                                          for i, state in ckpt["optimizer"]["state"].items()}
+        self.inner.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.trackers = Trackers(**ckpt["trackers"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        torch.set_rng_state(own_rng)
+        if own_cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own_cuda_rng)
         self.start = ckpt["step"]
 
     # ---- Ctrl-C, SIGTERM ----
@@ -599,7 +693,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     DataLoader of (inputs, targets). Targets of an integer dtype are class labels. Options:
     loss ("ce", "mse" or a callable), steps, batch_size, lr_factor (step -> lr multiplier),
     log_every, sharpness_every, grok_threshold, out (a run folder), resume, overwrite,
-    checkpoint_every, quiet, seed; see Trainer.
+    checkpoint_every, quiet, seed, parallel; see Trainer.
 
     measure_lambda0 (default True): measure lambda0, the top Hessian eigenvalue at step 0, on
     the first sharpness_batch (1024) training examples with sharpness_iters (20) Lanczos
@@ -615,10 +709,22 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     of a DataLoader; the record's `train_examples` says how many examples. Full batch reuses
     the step's own forward (train mode) instead of a second pass. No measurement changes the
     training's batches: the loaders' generators are put back after each pass, and a DataLoader
-    with persistent workers is measured through one of the same batches read in this process."""
-    trainer = Trainer(model, optimizer, train, val, **options)
-    try:
-        return trainer.run()
-    finally:
-        if trainer.folder is not None:
-            trainer.folder.close()  # the folder's lock ends with the run, not when the trainer is collected
+    with persistent workers is measured through one of the same batches read in this process.
+
+    parallel ("ddp" or "fsdp"; default None): one run on the ranks of a process group, over
+    the global batch; under torchrun without a group, fit makes one and ends it after. Every
+    rank calls fit with the same model (rank 0's values are used), optimizer and data (a
+    DataLoader must yield the same batches on every rank: each rank takes its slice); every
+    rank gets the summary, rank 0 writes `out`. "ddp" wraps the model in DistributedDataParallel;
+    "fsdp" applies fully_shard to the model (unless it is sharded already), which replaces its
+    params, so pass optimizer as a function of the model (lambda m: AdamW(m.parameters())).
+    The loss must be a mean over examples (it is weighted by each rank's share of the batch).
+    Sharpness and lambda0 are measured by rank 0 on a full replica (under FSDP, a copy made
+    before sharding: none for a model that comes sharded). BatchNorm normalizes each rank's slice."""
+    with process_group(options.get("parallel") not in (None, "none"), "parallel"):
+        trainer = Trainer(model, optimizer, train, val, **options)
+        try:
+            return trainer.run()
+        finally:
+            if trainer.folder is not None:
+                trainer.folder.close()  # the folder's lock ends with the run, not when the trainer is collected
