@@ -56,33 +56,45 @@ class LAMB(FusedOptimizer):
         self._sharded_update(self._through_pipeline(bucket, control), control)
 
     def _sharded_update(self, bucket: Bucket, control: StepControl) -> None:
-        """The LAMB step of lamb_math.h over local shards whose grads went through the grad
-        pipeline, the norms of p and r summed over the ranks (distributed/norms.py). A
-        skipped step (control.skip) writes the old values back: nothing changes."""
+        """The LAMB step of lamb_math.h in float32 over local shards whose grads went through
+        the grad pipeline, as multi-tensor torch ops, the norms of p and r summed over the
+        ranks (distributed/norms.py). A skipped step (control.skip) keeps the old values."""
         from ..distributed.norms import reduce_squares
         group = bucket.group
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, wd, clamp = float(group["eps"]), float(group["weight_decay"]), float(group["max_weight_norm"] or 0.0)
         params, m_old, v_old = bucket.params, bucket.columns["exp_avg"], bucket.columns["exp_avg_sq"]
         steps = bucket.columns["step"]
-        moments, directions = [], []
-        for p, g, m, v, step in zip(params, bucket.grads, m_old, v_old, steps):
-            t = step + 1
-            m = beta1 * m.float() + (1 - beta1) * g.float()
-            v = beta2 * v.float() + (1 - beta2) * g.float() * g.float()
-            bc1, bc2 = (1 - beta1 ** t, 1 - beta2 ** t) if group["bias_correction"] else (1.0, 1.0)
-            directions.append((m / bc1) / ((v / bc2).sqrt() + eps) + wd * p.float())
-            moments.append((m, v))
-        squares = torch.stack([x.double().square().sum() for x in (*params, *directions)])
+        as_float = lambda ts: [t.float() for t in ts]  # noqa: E731  (float32 ones as they are: read only)
+        g = as_float(bucket.grads)
+        m = torch._foreach_mul(as_float(m_old), beta1)
+        torch._foreach_add_(m, g, alpha=1 - beta1)
+        v = torch._foreach_mul(as_float(v_old), beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        m_hat, v_hat = m, v
+        if group["bias_correction"]:
+            t = torch.stack(steps) + 1
+            m_hat = torch._foreach_div(m, list((1 - beta1 ** t).unbind()))
+            v_hat = torch._foreach_div(v, list((1 - beta2 ** t).unbind()))
+        denom = torch._foreach_sqrt(v_hat)
+        torch._foreach_add_(denom, eps)
+        r = torch._foreach_div(m_hat, denom)
+        if wd != 0:
+            torch._foreach_add_(r, as_float(params), alpha=wd)
+        squares = torch.stack(torch._foreach_norm(list(params) + list(r), 2, dtype=torch.float64)).square()
         norms = reduce_squares(squares, bucket.shardings * 2).sqrt().float()
-        w, r = norms[:len(params)], norms[len(params):]
+        w, r_norm = norms[:len(params)], norms[len(params):]
         if clamp > 0:
             w = torch.clamp(w, max=clamp)
-        trust = torch.where((w > 0) & (r > 0), w / r, torch.ones_like(w))
-        lr_trust = self._lr_tensor(group, bucket.device) * trust
-        keep = None if control.skip is None else control.skip == 0
-        for i, (p, (m, v), direction) in enumerate(zip(params, moments, directions)):
-            new = {p: p.float() - lr_trust[i] * direction, m_old[i]: m, v_old[i]: v}
-            for old, value in new.items():
-                old.copy_(value if keep is None else torch.where(keep, value.to(old.dtype), old))
-            steps[i].add_(1 if keep is None else keep.float())
+        trust = torch.where((w > 0) & (r_norm > 0), w / r_norm, torch.ones_like(w))
+        torch._foreach_mul_(r, list((self._lr_tensor(group, bucket.device) * trust).unbind()))
+        new_p = torch._foreach_sub(as_float(params), r)
+        if control.skip is None:
+            for old, new in ((params, new_p), (m_old, m), (v_old, v)):
+                torch._foreach_copy_(old, new)
+            torch._foreach_add_(steps, 1.0)
+            return
+        keep = control.skip == 0
+        for old, new in ((params, new_p), (m_old, m), (v_old, v)):
+            torch._foreach_copy_(old, [torch.where(keep, n.to(o.dtype), o) for o, n in zip(old, new)])
+        torch._foreach_add_(steps, [keep.float()] * len(steps))  # a list: a 0-d tensor alone is read on the host

@@ -158,6 +158,29 @@ def check_clip_grad_norm(mesh) -> None:
         assert grads <= 1e-6 and all_reduces(comm) == 1 and host.count == 0
 
 
+def check_skipped_step(mesh) -> None:
+    """skip_nonfinite over FSDP2 shards, every optimizer: an inf in one rank's shard only
+    (the global norm is inf on every rank) leaves params and state bit for bit unchanged."""
+    x, y = batch(5, 1)
+    mine = x.chunk(2)[RANK], y.chunk(2)[RANK]
+    for name, make in OPTIMIZERS.items():
+        model = fsdp(mesh, mlp())
+        opt = make(model.parameters(), **PIPELINES["skip_nonfinite+clip+grokfast"])
+        train(model, opt, *mine, count=False)
+        snapshot = lambda: [t.full_tensor().clone() for t in model.parameters()] + [  # noqa: E731
+            v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+            for state in opt.state.values() for v in state.values()]
+        before = snapshot()
+        opt.zero_grad()
+        loss_of(model, *mine).backward()
+        if RANK == 1:
+            model[0].weight.grad._local_tensor[0, 0] = float("inf")
+        opt.step()
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+        report(f"skipped_step/{name}", unchanged=unchanged, skipped=opt.skipped_steps.item())
+        assert unchanged and opt.skipped_steps.item() == 1, name
+
+
 def check_grad_scaler(mesh) -> None:
     """torch.amp.GradScaler over FSDP2 shards: an inf in one rank's shard only skips the step
     on every rank (GradScaler's found_inf covers the whole grad), params and state unchanged."""
@@ -220,6 +243,7 @@ def main() -> None:
     check_fsdp(mesh, drift)
     check_tensor_parallel(mesh, drift)
     check_clip_grad_norm(mesh)
+    check_skipped_step(mesh)
     check_grad_scaler(mesh)
     check_refusals(mesh)
     finish()
