@@ -163,6 +163,22 @@ def test_fit_takes_parallel(launched, tmp_path, mode):
     _assert_same_metrics(tmp / f"fit-{mode}", tmp_path / "single")
 
 
+@pytest.mark.parametrize("parallel, message", [
+    ("ddp", "parallel='ddp' needs a process group: launch with torchrun --nproc-per-node N"),
+    ("fsdp", "parallel='fsdp' needs a process group: launch with torchrun --nproc-per-node N"),
+    ("zero", "unknown parallel 'zero'; choose one of: none, ddp, fsdp"),
+])
+def test_fit_without_a_process_group_is_one_clear_error(parallel, message, tmp_path, monkeypatch):
+    from catapult_kernels.train import fit
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        fit(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            (torch.randn(8, 3), torch.randint(0, 2, (8,))), steps=1, out=tmp_path / "r", parallel=parallel)
+    assert not (tmp_path / "r").exists()
+
+
 def _fit(parallel, out: Path) -> None:
     """fit() from Python: a model and data of its own, 45 examples in batches of 7 (4 + 3 on
     2 ranks), the optimizer given as a function of the model (FSDP replaces its params)."""

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .. import ops
 from ..distributed.sharding import is_dtensor, local, Sharding
-from .parallel import DataParallel, full_tensors, process_group, shard_like
+from .parallel import DataParallel, full_tensors, parallel_mode, process_group, shard_like
 from .phase import classify, is_runaway
 from .run_folder import RunFolder
 from .sharpness import NoDoubleBackward, top_hessian_eigenvalue
@@ -721,7 +721,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     The loss must be a mean over examples (it is weighted by each rank's share of the batch).
     Sharpness and lambda0 are measured by rank 0 on a full replica (under FSDP, a copy made
     before sharding: none for a model that comes sharded). BatchNorm normalizes each rank's slice."""
-    with process_group(options.get("parallel") not in (None, "none"), "parallel"):
+    parallel = parallel_mode(options.get("parallel"))
+    with process_group(parallel != "none", f"parallel={parallel!r}"):
         trainer = Trainer(model, optimizer, train, val, **options)
         try:
             return trainer.run()

@@ -28,6 +28,14 @@ PARALLEL = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets for each process
 
 
+def parallel_mode(mode: Optional[str]) -> str:
+    """mode checked, None as "none"."""
+    mode = mode or "none"
+    if mode not in PARALLEL:
+        raise ValueError(f"unknown parallel {mode!r}; choose one of: {', '.join(PARALLEL)}")
+    return mode
+
+
 def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
@@ -54,7 +62,7 @@ def process_group(needed: bool, what: str = "--parallel"):
         return
     if not launched_by_torchrun():
         raise ValueError(f"{what} needs a process group: launch with torchrun --nproc-per-node N "
-                         "-m catapult_kernels.train ... (or call torch.distributed.init_process_group first)")
+                         "(or call torch.distributed.init_process_group first)")
     import torch.distributed as dist
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -137,9 +145,7 @@ class DataParallel:
     a rank of the process group's data-parallel run ("ddp", "fsdp")."""
 
     def __init__(self, mode: Optional[str], device: torch.device):
-        mode = mode or "none"
-        if mode not in PARALLEL:
-            raise ValueError(f"unknown parallel {mode!r}; choose one of: {', '.join(PARALLEL)}")
+        mode = parallel_mode(mode)
         if mode != "none" and not _group_ready():
             raise ValueError(f"parallel={mode!r} needs a process group: launch with torchrun --nproc-per-node N "
                              "(fit() then makes one) or call torch.distributed.init_process_group first")
