@@ -43,7 +43,7 @@ def test_sharded_optimizers():
             assert f"fsdp/{name}/{pipeline}" in checks
         assert f"tp/{name}" in checks and f"skipped_step/{name}" in checks
     assert {"clip_grad_norm_/fsdp", "clip_grad_norm_/tp", "refusals",
-            "grad_scaler/inf_on_one_rank"} <= set(checks)
+            "grad_scaler/inf_on_one_rank", "swapped_shard"} <= set(checks)
 
 
 def test_checkpoints_and_data_parallel(tmp_path):

@@ -124,6 +124,29 @@ def test_state_dict_interchangeable(direction):
             assert float(opt2.state[p]["step"]) == 10.0
 
 
+def test_state_dict_group_keys_are_torchs_where_our_options_hold_their_default():
+    """grokfast and agc, which torch's groups lack, are left out of state_dict() where a group
+    holds the optimizer's default (so that torch.distributed.checkpoint, which loads only the
+    keys both sides have, moves checkpoints between us and torch), kept where a group differs,
+    and filled in from the loading optimizer's defaults: a torch state_dict loaded into an
+    AdamW built with Grokfast and AGC keeps them on."""
+    model = make_model("cpu")
+    torch_keys = set(torch.optim.AdamW(model.parameters()).state_dict()["param_groups"][0])
+    plain = AdamW(model.parameters())
+    assert set(plain.state_dict()["param_groups"][0]) == torch_keys
+    grokfast = dict(alpha=0.9, lamb=1.0)
+    tuned = AdamW(model.parameters(), grokfast=grokfast, agc=0.05)
+    assert set(tuned.state_dict()["param_groups"][0]) == torch_keys
+    tuned.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+    assert tuned.param_groups[0]["grokfast"] == grokfast and tuned.param_groups[0]["agc"] == 0.05
+    mixed = AdamW([{"params": list(model.parameters())[:2], "agc": 0.1}, {"params": list(model.parameters())[2:]}])
+    groups = mixed.state_dict()["param_groups"]
+    assert groups[0]["agc"] == 0.1 and "agc" not in groups[1]
+    loaded = AdamW([{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}])
+    loaded.load_state_dict(mixed.state_dict())
+    assert loaded.param_groups[0]["agc"] == 0.1 and loaded.param_groups[1]["agc"] is None
+
+
 @pytest.mark.parametrize("step_as", ["float", "cpu_tensor"])
 def test_loads_step_saved_as_float_or_cpu_tensor(step_as):
     model = make_model("cpu")

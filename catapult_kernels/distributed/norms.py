@@ -7,6 +7,7 @@ must hold a piece (maybe empty) of the same set of meshes' tensors, as FSDP2 and
 parallel give them."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -63,7 +64,7 @@ def global_norm(tensors: Sequence[torch.Tensor], shardings: Sequence[Optional[Sh
             whole.append(t)
         else:
             counted = by_mesh.setdefault(sharding.mesh, [])
-            if sharding.counted_here():
+            if sharding.counted_here:
                 counted.append(t)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     powers = []
@@ -80,6 +81,13 @@ def global_norm(tensors: Sequence[torch.Tensor], shardings: Sequence[Optional[Sh
     return total.to(torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32)
 
 
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """values as a tensor on device, made once: the same few index and mask vectors serve
+    every step (a copy from pageable host memory each step would wait for the GPU)."""
+    return torch.tensor(values, device=device)
+
+
 def reduce_squares(squares: torch.Tensor, shardings: Sequence[Optional[Sharding]]) -> torch.Tensor:
     """Per tensor, the sum of squares of the whole tensor from each rank's local sums
     (squares[i] for the piece of tensor i here; whole tensors stay as given): one
@@ -90,8 +98,8 @@ def reduce_squares(squares: torch.Tensor, shardings: Sequence[Optional[Sharding]
             by_mesh.setdefault(sharding.mesh, []).append(i)
     out = squares
     for mesh, idx in by_mesh.items():
-        counted = torch.tensor([shardings[i].counted_here() for i in idx], device=squares.device)
-        where = torch.tensor(idx, device=squares.device)
+        counted = _constant(tuple(shardings[i].counted_here for i in idx), squares.device)
+        where = _constant(tuple(idx), squares.device)
         mine = torch.where(counted, squares.index_select(0, where), 0.0)  # not * 0: inf * 0 is nan
         out = out.index_copy(0, where, reduce_over_mesh(mine, mesh))
     return out

@@ -10,6 +10,7 @@ counted squares are summed over the whole mesh: one all-reduce per mesh.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -62,6 +63,7 @@ class Sharding:
     def of(t: torch.Tensor) -> Optional["Sharding"]:
         return Sharding(t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
 
+    @functools.cached_property  # a step asks once per tensor; the answer never changes
     def counted_here(self) -> bool:
         """Whether this rank's shard counts in a sum over the mesh: its coordinate is 0 along
         every mesh dim that replicates the tensor. Every other placement of a param shards

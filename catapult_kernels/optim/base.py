@@ -153,7 +153,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Whether flat=True may lay the params out in one buffer: not where the update needs a
     # norm per param (LAMB, LARS).
     _flattenable = True
-    # Group options of ours that torch's optimizers do not have; None is off.
+    # Group options of ours that torch's optimizers do not have (state_dict() leaves them
+    # out where they hold the default).
     _extra_group_keys = ("grokfast", "agc")
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
@@ -309,12 +310,15 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's state_dict, plus `skipped_steps`. Reads the device flags of new state
         whose first steps were all skipped (a sync), and leaves that state out. The group
-        options torch's optimizers lack (grokfast, agc) are left out where off, so that a
-        checkpoint has the keys of torch's (torch.distributed.checkpoint loads only keys
-        that both sides have); load_state_dict reads a left-out option as off."""
+        options torch's optimizers lack (grokfast, agc) are left out where a group holds the
+        optimizer's default, as load_state_dict fills them in from it (as any option a
+        state_dict lacks): a checkpoint then has the keys of torch's, and
+        torch.distributed.checkpoint, which loads only what both sides have, moves it between
+        us and torch."""
         self._settle_unwritten(sync=True)
         state_dict = super().state_dict()
-        state_dict["param_groups"] = [{k: v for k, v in g.items() if not (k in self._extra_group_keys and v is None)}
+        defaults = {k: self.defaults[k] for k in self._extra_group_keys}
+        state_dict["param_groups"] = [{k: v for k, v in g.items() if not (k in defaults and v == defaults[k])}
                                       for g in state_dict["param_groups"]]
         state_dict["skipped_steps"] = self.skipped_steps.clone()
         return state_dict
@@ -325,10 +329,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer keeps for it (a state_dict of another optimizer is refused, naming the key)."""
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", None)
-        # An option of ours that a group does not hold was off (state_dict() leaves it out
-        # then; torch's optimizers have none): not this optimizer's default.
-        state_dict["param_groups"] = [{**dict.fromkeys(self._extra_group_keys), **g}
-                                      for g in state_dict["param_groups"]]
         groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
         for gi, group in enumerate(groups):
             self._check_group(group)

@@ -5,11 +5,14 @@ passes inside one op: the moments and the per-tensor norms, then the update.
 On DTensor shards the norms are over whole tensors, summed across ranks between the two
 passes, which one op cannot do: the step then runs the grad pipeline op into buffers and
 LAMB's math as torch ops on the local shards in float32 (sharded_update), with one
-all-reduce of the per-tensor squares: a few more passes over memory than the fused op."""
+all-reduce of the per-tensor squares: a few more passes over memory than the fused op, and
+with 16-bit grads the pipeline's output is rounded to their dtype before the moments (as
+LARS's is), where the fused op keeps it in float32."""
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy
 import torch
 
 from .base import Bucket, FusedOptimizer, Part, StepControl
@@ -67,10 +70,12 @@ class LAMB(FusedOptimizer):
         steps = bucket.columns["step"]
         as_float = lambda ts: [t.float() for t in ts]  # noqa: E731  (float32 ones as they are: read only)
         g = as_float(bucket.grads)
+        # 1 - beta rounded as the kernels round it, in float32 (torch rounds the betas alone)
+        one_minus_beta1, one_minus_beta2 = (float(numpy.float32(1) - numpy.float32(b)) for b in (beta1, beta2))
         m = torch._foreach_mul(as_float(m_old), beta1)
-        torch._foreach_add_(m, g, alpha=1 - beta1)
+        torch._foreach_add_(m, g, alpha=one_minus_beta1)
         v = torch._foreach_mul(as_float(v_old), beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        torch._foreach_addcmul_(v, g, g, value=one_minus_beta2)
         m_hat, v_hat = m, v
         if group["bias_correction"]:
             t = torch.stack(steps) + 1

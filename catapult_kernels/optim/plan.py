@@ -13,7 +13,7 @@ params (identity) and state keys; per param its dtype, device, shape and contigu
 `p.data = x` may change them) and the type of its grad (None where it has none); per grad
 its layout, dtype, device, shape and contiguity (grads are new tensors every step); per
 bucket the identity of each param's state dict and of each state tensor in it (a state
-tensor replaced by the user is seen). State tensors are the same objects from step to step
+tensor replaced by the user is seen), and of each DTensor param's local shard. State tensors are the same objects from step to step
 and are taken to keep their metadata: an in-place change of it (`t.set_()`, `t.data = x`)
 is left to the ops' own checks, which refuse a call whose lists do not match before it
 writes (other buckets of that step may have been updated by then). A float lr's 0-d
@@ -131,6 +131,9 @@ class StepPlan:
             for template, bucket_grads in zip(plan.buckets, grads):
                 if not states_unchanged(template, state):
                     return None
+                if template.shardings is not None and not same_objects(list(map(local, template.keys)),
+                                                                       template.params):
+                    return None  # a DTensor's local shard was replaced (load_state_dict(assign=True))
                 planned.append((template, bucket_grads))
         return planned
 

@@ -206,6 +206,32 @@ def check_grad_scaler(mesh) -> None:
     assert all(torch.isfinite(p.full_tensor()).all() for p in model.parameters())
 
 
+def check_swapped_shard(mesh) -> None:
+    """A param whose local shard is swapped under it (load_state_dict(assign=True) with
+    torch.__future__'s swap on) is updated in its new shard, not in the one the last step
+    planned with."""
+    import catapult_kernels.optim as co
+    from torch.distributed.tensor import Shard, distribute_tensor
+    layer = torch.nn.Linear(3, 4, bias=False)
+    layer.weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
+    weight, opt = layer.weight, co.SGD(layer.parameters(), lr=0.1)
+    ones = lambda: distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])  # noqa: E731
+    weight.grad = ones()
+    opt.step()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.load_state_dict({"weight": distribute_tensor(torch.full((4, 3), 5.0), mesh, [Shard(0)])}, assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert layer.weight is weight
+    weight.grad = ones()
+    opt.step()
+    got = weight.full_tensor()
+    report("swapped_shard", got=got[0, 0].item())
+    assert torch.equal(got, torch.full((4, 3), 5.0) - 0.1), got
+
+
 def check_refusals(mesh) -> None:
     """Bad input on DTensors: a clear error before anything changes."""
     import catapult_kernels.optim as co
@@ -245,6 +271,7 @@ def main() -> None:
     check_clip_grad_norm(mesh)
     check_skipped_step(mesh)
     check_grad_scaler(mesh)
+    check_swapped_shard(mesh)
     check_refusals(mesh)
     finish()
 
