@@ -164,6 +164,18 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+def _run_device(ns: argparse.Namespace, overrides: dict) -> str:
+    """The device the run will be on, as far as the process group must know before the config
+    is read (on rank 0): --device, else a resumed run's config.json says it (a peek that
+    changes nothing; the config itself is checked later), else the default."""
+    if "device" in overrides:
+        return overrides["device"]
+    if ns.resume:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return str(json.loads((Path(ns.out) / "config.json").read_text()).get("device", DEFAULTS.device))
+    return DEFAULTS.device
+
+
 def main_train(argv: list[str]) -> int:
     from .experiment import default_out, describe, resolve_resume, run
     from .loop import StopSignals
@@ -178,7 +190,7 @@ def main_train(argv: list[str]) -> int:
     if ns.resume and ns.out is None:
         raise ValueError("--resume needs --out (the run to continue)")
     # under torchrun the group comes first: rank 0 alone reads and makes folders (it broadcasts what it finds)
-    with process_group(launched_by_torchrun(), "torchrun"):
+    with process_group(launched_by_torchrun(), "torchrun", _run_device(ns, overrides)):
         if ns.resume:
             cfg = from_rank0(lambda: resolve_resume(ns.out, overrides))
         else:

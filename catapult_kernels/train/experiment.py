@@ -61,7 +61,7 @@ def run(cfg: TrainConfig, out=None, *, resume: bool = False, overwrite: bool = F
     check_device(cfg.device)
     if resume and out is None:
         raise ValueError("--resume needs --out (the run to continue)")
-    with process_group(cfg.parallel != "none"):
+    with process_group(cfg.parallel != "none", device=cfg.device):
         cfg = dataclasses.replace(cfg, world_size=world_size() if cfg.parallel != "none" else 1)
         if not resume:
             if cfg.decay_steps is None:  # fix the cosine horizon now, so a longer resumed run keeps it

@@ -722,7 +722,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     Sharpness and lambda0 are measured by rank 0 on a full replica (under FSDP, a copy made
     before sharding: none for a model that comes sharded). BatchNorm normalizes each rank's slice."""
     parallel = parallel_mode(options.get("parallel"))
-    with process_group(parallel != "none", f"parallel={parallel!r}"):
+    device = next(model.parameters(), torch.empty(0)).device.type
+    with process_group(parallel != "none", f"parallel={parallel!r}", device):
         trainer = Trainer(model, optimizer, train, val, **options)
         try:
             return trainer.run()

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 
 from ..distributed.sharding import is_dtensor
+from .config import PARALLEL
 
-PARALLEL = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets for each process
 
 
@@ -50,23 +50,29 @@ def _group_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _needs_group(what: str) -> ValueError:
+    return ValueError(f"{what} needs a process group: launch with torchrun --nproc-per-node N "
+                      "(or call torch.distributed.init_process_group first)")
+
+
 @contextlib.contextmanager
-def process_group(needed: bool, what: str = "--parallel"):
-    """The process group a run needs: one that exists, or under torchrun one made here (gloo
-    for CPU tensors; with CUDA, NCCL for CUDA tensors and this process on cuda:LOCAL_RANK),
-    ended after the run: a barrier, then destroy_process_group (which also stops gloo's
-    occasional abort at exit). On an error, destroyed without the barrier: the other ranks
-    may be waiting in another collective, and see the connection close instead."""
+def process_group(needed: bool, what: str = "--parallel", device: str = "cpu"):
+    """The process group a run on `device` needs: one that exists, or under torchrun one made
+    here (gloo; for a CUDA run also NCCL, with this process on cuda:LOCAL_RANK: a CPU run on
+    a machine with GPUs touches none), ended after the run: a barrier, then
+    destroy_process_group (which also stops gloo's occasional abort at exit). On an error,
+    destroyed without the barrier: the other ranks may be waiting in another collective, and
+    see the connection close instead."""
     if not needed or _group_ready():
         yield
         return
     if not launched_by_torchrun():
-        raise ValueError(f"{what} needs a process group: launch with torchrun --nproc-per-node N "
-                         "(or call torch.distributed.init_process_group first)")
+        raise _needs_group(what)
     import torch.distributed as dist
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    cuda = str(device).startswith("cuda")  # not parsed here: the run checks its device itself
+    if cuda:
+        torch.cuda.set_device(torch.device(rank_device("cuda", "ddp")))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     finished = False
     try:
         yield
@@ -78,10 +84,17 @@ def process_group(needed: bool, what: str = "--parallel"):
 
 
 def rank_device(device: str, parallel: str) -> str:
-    """The device of this rank: under --parallel, --device cuda is cuda:LOCAL_RANK."""
+    """The device of this rank: under --parallel, --device cuda is cuda:LOCAL_RANK (one GPU
+    per process: more processes than GPUs is refused)."""
     if parallel == "none" or torch.device(device).type != "cuda":
         return device
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', torch.distributed.get_rank() % torch.cuda.device_count()))}"
+    local_rank = os.environ.get("LOCAL_RANK")
+    visible = torch.cuda.device_count()
+    index = int(local_rank) if local_rank is not None else torch.distributed.get_rank() % visible
+    if index >= visible:
+        raise ValueError(f"--device cuda under torchrun runs one GPU per process, but this is local rank {index} "
+                         f"and {visible} GPU(s) are visible: start at most {visible} processes per node")
+    return f"cuda:{index}"
 
 
 def world_size() -> int:
@@ -100,7 +113,7 @@ def from_rank0(fn: Callable, device: Optional[torch.device] = None):
     if dist.get_rank() == 0:
         try:
             outcome[0] = (fn(), None)
-        except Exception as e:
+        except BaseException as e:  # KeyboardInterrupt too: the other ranks wait for an answer
             outcome[0] = (None, e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}"))
             dist.broadcast_object_list(outcome, src=0, device=device)
             raise
@@ -147,10 +160,11 @@ class DataParallel:
     def __init__(self, mode: Optional[str], device: torch.device):
         mode = parallel_mode(mode)
         if mode != "none" and not _group_ready():
-            raise ValueError(f"parallel={mode!r} needs a process group: launch with torchrun --nproc-per-node N "
-                             "(fit() then makes one) or call torch.distributed.init_process_group first")
+            raise _needs_group(f"parallel={mode!r}")
         import torch.distributed as dist
         self.mode, self.active, self.device = mode, mode != "none", torch.device(device)
+        if self.active and self.device.type == "cuda":  # NCCL's collectives run on the current device
+            torch.cuda.set_device(self.device)
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.active else (0, 1)
         # object collectives (broadcast_object_list) go through the device's backend
         self._object_device = self.device if self.device.type == "cuda" else None
