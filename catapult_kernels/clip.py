@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import ops
-from .distributed.sharding import Sharding, is_dtensor, local, norm_piece
+from .distributed.sharding import is_dtensor, local
 
 
 def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float,
@@ -28,7 +28,8 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     compatibility: the norm is always multi-tensor.
 
     DTensor grads (FSDP2, tensor parallel): the norm is of the whole grads, each rank summing
-    its shards' with the other ranks' in one all-reduce per mesh (replicas counted once), and
+    its shards' with the other ranks' in one all-reduce per mesh (replicas counted once; a
+    Partial grad is made whole first, one more collective), and
     each rank scales its own shards; the result is a plain tensor, the same on every rank
     (torch's is a DTensor: call .full_tensor() on it, not on ours)."""
     if isinstance(parameters, torch.Tensor):
@@ -40,9 +41,8 @@ def clip_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
         return torch.tensor(0.0)
     ops.check_backend_name(backend)
     if any(map(is_dtensor, grads)):  # shards (FSDP2, tensor parallel): the norm of the whole grads
-        from .distributed.norms import global_norm
-        pieces = [norm_piece(g) if is_dtensor(g) else g for g in grads]
-        total = global_norm(list(map(local, pieces)), list(map(Sharding.of, pieces)), norm_type, backend)
+        from .distributed.norms import norm_of
+        total = norm_of(grads, norm_type, backend)
         grads = list(map(local, grads))  # each rank scales its own shards (a Partial one's pieces too)
     else:
         total = ops.global_norm(grads, norm_type, backend)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from .. import ops
-from .sharding import Sharding
+from .sharding import Sharding, is_dtensor, local, norm_piece
 
 
 def reduce_over_mesh(x: torch.Tensor, mesh, op: str = "sum") -> torch.Tensor:
@@ -79,6 +79,13 @@ def global_norm(tensors: Sequence[torch.Tensor], shardings: Sequence[Optional[Sh
     stacked = torch.stack(powers)
     total = _root(stacked.amax() if ord == math.inf else stacked.sum(), ord)
     return total.to(torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32)
+
+
+def norm_of(tensors: Sequence[torch.Tensor], ord: float = 2.0, backend: str = "auto") -> torch.Tensor:
+    """The ord-norm of tensors taken together, any of them DTensors (made whole first where
+    Partial): global_norm over their local pieces. A plain tensor, the same on every rank."""
+    pieces = [norm_piece(t) if is_dtensor(t) else t for t in tensors]
+    return global_norm(list(map(local, pieces)), list(map(Sharding.of, pieces)), ord, backend)
 
 
 @functools.lru_cache(maxsize=256)

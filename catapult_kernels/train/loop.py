@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, IterableDataset
 
 from .. import ops
-from ..distributed.sharding import is_dtensor, local, Sharding
+from ..distributed.sharding import is_dtensor
 from .parallel import DataParallel, full_tensors, parallel_mode, process_group, shard_like
 from .phase import classify, is_runaway
 from .run_folder import RunFolder
@@ -240,8 +240,8 @@ def global_norm(tensors: list) -> float:
     if not tensors:
         return 0.0
     if any(is_dtensor(t) for t in tensors):  # FSDP's shards: each rank's pieces, one all-reduce
-        from ..distributed.norms import global_norm as sharded_norm
-        return float(sharded_norm([local(t) for t in tensors], [Sharding.of(t) for t in tensors]))
+        from ..distributed.norms import norm_of
+        return float(norm_of(tensors))
     if all(t.dtype in ops.SUPPORTED_DTYPES for t in tensors) and len({t.device for t in tensors}) == 1:
         return float(ops.global_norm(tensors))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
