@@ -44,29 +44,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.debug import CommDebugMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import catapult_kernels.optim as co
 from bench.optim_step import device_name, mlp_shapes, parse_size
+from catapult_kernels.host_syncs import HostSyncs
 
 MAX_GRAD_NORM = 1.0
 LR = 1e-4
 WARMUP = 2
 BATCH = 8
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts the host's reads of a tensor's value (aten._local_scalar_dense: .item(),
-    bool(t), ...) among the ops run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Branches(torch.nn.Module):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, TensorDataset
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from catapult_kernels.host_syncs import HostSyncs
 from catapult_kernels.train import TrainConfig, fit, run, top_hessian_eigenvalue
 from catapult_kernels.train.cli import main
 from catapult_kernels.train.loop import mse_loss, sharpness
@@ -339,18 +339,6 @@ def test_a_loader_with_persistent_workers_trains_on_every_batch_in_order():
     assert batches_trained_on(loader, val=loader) == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]
 
 
-class CountSyncs(TorchDispatchMode):
-    """Reads of a tensor's value by the host (float(t), t.item(), bool(t))."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_host_sync_between_log_steps():
     x, y = classification_data(256)  # 32 batches: one loader iterator for the whole run
     counts = []
@@ -358,7 +346,7 @@ def test_no_host_sync_between_log_steps():
         torch.manual_seed(0)
         model = MLP(32, 3, depth=2, width=16)
         loader = DataLoader(TensorDataset(x, y), batch_size=8)
-        with CountSyncs() as syncs:
+        with HostSyncs() as syncs:
             fit(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, (x, y), steps=steps,
                 log_every=steps, quiet=True, measure_lambda0=False)
         counts.append(syncs.count)

@@ -8,9 +8,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import catapult_kernels.optim as co
+from catapult_kernels.host_syncs import HostSyncs  # noqa: F401  (the scripts take it from here)
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -35,20 +35,6 @@ PIPELINES = {
 # the host reads once it can without a sync (optim/unwritten.py): at once on the CPU, so
 # the CPU counts a read of a CPU value there; a CUDA step polls an event instead.
 CPU_FLAG_READS = {"skip_nonfinite+clip+grokfast"}
-
-
-class HostSyncs(TorchDispatchMode):
-    """Counts the reads of a device value by the host (aten._local_scalar_dense: .item(),
-    bool(t), ...) of the ops run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def init(backend: str = "gloo") -> None:
