@@ -11,6 +11,8 @@ elementwise ones run one generic kernel (elementwise_update.py) with the op's ma
 its module in optimizers/ (found by the op's name: a new optimizer is one module
 there); lamb_triton_ is its own two-pass kernel (lamb.py). All share the grad pipeline
 and the launch machinery (kernel_common.py, multi_tensor_table.py).
+gram.gram(x) is x @ x.mT from the upper-triangle tiles only (Muon's Newton-Schulz), a
+plain function, not an op.
 
 KERNELS[name] (by the C++ op's name: "multi_tensor_norm", "adamw_", ...) do the same
 work as the ops without going through torch.ops in plain eager calls (the dispatcher's
@@ -40,6 +42,7 @@ from . import kernel_common  # noqa: E402,F401
 from . import op_registration  # noqa: E402,F401
 from . import elementwise_update  # noqa: E402,F401
 from . import lamb  # noqa: E402,F401
+from . import gram  # noqa: E402,F401
 from ..op_contract import UPDATE_OPS  # noqa: E402
 
 # The eager entry points of the Triton ops, by the name of the C++ op they twin (ops.kernel's
@@ -50,4 +53,4 @@ if "lamb_" in UPDATE_OPS:
     KERNELS["lamb_"] = lamb.register()
 
 __all__ = ["multi_tensor_table", "kernel_common", "multi_tensor_norm", "op_registration", "elementwise_update",
-           "lamb", "KERNELS"]
+           "lamb", "gram", "KERNELS"]
