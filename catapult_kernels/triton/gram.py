@@ -31,9 +31,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from .kernel_common import store_as
-from .multi_tensor_table import TL_DTYPE, check_runnable, is_interpreted
+from .multi_tensor_table import TL_DTYPE, check_runnable, is_interpreted, keep_whole_under_functionalization
 
 __all__ = ["gram"]
 
@@ -98,27 +99,37 @@ def _launch_config(dtype: torch.dtype, interpreted: bool) -> dict:
     return dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4)
 
 
+def _gram_output(x: torch.Tensor) -> torch.Tensor:
+    """gram's output, unwritten, after the checks of its input."""
+    if x.dim() < 2:
+        raise ValueError(f"gram: x must have shape (..., m, n), got {tuple(x.shape)}")
+    if x.dtype not in TL_DTYPE:
+        raise TypeError(f"gram: x must be float32, bfloat16 or float16, got {x.dtype}")
+    return x.new_empty((*x.shape[:-1], x.shape[-2]))
+
+
+@triton_op("catapult::gram_triton", mutates_args=())
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x @ x.mT for x of shape (..., m, n), float32/bfloat16/float16 (any strides): the
     (..., m, m) result in x's dtype, accumulated in float32, symmetric bit for bit.
-    CUDA tensors, or CPU tensors under the Triton interpreter."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise ValueError(f"gram: x must be a tensor of shape (..., m, n), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in TL_DTYPE:
-        raise TypeError(f"gram: x must be float32, bfloat16 or float16, got {x.dtype}")
+    CUDA tensors, or CPU tensors under the Triton interpreter. An op (catapult::gram_triton)
+    kept whole by torch.compile, as the other Triton ops."""
+    out = _gram_output(x)
     check_runnable(x.device, _gram_kernel)
-    *batch_shape, m, n = x.shape
-    out = torch.empty(*batch_shape, m, m, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    *batch_shape, m, n = x.shape
     x3 = x.reshape(math.prod(batch_shape), m, n)  # a view for (m, n), (batch, m, n) and any viewable strides
     interpreted = is_interpreted(_gram_kernel)
     config = _launch_config(x.dtype, interpreted)
     tiles_per_side = triton.cdiv(m, config["BLOCK"])
     tiles_per_matrix = tiles_per_side * (tiles_per_side + 1) // 2
     precision = "ieee" if x.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
-    _gram_kernel[(x3.shape[0] * tiles_per_matrix,)](
+    wrap_triton(_gram_kernel)[(x3.shape[0] * tiles_per_matrix,)](
         x3, out, m, n, tiles_per_matrix, x3.stride(0), x3.stride(1), x3.stride(2),
         DTYPE=TL_DTYPE[x.dtype], INPUT_PRECISION=precision, INTERPRETED=interpreted, **config)
     return out
+
+
+gram.register_fake(_gram_output)
+keep_whole_under_functionalization(gram)
