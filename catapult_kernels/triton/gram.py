@@ -9,8 +9,7 @@ no faster at m = 1024.
 
 Numerics as torch's matmul: products accumulated in float32, the result rounded once
 to x's dtype (to nearest even). float32 inputs follow torch.get_float32_matmul_precision()
-("highest": IEEE float32 products; otherwise TF32 tensor cores, as torch's
-allow_tf32). The output is symmetric bit for bit: a tile on the diagonal stores only
+("highest": IEEE float32 products; "high" or "medium": TF32 tensor cores). The output is symmetric bit for bit: a tile on the diagonal stores only
 its entries r <= c, at (r, c) and at (c, r), so no entry depends on the order in which
 the hardware sums the two mirrored dot products.
 
@@ -20,9 +19,13 @@ for a square tile; under the Triton interpreter (CPU tensors, tests), 16 x 16 x 
 small shapes still cross tiles. Programs enumerate the upper tiles column by column
 (tile j's row block is shared by consecutive programs); the order is not tuned.
 
+An op, catapult::gram_triton, that torch.compile keeps whole (its fake gives the shape).
+
 Where to use it: CUDA tensors with m >= ~2048 (smaller m: torch's matmul), a bound
-to be set from measurements. Measured so far: nothing on a GPU; the kernel is checked
-against torch under the interpreter and compiled for sm_90 (tests/test_triton_gram.py).
+to be set from measurements. Measured so far: nothing on a GPU. The kernel is checked
+against torch under the interpreter, and compiled for sm_90 (tests/test_triton_gram.py):
+16-bit and TF32 inputs run on Hopper's warpgroup MMA (wgmma), 128 KiB of shared memory
+for 16-bit types (of 227 KiB).
 """
 from __future__ import annotations
 
