@@ -17,12 +17,16 @@
 namespace catapult {
 
 CATAPULT_HD float lane_sqrt(float x) { return sqrtf(x); }
+// a * b + c rounded once: an explicit FMA, for an op that must give torch's bits where
+// torch's kernel fuses (lerp, add with alpha); exact on every lane type and backend.
+CATAPULT_HD float lane_fma(float a, float b, float c) { return fmaf(a, b, c); }
 // cond ? a : b (cond: the result of a comparison of lanes).
 CATAPULT_HD float select(bool cond, float a, float b) { return cond ? a : b; }
 
 #if !defined(__CUDACC__)
 using Vec = at::vec::Vectorized<float>;
 inline Vec lane_sqrt(const Vec& x) { return x.sqrt(); }
+inline Vec lane_fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
 inline Vec select(const Vec& cond, const Vec& a, const Vec& b) { return Vec::blendv(b, a, cond); }
 #endif
 

@@ -190,6 +190,30 @@ def adan_reference(p, g, m, d, v, pre_grad, step, lr, beta1, beta2, beta3, eps, 
     return p.to(dt), m.to(dt), d.to(dt), v.to(dt), g.to(dt), _out(ema, dt)
 
 
+def muon_momentum_reference(g, buf, momentum, nesterov, maximize, mult=1.0, compute_dtype=torch.float64, *,
+                            agc_scale=None, ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0):
+    """Muon's momentum (torch.optim.Muon) for one tensor, g through grad_pipeline_reference
+    first: buf = buf + (1 - momentum)(g - buf); out = g + momentum (buf - g) with nesterov,
+    else buf. Returns (out, buf, ema) in g's dtype."""
+    dt = g.dtype
+    g, ema = _pipeline(g, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    buf = buf.to(compute_dtype)
+    buf = buf + (1 - momentum) * (g - buf)
+    out = g + momentum * (buf - g) if nesterov else buf
+    return out.to(dt), buf.to(dt), _out(ema, dt)
+
+
+def muon_update_reference(p, u, lr, weight_decay, ratio, maximize, mult=1.0, compute_dtype=torch.float64, *,
+                          agc_scale=None, ema=None, grokfast_alpha=0.98, grokfast_lamb=2.0):
+    """Muon's step from the orthogonalized update u (torch.optim.Muon) for one tensor, u
+    through grad_pipeline_reference first (Muon gives it none but skip):
+    p = p (1 - lr weight_decay) - lr ratio u. Returns (p, ema) in p's dtype."""
+    dt = p.dtype
+    u, ema = _pipeline(u, mult, maximize, compute_dtype, agc_scale, ema, grokfast_alpha, grokfast_lamb)
+    p = p.to(compute_dtype) * (1 - lr * weight_decay) - lr * float(ratio) * u
+    return p.to(dt), _out(ema, dt)
+
+
 def lamb_trust_ratio_reference(p_norm, r_norm, max_weight_norm):
     """LAMB's per-tensor trust ratio phi(|w|) / |r|, phi clamping |w| to max_weight_norm
     when that is > 0, and 1 where |w| or |r| is 0 (csrc/ops.cpp)."""

@@ -20,7 +20,8 @@ from catapult_kernels.optim.reference import ADOPTReference, AdanReference
 from conftest import BACKEND_DEVICES, DTYPES
 from reference import (adamw_reference, adan_reference, adopt_reference, agc_factor_view, assert_bitwise_equal,
                        assert_close_to_reference, grad_multiplier_reference, grad_pipeline_reference, lamb_reference,
-                       lion_reference, norm_reference, sgd_reference)
+                       lion_reference, muon_momentum_reference, muon_update_reference, norm_reference,
+                       sgd_reference)
 
 # ------------------------------------------------------------------- the op specs
 
@@ -32,6 +33,8 @@ STATE_LISTS = {
     "lamb_": ("exp_avg", "exp_avg_sq"),
     "adopt_": ("exp_avg", "exp_avg_sq"),
     "adan_": ("exp_avg", "exp_avg_diff", "exp_avg_sq", "pre_grad"),
+    "muon_momentum_": ("momentum_buffer",),
+    "muon_update_": (),
 }
 HAS_STEP = {"adamw_", "lamb_", "adopt_", "adan_"}
 
@@ -47,7 +50,8 @@ class Spec:
     hyper: dict  # the op's own arguments after lr, in schema order
     reference: Callable
     unused: tuple = ()        # state lists this configuration leaves empty
-    trust: bool = False       # LARS: per-param trust ratios
+    trust: bool = False       # LARS: per-param trust ratios (Muon's update: lr ratios)
+    per_param: str = "trust_ratios"  # the name of the op's per-param argument
     maximize: bool = False    # the pipeline's maximize, unless a test sets it
     step: float = 3.0         # state_steps before the call
     shape_sets: tuple = ("empty", "one", "primes", "above_block", "mixed")
@@ -111,6 +115,17 @@ def _adan(h, lr, t, dt, mult, maximize, kw):
     return dict(param=p, exp_avg=m, exp_avg_diff=d, exp_avg_sq=v, pre_grad=pre, ema=ema)
 
 
+def _muon_momentum(h, lr, t, dt, mult, maximize, kw):
+    out, buf, ema = muon_momentum_reference(t["grad"], t["momentum_buffer"], h["momentum"], h["nesterov"], maximize,
+                                            mult, dt, **kw)
+    return dict(param=out, momentum_buffer=buf, ema=ema)  # `out` is the op's first list
+
+
+def _muon_update(h, lr, t, dt, mult, maximize, kw):
+    p, ema = muon_update_reference(t["param"], t["grad"], lr, h["weight_decay"], t["trust"], maximize, mult, dt, **kw)
+    return dict(param=p, ema=ema)
+
+
 # beta2 0.99, not 0.999: the kernels compute 1 - beta and 1 - beta^t in float32, whose
 # cancellation at 0.999 alone costs about 5e-6 of the update (the float32 bound is 2e-6).
 ADAMW = Spec("adamw", "adamw_", 1e-2, dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
@@ -126,11 +141,15 @@ LAMB = Spec("lamb", "lamb_", 1e-2, dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_
 ADOPT = Spec("adopt", "adopt_", 1e-2, dict(beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1), _adopt)
 ADAN = Spec("adan", "adan_", 1e-2, dict(beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.02,
                                         no_prox=False), _adan)
+MUON_MOMENTUM = Spec("muon_momentum", "muon_momentum_", 1e-2, dict(momentum=0.95, nesterov=True), _muon_momentum)
+# lr_ratios: one per param, as LARS's trust ratios (trust=True)
+MUON_UPDATE = Spec("muon_update", "muon_update_", 2e-2, dict(weight_decay=0.1, lr_ratios=None), _muon_update,
+                   trust=True, per_param="lr_ratios")
 
 # Every op in the configurations that take different paths through the pipeline's consumers.
-SPECS = [ADAMW, ADAM, SGD, LARS, LION, LAMB, ADOPT, ADAN]
+SPECS = [ADAMW, ADAM, SGD, LARS, LION, LAMB, ADOPT, ADAN, MUON_MOMENTUM, MUON_UPDATE]
 # One configuration per op.
-PER_OP = [ADAMW, SGD, LION, LAMB, ADOPT, ADAN]
+PER_OP = [ADAMW, SGD, LION, LAMB, ADOPT, ADAN, MUON_MOMENTUM, MUON_UPDATE]
 
 
 def _sgd_modes(base, shape_sets):
@@ -156,6 +175,9 @@ VARIANTS = [
     LION, LION.but("no_decay", weight_decay=0.0, shape_sets=("mixed",)),
     ADOPT, ADOPT.but("first", step=0.0, shape_sets=("mixed",)),
     ADAN, ADAN.but("first", step=0.0, shape_sets=("mixed",)), ADAN.but("no_prox", no_prox=True, shape_sets=("mixed",)),
+    MUON_MOMENTUM, MUON_MOMENTUM.but("plain", nesterov=False, shape_sets=("mixed",)),
+    MUON_MOMENTUM.but("heavy", momentum=0.3, shape_sets=("mixed",)),  # the other branch of torch's lerp
+    MUON_UPDATE, MUON_UPDATE.but("no_decay", weight_decay=0.0, shape_sets=("mixed",)),
 ]
 
 SHAPES = {
@@ -242,7 +264,7 @@ def op_inputs(spec, st, lr=None, states=None):
         states = [st[name] if name in spec.used else [] for name in spec.states]
     hyper = dict(spec.hyper)
     if spec.trust:
-        hyper["trust_ratios"] = st["trust"]
+        hyper[spec.per_param] = st["trust"]
     return (p, st["grad"], states, st["step"] if spec.has_step else None,
             torch.tensor(spec.lr if lr is None else lr, device=device), hyper)
 

@@ -6,6 +6,8 @@ from .adopt import ADOPT
 from .lamb import LAMB
 from .lars import LARS
 from .lion import Lion
+from .muon import Muon, muon_param_groups
 from .sgd import SGD
 
-__all__ = ["ADOPT", "Adam", "AdamW", "Adan", "LAMB", "LARS", "Lion", "SGD"]
+# The optimizers (the trainer offers each); muon_param_groups is importable from here too.
+__all__ = ["ADOPT", "Adam", "AdamW", "Adan", "LAMB", "LARS", "Lion", "Muon", "SGD"]

@@ -332,7 +332,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
         for gi, group in enumerate(groups):
             self._check_group(group)
-            needed = set(self._state_keys(group)) | ({"step"} if self._has_step else set())
+            needed = set(self._state_keys(group)) | ({"step"} if self._has_step(group) else set())
             known = needed | {EMA}
             for idx in group["params"]:
                 state = state_dict["state"].get(idx)
@@ -810,7 +810,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _plan_keys(self, group: dict) -> tuple:
         """The state of each param of the group that its bucket lists by key (Bucket.columns)."""
-        return self._param_like_state_keys(group) + (("step",) if self._has_step else ())
+        return self._param_like_state_keys(group) + (("step",) if self._has_step(group) else ())
 
     def _state_keys(self, group: dict) -> tuple:
         """The optimizer's own state tensors shaped like the param, for this group's options."""
@@ -820,10 +820,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The update op's own arguments (after lr) for one kernel call over `part`."""
         raise NotImplementedError
 
-    @property
-    def _has_step(self) -> bool:
-        """Whether the state holds a step count (`step`), as torch's Adam does."""
-        return ops.update_op(self._op).has_step
+    def _group_op(self, group: dict) -> str:
+        """The update op (ops.UPDATE_OPS) of the group's step: the optimizer's, unless it
+        runs several kinds of group (Muon's AdamW groups)."""
+        return self._op
+
+    def _has_step(self, group: dict) -> bool:
+        """Whether the group's state holds a step count (`step`), as torch's Adam does."""
+        return ops.update_op(self._group_op(group)).has_step
 
     def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
         """p's state, made on its first step as torch makes it (zeros like p), with a float32
@@ -832,18 +836,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._state_keys(group):
             if state.get(key) is None:  # a None buffer (torch saves those) is no buffer
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if self._has_step:
+        if self._has_step(group):
             self._step_tensor(state, device)
         return state
 
     def _update(self, bucket: Bucket, control: StepControl) -> None:
         """The update op over the bucket, in as few calls as _parts allows."""
         group = bucket.group
-        op = ops.update_op(self._op)
+        name = self._group_op(group)
+        op = ops.update_op(name)
         keys = self._state_keys(group)
         lr = self._lr_tensor(group, bucket.device)
         for part in self._parts(bucket, by_fresh=self._sets_new_state and bool(keys)):
             lists = [part.take(bucket.columns[name[:-1]]) if name[:-1] in keys else [] for name in op.states]
-            ops.update_(self._op, part.take(bucket.params), part.take(bucket.grads), lists,
+            ops.update_(name, part.take(bucket.params), part.take(bucket.grads), lists,
                         part.take(bucket.columns["step"]) if op.has_step else None, lr,
                         self._pipeline_args(bucket, part, control), self.backend, **self._hyper(group, part))

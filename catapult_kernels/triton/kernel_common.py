@@ -141,6 +141,17 @@ def powf(base, exponent, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def fma(a, b, c, INTERPRETED: tl.constexpr):
+    """a * b + c rounded once (csrc/lanes.h lane_fma). The interpreter's tl.fma rounds
+    twice: there through float64, where a * b of two float32 is exact, rounded at the end
+    (a double rounding: an ulp from the fused result in rare ties)."""
+    if INTERPRETED:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
 def store_as(ptr, x, mask, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """Store float32 x as DTYPE, rounding to nearest even (as static_cast and torch do)."""
     if INTERPRETED and DTYPE == tl.bfloat16:
