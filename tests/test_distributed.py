@@ -1,7 +1,7 @@
 """The optimizers under torch.distributed on CPU (gloo): each test launches one torchrun run
 of a script in tests/distributed/ that checks many things against a single process computed
 in the same script, and prints one CHECK line per check (from rank 0). A launch costs 4-9 s
-here, so the checks are batched into three launches."""
+here, so the checks are batched into four launches."""
 from __future__ import annotations
 
 import json
@@ -62,3 +62,10 @@ def test_four_ranks():
     for name in ("AdamW", "LAMB", "LARS"):
         assert {f"hsdp/{name}", f"fsdp+tp/{name}"} <= set(checks)
 
+
+
+def test_muon_across_ranks():
+    """Muon on FSDP2 shards and under DDP (ns_group, no_sync accumulation): one process's
+    params; each matrix orthogonalized once per step, by one rank, neither rank doing all."""
+    checks = torchrun("muon_checks.py", 2)
+    assert {"muon/fsdp", "muon/ddp+no_sync"} <= set(checks)

@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..distributed.sharding import is_dtensor
 from .base import Bucket, FusedOptimizer, Part, StepControl
 from .newton_schulz import orthogonalize
 
@@ -41,10 +40,15 @@ def lr_ratio(shape: tuple, adjust_lr_fn: Optional[str]) -> float:
     return math.sqrt(a / b)  # spectral_unclamped
 
 
+def matrix_shape(shape: tuple, flatten: bool) -> tuple:
+    """The shape of the matrix Muon orthogonalizes for a param of `shape`: itself (2-D), or
+    with flatten its dims after the first flattened (a conv weight (out, in, kh, kw) is
+    (out, in * kh * kw))."""
+    return (shape[0], math.prod(shape[1:])) if flatten and len(shape) > 2 else tuple(shape)
+
+
 def as_matrix(t: torch.Tensor, flatten: bool) -> torch.Tensor:
-    """t as the matrix Muon orthogonalizes: itself (2-D), or with flatten its dims after the
-    first flattened (a conv weight (out, in, kh, kw) is (out, in * kh * kw))."""
-    return t.reshape(t.shape[0], -1) if flatten and t.dim() > 2 else t
+    return t.reshape(matrix_shape(t.shape, flatten))
 
 
 def laid_out_like(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,13 @@ class Muon(FusedOptimizer):
     (conv weights, stacked experts) are orthogonalized as matrices of their first dim by the
     rest, instead of refused. Plus the options of FusedOptimizer (max_grad_norm over every
     group, skip_nonfinite, grokfast, agc, backend), each applied to the grads before the
-    momentum."""
+    momentum.
+
+    Distributed (distributed/muon.py): DTensor params (FSDP2, tensor parallel) are made whole
+    for Newton-Schulz, each matrix orthogonalized once, by one rank, the matrices dealt round
+    robin over the ranks, and every rank keeps its shard of the result. ns_group: a process
+    group (e.g. torch.distributed.group.WORLD under DDP) over which the Newton-Schulz of
+    whole params is spread the same way (None: each rank orthogonalizes all of its own)."""
 
     _op = "muon_update_"
     _flattenable = False  # Newton-Schulz needs each matrix whole
@@ -82,12 +92,17 @@ class Muon(FusedOptimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn: Optional[str] = None, *,
                  maximize=False, max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False):
+                 agc: Optional[float] = None, backend="auto", flat=False, ns_group=None):
+        self.ns_group = ns_group
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, maximize=maximize, use_muon=True, flatten=False)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
                          grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("ns_group", None)  # a process group is not pickled
 
     def add_param_group(self, param_group: dict) -> None:
         if param_group.get("use_muon", True) is False:
@@ -100,9 +115,6 @@ class Muon(FusedOptimizer):
                 why = (f"Muon only supports 2D parameters whereas we found a parameter with size: {tuple(p.shape)} "
                        "(give it to an AdamW group, use_muon=False, as muon_param_groups does; or flatten=True "
                        "for N-D weights)")
-            elif is_dtensor(p):
-                why = (f"Muon does not take DTensor params yet (a {tuple(p.shape)} param with {p.placements}): "
-                       "put it in an AdamW group (use_muon=False)")
             if why:
                 self.param_groups.pop()
                 raise ValueError(why)
@@ -150,11 +162,16 @@ class Muon(FusedOptimizer):
                         [part.take(bucket.columns["momentum_buffer"])], None, lr,
                         self._pipeline_args(bucket, part, control), self.backend,
                         momentum=float(group["momentum"]), nesterov=bool(group["nesterov"]))
-        flatten = group["flatten"]
-        matrices = orthogonalize([as_matrix(d, flatten) for d in directions], group["ns_coefficients"],
-                                 group["ns_steps"], float(group["eps"]))
+        flatten, ns = group["flatten"], (group["ns_coefficients"], group["ns_steps"], float(group["eps"]))
+        if bucket.shardings is not None or self.ns_group is not None:  # the work spread over the ranks
+            from ..distributed.muon import orthogonalize_across_ranks
+            matrices = orthogonalize_across_ranks(directions, bucket.keys, bucket.shardings or [None] * len(directions),
+                                                  lambda t: as_matrix(t, flatten), *ns, group=self.ns_group)
+        else:
+            matrices = orthogonalize([as_matrix(d, flatten) for d in directions], *ns)
         updates = [laid_out_like(p, u) for u, p in zip(matrices, bucket.params)]
-        ratios = _ratios(tuple(lr_ratio(as_matrix(p, flatten).shape, group["adjust_lr_fn"]) for p in bucket.params),
+        # the whole param's shape (a DTensor's, not its shard's)
+        ratios = _ratios(tuple(lr_ratio(matrix_shape(k.shape, flatten), group["adjust_lr_fn"]) for k in bucket.keys),
                          bucket.device)
         ops.update_("muon_update_", bucket.params, updates, [], None, lr, ops.PipelineArgs(skip=control.skip),
                     self.backend, weight_decay=float(group["weight_decay"]), lr_ratios=ratios)
