@@ -17,7 +17,7 @@ TINY = SWEEP_TINY + ["--width", "16"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optimizer", "adamz"], "unknown optimizer 'adamz'; choose one of: adopt, adam, adamw, adan, lamb, lars, lion, sgd"),
+    (["--optimizer", "adamz"], "unknown optimizer 'adamz'; choose one of: adopt, adam, adamw, adan, lamb, lars, lion, muon, sgd"),
     (["--task", "mnist"], "unknown task 'mnist'; choose one of: modular, teacher-student, digits"),
     (["--model", "resnet"], "unknown model 'resnet'; choose one of: mlp, transformer"),
     (["--activation", "gelu"], "choose one of: relu, tanh, quadratic, linear"),
@@ -31,7 +31,7 @@ TINY = SWEEP_TINY + ["--width", "16"]
     (["--parallel", "ddp"], "--parallel needs a process group: launch with torchrun --nproc-per-node N"),
     (["--parallel", "fsdp", "--device", "cuda:1"], "pass --device cuda, not cuda:1"),
     (["--train-frac", "1.5"], "--train-frac must lie in (0, 1)"),
-    (["--momentum", "0.9", "--optimizer", "adamw"], "--momentum applies to sgd and lars"),
+    (["--momentum", "0.9", "--optimizer", "adamw"], "--momentum applies to sgd, lars and muon, not adamw"),
     (["--impl", "torch", "--optimizer", "lion"], "--impl torch has sgd, adam and adamw"),
     (["--grokfast", "ma"], "unknown grokfast 'ma'; choose one of: none, ema"),
 ])
@@ -147,7 +147,7 @@ def test_sweep_resume_with_more_steps_extends_its_finished_cells(tmp_path):
 
 @pytest.mark.parametrize("optimizer, betas, eps", [
     ("adopt", [0.9, 0.9999, None], 1e-6), ("adan", [0.98, 0.92, 0.99], 1e-8), ("adamw", [0.9, 0.999, None], 1e-8),
-    ("sgd", [None, None, None], None)])
+    ("sgd", [None, None, None], None), ("muon", [0.9, 0.95, None], 1e-8)])
 def test_every_optimizer_runs_and_its_defaults_are_recorded(tmp_path, optimizer, betas, eps):
     """Each optimizer of catapult_kernels.optim is a --optimizer; betas and eps left out are the
     optimizer's own defaults, written into config.json (a resume reads them back)."""

@@ -61,13 +61,18 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _choices(g, "--optimizer", C.OPTIMIZERS, "optimizer")
     _choices(g, "--impl", C.IMPLS, "catapult_kernels.optim, or torch.optim's own (sgd, adam, adamw)")
     _add(g, "--lr", "a number, or K/lambda0 (K over the top Hessian eigenvalue at init)", metavar="LR")
-    _add(g, "--weight-decay", "weight decay (decoupled for adamw, lion, lamb)", type=float)
-    _add(g, "--momentum", "sgd, lars: momentum", type=float)
-    _add(g, "--nesterov", "sgd, lars: Nesterov momentum", action=argparse.BooleanOptionalAction)
-    _add(g, "--beta1", "adam-like: beta1 (default: the optimizer's)", type=float)
-    _add(g, "--beta2", "adam-like: beta2 (default: the optimizer's)", type=float)
+    _add(g, "--weight-decay", "weight decay (decoupled for adamw, lion, lamb, muon: both its kinds of group)",
+         type=float)
+    _add(g, "--momentum", "sgd, lars, muon: momentum (default: 0 for sgd and lars, 0.95 for muon)", type=float)
+    _add(g, "--nesterov", "sgd, lars, muon: Nesterov momentum (default: on for muon only)",
+         action=argparse.BooleanOptionalAction)
+    _choices(g, "--adjust-lr", C.ADJUST_LRS, "muon: the lr's shape scaling (torch.optim.Muon's adjust_lr_fn; "
+             "default: original)")
+    _add(g, "--beta1", "adam-like, and muon's AdamW groups: beta1 (default: the optimizer's; muon 0.9)", type=float)
+    _add(g, "--beta2", "adam-like, and muon's AdamW groups: beta2 (default: the optimizer's; muon 0.95)", type=float)
     _add(g, "--beta3", "adan: beta3 (default: the optimizer's)", type=float)
-    _add(g, "--eps", "adam-like: epsilon (default: the optimizer's)", type=float)
+    _add(g, "--eps", "adam-like, and muon's AdamW groups: epsilon (default: the optimizer's; muon 1e-8)",
+         type=float)
     _add(g, "--max-grad-norm", "clip the global grad norm to this", type=float)
     _add(g, "--agc", "adaptive gradient clipping ratio (e.g. 0.01)", type=float)
     _choices(g, "--grokfast", C.GROKFAST, "gradient filter")

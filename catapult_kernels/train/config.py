@@ -3,6 +3,7 @@ as the run folder's config.json and read back on --resume."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ PARAMETRIZATIONS = ("standard", "ntk", "mup")
 # Every optimizer of catapult_kernels.optim, by its lowercase name.
 OPTIMIZERS = tuple(name.lower() for name in optim.__all__)
 IMPLS = ("catapult", "torch")  # torch: torch.optim's own class (sgd, adam, adamw only)
+# The optimizers with --momentum and --nesterov, and what a run takes where they are left out:
+# none for sgd and lars (the trainer's plain SGD), Muon's own (0.95, Nesterov) for muon.
+MOMENTUM_DEFAULTS = {"sgd": (0.0, False), "lars": (0.0, False),
+                     "muon": tuple(inspect.signature(optim.Muon).parameters[k].default for k in ("momentum", "nesterov"))}
+ADJUST_LRS = ("original", "match_rms_adamw", "spectral_unclamped")  # Muon's adjust_lr_fn (None: original)
 LOSSES = ("ce", "mse")
 SCHEDULES = ("constant", "cosine")
 MODULAR_OPS = ("add", "sub", "mul", "div")
@@ -88,8 +94,9 @@ class TrainConfig:
     impl: str = "catapult"
     lr: str = "1e-3"
     weight_decay: float = 0.0
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: Optional[float] = None  # momentum, nesterov, adjust_lr: None = the optimizer's default
+    nesterov: Optional[bool] = None  # (MOMENTUM_DEFAULTS; Muon's original), recorded as beta1 is
+    adjust_lr: Optional[str] = None  # muon: Muon's adjust_lr_fn
     beta1: Optional[float] = None  # betas and eps: None = the optimizer's default,
     beta2: Optional[float] = None  # recorded in config.json when the run begins
     beta3: Optional[float] = None  # (Adan's third beta)
@@ -153,12 +160,19 @@ class TrainConfig:
             raise ValueError("task 'teacher-student' is a regression: use --loss mse")
         for name in ("weight_decay", "momentum", "min_lr_ratio"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
+            if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.momentum and self.optimizer not in ("sgd", "lars"):
-            raise ValueError(f"--momentum applies to sgd and lars, not {self.optimizer}")
-        if self.nesterov and not self.momentum > 0:
+        if self.momentum and self.optimizer not in MOMENTUM_DEFAULTS:
+            raise ValueError(f"--momentum applies to sgd, lars and muon, not {self.optimizer}")
+        momentum = MOMENTUM_DEFAULTS.get(self.optimizer, (0.0,))[0] if self.momentum is None else self.momentum
+        if self.nesterov and not momentum > 0:
             raise ValueError("--nesterov needs --momentum > 0")
+        if self.optimizer == "muon" and not momentum < 1.0:
+            raise ValueError(f"--momentum must lie in [0, 1) for muon, got {momentum}")
+        if self.adjust_lr is not None:
+            _choice("adjust_lr", self.adjust_lr, ADJUST_LRS)
+            if self.optimizer != "muon":
+                raise ValueError(f"--adjust-lr applies to muon, not {self.optimizer}")
         for name in ("beta1", "beta2", "beta3", "grokfast_alpha"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v < 1.0:
@@ -176,7 +190,9 @@ class TrainConfig:
             raise ValueError(f"--grokfast-lamb must be finite, got {self.grokfast_lamb}")
         if self.impl == "torch":
             if self.optimizer not in ("sgd", "adam", "adamw"):
-                raise ValueError(f"--impl torch has sgd, adam and adamw; {self.optimizer} exists only as catapult")
+                why = (" (torch.optim.Muon takes only matrices; catapult's Muon also steps the rest, with AdamW)"
+                       if self.optimizer == "muon" else "")
+                raise ValueError(f"--impl torch has sgd, adam and adamw; {self.optimizer} exists only as catapult{why}")
             if self.grokfast != "none" or self.agc is not None:
                 raise ValueError("--grokfast and --agc are fused into catapult's optimizers: use --impl catapult")
         if self.parallel != "none" and self.device.startswith("cuda:"):

@@ -1,16 +1,20 @@
 """The trainer's models: an MLP in standard, NTK or muP parametrization, and a small
 decoder-only transformer for modular arithmetic.
 
-Each model has `param_groups(optimizer)`: the parameter groups with their lr multipliers,
-which are 1 everywhere except under muP (Yang et al. 2022, TP-V Table 3, with a base width
-at which muP equals the standard parametrization)."""
+Each model has `param_groups(optimizer, adjust_lr)`: the parameter groups with their lr
+multipliers, which are 1 everywhere except under muP (Yang et al. 2022, TP-V Table 3, with a
+base width at which muP equals the standard parametrization). For muon each group also says
+use_muon: the hidden matrices go to Muon, everything else (input and output layers,
+embeddings, biases, norms) to its AdamW groups, as Muon's authors advise."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..optim.muon import lr_ratio
 from .config import TrainConfig
 
 SGD_LIKE = ("sgd", "lars")  # the others normalize updates per coordinate: muP's Adam rules
@@ -59,8 +63,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[activation]
         self.parametrization = parametrization
         self.ntk_bias_scale = ntk_bias_scale
-        self.width_mult = width / base_width
+        self.width, self.base_width, self.width_mult = width, base_width, width / base_width
         for i, layer in enumerate(self.layers):
+            layer.role = "output" if i == depth - 1 else "input" if i == 0 else "hidden"
             self._init(layer, is_input=i == 0, is_output=i == depth - 1)
 
     def _init(self, layer: Dense, is_input: bool, is_output: bool) -> None:
@@ -82,27 +87,45 @@ class MLP(nn.Module):
         else:  # muP: output weights get variance 1/(fan_in * m), the rest 1/fan_in; biases start at 0
             m = self.width_mult
             nn.init.normal_(layer.weight, std=1.0 / math.sqrt(fan_in * (m if is_output else 1.0)))
-            layer.role = "output" if is_output else "input" if is_input else "hidden"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers[:-1]:
             x = self.act(layer(x))
         return self.layers[-1](x)
 
-    def param_groups(self, optimizer: str) -> list[dict]:
-        if self.parametrization != "mup":
-            return [{"params": list(self.parameters()), "lr_mult": 1.0}]
-        m, adam = self.width_mult, optimizer not in SGD_LIKE
-        # TP-V Table 3: (SGD lr, Adam lr) multipliers per kind of parameter
-        rule = {"input": (m, 1.0), "hidden": (1.0, 1.0 / m), "output": (1.0 / m, 1.0 / m), "bias": (m, 1.0)}
-        groups: dict[float, list] = {}
+    def param_groups(self, optimizer: str, adjust_lr: Optional[str] = None) -> list[dict]:
+        """One group per lr multiplier (and for muon per kind: the hidden weights use_muon, the
+        input and output weights and the biases AdamW), in the order of the params."""
+        muon = optimizer == "muon"
+        groups: dict[tuple, list] = {}
         for layer in self.layers:
-            kinds = [("weight", layer.role), ("bias", "bias")]
-            for name, kind in kinds:
-                p = getattr(layer, name)
+            for p, kind in ((layer.weight, layer.role), (layer.bias, "bias")):
                 if p is not None:
-                    groups.setdefault(rule[kind][1 if adam else 0], []).append(p)
-        return [{"params": ps, "lr_mult": mult} for mult, ps in groups.items()]
+                    on_muon = muon and kind == "hidden"
+                    mult = self._muon_lr_mult(adjust_lr) if on_muon else self._lr_mult(kind, optimizer)
+                    groups.setdefault((mult, on_muon), []).append(p)
+        return [{"params": ps, "lr_mult": mult, **({"use_muon": on_muon} if muon else {})}
+                for (mult, on_muon), ps in groups.items()]
+
+    def _lr_mult(self, kind: str, optimizer: str) -> float:
+        if self.parametrization != "mup":
+            return 1.0
+        m = self.width_mult
+        # TP-V Table 3: (SGD lr, Adam lr) multipliers per kind of parameter; Muon's AdamW groups take Adam's
+        rule = {"input": (m, 1.0), "hidden": (1.0, 1.0 / m), "output": (1.0 / m, 1.0 / m), "bias": (m, 1.0)}
+        return rule[kind][0 if optimizer in SGD_LIKE else 1]
+
+    def _muon_lr_mult(self, adjust_lr: Optional[str]) -> float:
+        """A hidden (width x width) matrix's multiplier under Muon and muP: whatever undoes the
+        width dependence of Muon's own lr ratio, so that its step's spectral norm is the same at
+        every width as at the base width (muP's spectral condition, Yang, Simon and Bernstein
+        2023): 1 for original and spectral_unclamped (ratio 1 for a square matrix: Newton-Schulz
+        already makes the step width-free), 1/sqrt(width_mult) for match_rms_adamw (ratio
+        0.2 sqrt(width))."""
+        if self.parametrization != "mup":
+            return 1.0
+        base, width = (self.base_width,) * 2, (self.width,) * 2
+        return lr_ratio(base, adjust_lr) / lr_ratio(width, adjust_lr)
 
 
 class Block(nn.Module):
@@ -143,8 +166,14 @@ class Transformer(nn.Module):
             x = block(x)
         return self.unembed(self.ln(x[:, -1]))
 
-    def param_groups(self, optimizer: str) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr_mult": 1.0}]
+    def param_groups(self, optimizer: str, adjust_lr: Optional[str] = None) -> list[dict]:
+        if optimizer != "muon":
+            return [{"params": list(self.parameters()), "lr_mult": 1.0}]
+        matrices = [p for p in self.blocks.parameters() if p.dim() == 2]  # attention and MLP weights
+        muon = {id(p) for p in matrices}
+        rest = [p for p in self.parameters() if id(p) not in muon]  # embeddings, positions, norms, biases, unembed
+        return [{"params": matrices, "lr_mult": 1.0, "use_muon": True},
+                {"params": rest, "lr_mult": 1.0, "use_muon": False}]
 
 
 def make_model(cfg: TrainConfig, in_dim: int, out_dim: int) -> nn.Module:

@@ -1,5 +1,6 @@
 """The optimizer a config names: catapult_kernels.optim's (every option fused), or torch.optim's
-own SGD/Adam/AdamW (--impl torch) for side-by-side runs."""
+own SGD/Adam/AdamW (--impl torch) for side-by-side runs. Muon gets the model's hidden matrices
+and steps every other param with AdamW, in the same optimizer (the model's param_groups say which)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,49 +9,83 @@ import inspect
 import torch
 
 from .. import optim
-from .config import TrainConfig
+from ..optim.muon import ADAMW_DEFAULTS as MUON_ADAMW_DEFAULTS
+from .config import MOMENTUM_DEFAULTS, TrainConfig
 
 CATAPULT = {name.lower(): getattr(optim, name) for name in optim.__all__}
 TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 # Options whose None means the optimizer's own default (and, on --resume, the run's).
-RUN_DEFAULTS = ("decay_steps", "beta1", "beta2", "beta3", "eps")
+RUN_DEFAULTS = ("decay_steps", "beta1", "beta2", "beta3", "eps", "momentum", "nesterov", "adjust_lr")
 
 
 def _class(cfg: TrainConfig) -> type:
     return TORCH[cfg.optimizer] if cfg.impl == "torch" else CATAPULT[cfg.optimizer]
 
 
+def _own_betas_and_eps(cfg: TrainConfig) -> dict:
+    """The optimizer's default betas and eps, those it takes. Muon's are its AdamW groups' (its
+    own eps, Newton-Schulz's, stays at its default)."""
+    if cfg.optimizer == "muon":
+        return dict(MUON_ADAMW_DEFAULTS)
+    defaults = inspect.signature(_class(cfg)).parameters
+    return {k: defaults[k].default for k in ("betas", "eps") if k in defaults}
+
+
 def _betas_and_eps(cfg: TrainConfig) -> dict:
     """betas (as many as the optimizer takes) and eps, where it takes them: the config's,
     or for those it leaves None the optimizer's defaults."""
-    defaults = inspect.signature(_class(cfg)).parameters
+    own = _own_betas_and_eps(cfg)
     kwargs = {}
-    if "betas" in defaults:
-        own = defaults["betas"].default
-        given = (cfg.beta1, cfg.beta2, cfg.beta3)[:len(own)]
-        kwargs["betas"] = tuple(d if g is None else g for g, d in zip(given, own))
-    if "eps" in defaults:
-        kwargs["eps"] = defaults["eps"].default if cfg.eps is None else cfg.eps
+    if "betas" in own:
+        given = (cfg.beta1, cfg.beta2, cfg.beta3)[:len(own["betas"])]
+        kwargs["betas"] = tuple(d if g is None else g for g, d in zip(given, own["betas"]))
+    if "eps" in own:
+        kwargs["eps"] = own["eps"] if cfg.eps is None else cfg.eps
     return kwargs
+
+
+def _momentum(cfg: TrainConfig) -> dict:
+    """momentum and nesterov where the optimizer takes them: the config's, or for those it
+    leaves None the trainer's defaults for that optimizer (MOMENTUM_DEFAULTS)."""
+    if cfg.optimizer not in MOMENTUM_DEFAULTS:
+        return {}
+    momentum, nesterov = MOMENTUM_DEFAULTS[cfg.optimizer]
+    return dict(momentum=momentum if cfg.momentum is None else cfg.momentum,
+                nesterov=nesterov if cfg.nesterov is None else cfg.nesterov)
+
+
+def _adjust_lr(cfg: TrainConfig):
+    """Muon's adjust_lr_fn, named (torch's None is "original"); None for the other optimizers."""
+    return (cfg.adjust_lr or "original") if cfg.optimizer == "muon" else None
 
 
 def with_optimizer_defaults(cfg: TrainConfig) -> TrainConfig:
     """cfg with the betas and eps the optimizer will use written in (None where it takes none)."""
-    kwargs = _betas_and_eps(cfg)
+    kwargs, momentum = _betas_and_eps(cfg), _momentum(cfg)
     betas = kwargs.get("betas", ())
     return dataclasses.replace(cfg, beta1=betas[0] if len(betas) > 0 else None,
                                beta2=betas[1] if len(betas) > 1 else None,
-                               beta3=betas[2] if len(betas) > 2 else None, eps=kwargs.get("eps"))
+                               beta3=betas[2] if len(betas) > 2 else None, eps=kwargs.get("eps"),
+                               momentum=momentum.get("momentum"), nesterov=momentum.get("nesterov"),
+                               adjust_lr=_adjust_lr(cfg))
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Groups from model.param_groups (muP lr multipliers), each at lr * its multiplier."""
-    groups = model.param_groups(cfg.optimizer) if hasattr(model, "param_groups") else \
-        [{"params": list(model.parameters()), "lr_mult": 1.0}]
+    """Groups from model.param_groups (muP lr multipliers), each at lr * its multiplier. Muon's
+    AdamW groups (use_muon False) take the betas and eps; Muon's own groups its momentum."""
+    if hasattr(model, "param_groups"):
+        groups = model.param_groups(cfg.optimizer, _adjust_lr(cfg))
+    elif cfg.optimizer == "muon":
+        groups = [dict(g, lr_mult=1.0) for g in optim.muon_param_groups(model)]
+    else:
+        groups = [{"params": list(model.parameters()), "lr_mult": 1.0}]
     groups = [dict(g, lr=lr * g["lr_mult"]) for g in groups]
-    kwargs = {"weight_decay": cfg.weight_decay, **_betas_and_eps(cfg)}
-    if cfg.optimizer in ("sgd", "lars"):
-        kwargs.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    kwargs = {"weight_decay": cfg.weight_decay, **_momentum(cfg)}
+    if cfg.optimizer == "muon":
+        groups = [g if g["use_muon"] else dict(g, **_betas_and_eps(cfg)) for g in groups]
+        kwargs["adjust_lr_fn"] = _adjust_lr(cfg)
+    else:
+        kwargs.update(_betas_and_eps(cfg))
     if cfg.impl == "torch":
         return _class(cfg)(groups, lr=lr, **kwargs)  # the trainer clips for it
     grokfast = dict(alpha=cfg.grokfast_alpha, lamb=cfg.grokfast_lamb) if cfg.grokfast == "ema" else None
