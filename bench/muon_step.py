@@ -148,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--ns-dims", default="1024,2048,4096")
     ap.add_argument("--ns-batch", type=int, default=4)
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()  # recorded: other work on a shared machine skews the times
 
     blocks, d_model = count_by_dim(args.gpt2, "--gpt2")
     layers, d_mlp = count_by_dim(args.mlp, "--mlp")
@@ -163,7 +164,8 @@ def main(argv=None):
                         max(1, args.reps // 3) if largest else args.reps)
 
     device = device_name(torch.device("cpu"))
-    print(f"\n{device}, torch {torch.__version__}; median of {args.reps} alternating reps\n")
+    print(f"\n{device}, torch {torch.__version__}; median of {args.reps} alternating reps; "
+          f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after\n")
     print("| case | params | matrices | optimizer | median ms | vs torch | NS GFLOP/s |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for r in rows:
@@ -184,6 +186,7 @@ def main(argv=None):
         json.dump(dict(benchmark="muon_step", device=device, device_type="cpu", torch=torch.__version__,
                        threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                        cpu_capability=torch.backends.cpu.get_cpu_capability(), date=stamp, argv=sys.argv[1:],
+                       loadavg_before=load_before, loadavg_after=os.getloadavg(),
                        reps=args.reps, warmup=WARMUP, hyperparameters=HYPER, ns_coefficients=NS_COEFFICIENTS,
                        grads="set once, kept", rows=rows),
                   f, indent=1)

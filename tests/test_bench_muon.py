@@ -18,7 +18,7 @@ def test_muon_step_smoke(tmp_path):
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     [path] = tmp_path.iterdir()
     out = json.loads(path.read_text())
-    assert out["benchmark"] == "muon_step" and out["torch"] and out["device"]
+    assert out["benchmark"] == "muon_step" and out["torch"] and out["device"] and len(out["loadavg_after"]) == 3
     steps = {(r["case"], r["optimizer"]): r for r in out["rows"] if r["kind"] == "step"}
     cases = ("GPT-2 1 blocks x d=8", "MLP 2 hidden x 8x8", "3 x 4x4")
     assert set(steps) == {(c, o) for c in cases for o in ("torch.optim.Muon", "catapult Muon")}
