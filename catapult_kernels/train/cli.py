@@ -58,7 +58,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _add(g, "--d-model", "transformer: model width", type=int)
     _add(g, "--heads", "transformer: attention heads", type=int)
     g = parser.add_argument_group("optimization")
-    _choices(g, "--optimizer", C.OPTIMIZERS, "optimizer")
+    _choices(g, "--optimizer", C.OPTIMIZERS, "optimizer (muon: Muon for the hidden matrices, in one optimizer "
+             "with AdamW for the input and output layers, embeddings, biases and norms)")
     _choices(g, "--impl", C.IMPLS, "catapult_kernels.optim, or torch.optim's own (sgd, adam, adamw)")
     _add(g, "--lr", "a number, or K/lambda0 (K over the top Hessian eigenvalue at init)", metavar="LR")
     _add(g, "--weight-decay", "weight decay (decoupled for adamw, lion, lamb, muon: both its kinds of group)",
