@@ -60,7 +60,8 @@ def _adjust_lr(cfg: TrainConfig):
 
 
 def with_optimizer_defaults(cfg: TrainConfig) -> TrainConfig:
-    """cfg with the betas and eps the optimizer will use written in (None where it takes none)."""
+    """cfg with the betas, eps, momentum, nesterov and adjust_lr the optimizer will use written in
+    (None where it takes none)."""
     kwargs, momentum = _betas_and_eps(cfg), _momentum(cfg)
     betas = kwargs.get("betas", ())
     return dataclasses.replace(cfg, beta1=betas[0] if len(betas) > 0 else None,
