@@ -16,7 +16,7 @@ matrix: 5 (4 s^2 l + 2 s^3) FLOP for an s x l matrix, s <= l), which bound the s
 
 Newton-Schulz alone, on a batch of `--ns-batch` square matrices per dim (the largest dim
 with half the batch and a third of the reps): torch's per-matrix function
-(torch.optim._muon._zeropower_via_newtonschulz) on each, catapult's orthogonalize on the
+(torch.optim._muon._zeropower_via_newtonschulz) on each, catapult's batched chain on the
 list (a bmm chain in bfloat16), and the same batched chain in float32 (the dtype question:
 is bfloat16 matmul fast on this CPU?), with each result's relative Frobenius distance from
 torch's bfloat16 one.
@@ -37,7 +37,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 import catapult_kernels.optim as co
 from bench.optim_step import device_name
 from catapult_kernels.optim.muon import NS_COEFFICIENTS
-from catapult_kernels.optim.newton_schulz import orthogonalize
+from catapult_kernels.optim.newton_schulz import newton_schulz
 
 HYPER = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7)
 NS_STEPS, EPS = HYPER["ns_steps"], HYPER["eps"]
@@ -110,7 +110,8 @@ def ns_case(d: int, batch: int, reps: int) -> list[dict]:
     fns = {
         "torch per-matrix (bfloat16)": lambda: [_zeropower_via_newtonschulz(m, NS_COEFFICIENTS, NS_STEPS, EPS)
                                                 for m in matrices],
-        "catapult batched (bfloat16)": lambda: orthogonalize(matrices, NS_COEFFICIENTS, NS_STEPS, EPS),
+        "catapult batched (bfloat16)": lambda: list(newton_schulz(torch.stack(matrices), NS_COEFFICIENTS, NS_STEPS,
+                                                                  EPS).unbind()),
         "batched chain (float32)": lambda: batched_chain_float32(matrices),
     }
     times = alternating_ms(fns, reps, warmup=0)

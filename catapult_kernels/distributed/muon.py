@@ -6,7 +6,7 @@ holds a shard of it; under DDP each rank holds all of it, and would orthogonaliz
 matrix again. So, per step: the matrices are dealt to the ranks round robin, largest
 first (each rank's share of the work about equal); each sharded direction is made whole
 (an all-gather per matrix; a replicated one already is); each rank orthogonalizes its own
-matrices (batched by shape, newton_schulz.py); each result is broadcast from its rank, and
+matrices (newton_schulz.py); each result is broadcast from its rank, and
 every rank keeps its shard of it (a DTensor's local chunk; a whole tensor all of it).
 Collectives per step: one all-gather per sharded matrix and one broadcast per matrix.
 """
@@ -81,8 +81,8 @@ def orthogonalize_across_ranks(directions: Sequence[torch.Tensor], params: Seque
         if owners[i] is None:
             result = results[i]
         else:
-            result = results[i] if owners[i] == me else torch.empty(as_matrix(whole).shape, dtype=torch.bfloat16,
-                                                                    device=whole.device)
+            result = results[i].contiguous() if owners[i] == me else torch.empty(
+                as_matrix(whole).shape, dtype=torch.bfloat16, device=whole.device)
             dist.broadcast(result, src=owners[i], group=groups[i])
         out.append(_my_piece(result.reshape(whole.shape), shardings[i]))
     return out

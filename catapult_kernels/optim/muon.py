@@ -7,8 +7,8 @@ A Muon group's step, per (device, dtype) bucket:
 1. muon_momentum_ (one fused multi-tensor op): the grad pipeline (clip, AGC, Grokfast,
    maximize, skip), buf = lerp(buf, g, 1 - momentum), and the direction (Nesterov's
    lerp(g, buf, momentum), or buf) written into a buffer;
-2. Newton-Schulz on every matrix of one shape at once (newton_schulz.py: a bmm chain in
-   bfloat16, torch's math);
+2. Newton-Schulz (newton_schulz.py: torch's bfloat16 chain, per matrix on the CPU, batched
+   by shape on a GPU);
 3. muon_update_ (one fused op): p = p (1 - lr wd) - lr ratio u, one lr ratio per param
    from its shape (adjust_lr_fn).
 """
@@ -52,9 +52,9 @@ def as_matrix(t: torch.Tensor, flatten: bool) -> torch.Tensor:
 
 
 def laid_out_like(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The update u (a contiguous matrix) as the kernels take it: p's shape, dtype and layout."""
-    u = u.reshape(p.shape).to(p.dtype)
-    return u if u.stride() == p.stride() else torch.empty_like(p).copy_(u)
+    """The update u (a bfloat16 matrix, maybe a transposed view) as the kernels take it: p's
+    shape, dtype and layout, in one copy."""
+    return torch.empty_like(p).copy_(u.reshape(p.shape))
 
 
 @functools.lru_cache(maxsize=256)

@@ -31,20 +31,24 @@ def model(outputs: int = 1) -> torch.nn.Module:
 
 
 class CountMatrices:
-    """Counts the matrices this rank orthogonalizes (newton_schulz's batches)."""
+    """Counts the matrices this rank orthogonalizes (newton_schulz's one by one, and batches)."""
+
+    NAMES = ("newton_schulz_matrix", "newton_schulz")
 
     def __init__(self):
-        self.count, self._original = 0, newton_schulz.newton_schulz
+        self.count, self._originals = 0, {name: getattr(newton_schulz, name) for name in self.NAMES}
 
     def __enter__(self):
-        def counted(x, *args):
-            self.count += x.shape[0]
-            return self._original(x, *args)
-        newton_schulz.newton_schulz = counted
+        for name, original in self._originals.items():
+            def counted(x, *args, original=original):
+                self.count += x.shape[0] if x.dim() == 3 else 1
+                return original(x, *args)
+            setattr(newton_schulz, name, counted)
         return self
 
     def __exit__(self, *exc):
-        newton_schulz.newton_schulz = self._original
+        for name, original in self._originals.items():
+            setattr(newton_schulz, name, original)
 
 
 def both_ranks(count: int) -> list:
