@@ -4,7 +4,8 @@
 #      spill report per kernel kept in the build log),
 #   2. runs the tests on CUDA tensors: every test parametrized over the CUDA C++ and compiled
 #      Triton backends (pytest -k cuda), results as JUnit XML,
-#   3. runs the optimizer benchmark for every optimizer at 1M, 10M and 100M params (JSON),
+#   3. runs the optimizer benchmark for every optimizer at 1M, 10M and 100M params, and the
+#      Triton Gram kernel against x @ x.mT at 1024-8192 (Muon's Newton-Schulz) (JSON),
 # writing everything to bench/results/. It uses the machine's own python3 and torch, not the
 # Makefile's venv: the GPU machines have their own torch and no network. PY=... overrides.
 # The exit status is the tests'; the benchmark runs either way.
@@ -41,4 +42,5 @@ if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n "${TEST_WORKERS:-8}"); 
 tests_status=$?
 
 "$PY" -m bench.optim_step --device cuda --sizes 1M,10M,100M --out "$OUT"
+"$PY" -m bench.gram --out "$OUT"
 exit $tests_status
