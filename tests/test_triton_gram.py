@@ -189,3 +189,11 @@ def _compile_launches() -> None:
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") != "1"
     _compile_launches()
+
+
+def test_gram_opcheck():
+    """torch.library.opcheck of catapult::gram_triton: schema, fake kernel, autograd
+    registration, AOT dispatch."""
+    _gram()(torch.zeros(1, 1))  # registers the op
+    x = torch.randn(2, 17, 40, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.catapult.gram_triton.default, (x,))

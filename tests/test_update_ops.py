@@ -1119,6 +1119,8 @@ OPCHECK_CASES = [
     (SGD, True, True), (_sgd_modes(SGD, ())[0], True, False), (_sgd_modes(LARS, ())[0], True, True),
     (LION, False, False), (LION, True, True),
     (ADOPT, False, False), (ADOPT, True, True), (ADAN, True, True), (ADAN.but("no_prox", no_prox=True), False, False),
+    (MUON_MOMENTUM, True, True), (MUON_MOMENTUM.but("plain", nesterov=False), False, False),
+    (MUON_UPDATE, True, False), (MUON_UPDATE, False, False),
 ]
 
 
