@@ -209,6 +209,8 @@ def test_bad_input_is_refused_before_anything_changes():
         Muon([{"params": [nn.Parameter(torch.zeros(3, 3))], "use_muon": "yes"}])
     with pytest.raises(ValueError, match="momentum"):
         Muon([nn.Parameter(torch.zeros(3, 3))], momentum=1.5)
+    with pytest.raises(ValueError, match="ns_group"):
+        Muon([nn.Parameter(torch.zeros(3, 3))], ns_group="world")
 
 
 def test_state_dict_moves_between_torch_muon_and_ours():

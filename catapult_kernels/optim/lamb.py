@@ -69,7 +69,7 @@ class LAMB(FusedOptimizer):
         params, m_old, v_old = bucket.params, bucket.columns["exp_avg"], bucket.columns["exp_avg_sq"]
         steps = bucket.columns["step"]
         as_float = lambda ts: [t.float() for t in ts]  # noqa: E731  (float32 ones as they are: read only)
-        g = as_float(bucket.grads)
+        g, p32 = as_float(bucket.grads), as_float(params)
         # 1 - beta rounded as the kernels round it, in float32 (torch rounds the betas alone)
         one_minus_beta1, one_minus_beta2 = (float(numpy.float32(1) - numpy.float32(b)) for b in (beta1, beta2))
         m = torch._foreach_mul(as_float(m_old), beta1)
@@ -85,7 +85,7 @@ class LAMB(FusedOptimizer):
         torch._foreach_add_(denom, eps)
         r = torch._foreach_div(m_hat, denom)
         if wd != 0:
-            torch._foreach_add_(r, as_float(params), alpha=wd)
+            torch._foreach_add_(r, p32, alpha=wd)
         squares = torch.stack(torch._foreach_norm(list(params) + list(r), 2, dtype=torch.float64)).square()
         norms = reduce_squares(squares, bucket.shardings * 2).sqrt().float()
         w, r_norm = norms[:len(params)], norms[len(params):]
@@ -93,7 +93,7 @@ class LAMB(FusedOptimizer):
             w = torch.clamp(w, max=clamp)
         trust = torch.where((w > 0) & (r_norm > 0), w / r_norm, torch.ones_like(w))
         torch._foreach_mul_(r, list((self._lr_tensor(group, bucket.device) * trust).unbind()))
-        new_p = torch._foreach_sub(as_float(params), r)
+        new_p = torch._foreach_sub(p32, r)
         if control.skip is None:
             for old, new in ((params, new_p), (m_old, m), (v_old, v)):
                 torch._foreach_copy_(old, new)

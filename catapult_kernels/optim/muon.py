@@ -93,6 +93,8 @@ class Muon(FusedOptimizer):
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn: Optional[str] = None, *,
                  maximize=False, max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
                  agc: Optional[float] = None, backend="auto", flat=False, ns_group=None):
+        if ns_group is not None and not isinstance(ns_group, torch.distributed.ProcessGroup):
+            raise ValueError(f"Invalid ns_group: {ns_group!r} (a torch.distributed process group, or None)")
         self.ns_group = ns_group
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
