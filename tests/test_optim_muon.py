@@ -185,11 +185,14 @@ def test_skipped_step_changes_nothing(backend_device):
     assert opt.skipped_steps.item() == 1
 
 
-def test_flatten_is_the_matrix_step():
-    """flatten=True steps a conv weight as its (out, in * kh * kw) matrix."""
+@pytest.mark.parametrize("shape", [(4, 2, 3, 3), (3, 4, 5)], ids=["conv", "stacked"])
+def test_flatten_is_the_matrix_step(shape):
+    """flatten=True steps an N-D weight as its (dim 0, the rest) matrix: a conv weight
+    (out, in, kh, kw) as (out, in * kh * kw); a stack (E, out, in) as ONE (E, out * in) matrix
+    (not E matrices: stacked experts want a param each)."""
     torch.manual_seed(0)
-    conv = nn.Parameter(torch.randn(4, 2, 3, 3))
-    matrix = nn.Parameter(conv.detach().reshape(4, -1).clone())
+    conv = nn.Parameter(torch.randn(*shape))
+    matrix = nn.Parameter(conv.detach().reshape(shape[0], -1).clone())
     opt_conv = Muon([{"params": [conv], "flatten": True}], lr=0.02)
     opt_matrix = Muon([matrix], lr=0.02)
     for _ in range(3):
@@ -197,7 +200,7 @@ def test_flatten_is_the_matrix_step():
         matrix.grad = torch.sin(matrix.detach() * 3)
         opt_conv.step()
         opt_matrix.step()
-    assert torch.equal(conv.detach().reshape(4, -1), matrix.detach())
+    assert torch.equal(conv.detach().reshape(shape[0], -1), matrix.detach())
 
 
 def test_bad_input_is_refused_before_anything_changes():
