@@ -41,9 +41,12 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
          type=int)
     _choices(g, "--op", C.MODULAR_OPS, "modular: the operation")
     _add(g, "--train-frac", "modular: the fraction of all pairs used for training", type=float)
-    _add(g, "--n-train", "teacher-student, digits: training examples", type=int)
+    _add(g, "--n-train", "teacher-student, digits, mnist1d: training examples (mnist1d: the first N of its 4000)",
+         type=int)
     _add(g, "--n-val", "teacher-student: validation examples", type=int)
     _add(g, "--input-dim", "teacher-student: input dimension", type=int)
+    _add(g, "--label-noise", "classification: the fraction F of training labels replaced by a random other class, "
+         "fixed by the seed (validation labels stay clean)", type=float, metavar="F")
     g = parser.add_argument_group("model")
     _choices(g, "--model", C.MODELS, "model")
     _add(g, "--depth", "mlp: weight layers (2 = one hidden layer)", type=int)

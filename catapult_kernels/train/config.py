@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from .. import optim
 
-TASKS = ("modular", "teacher-student", "digits")
+TASKS = ("modular", "teacher-student", "digits", "mnist1d")
 MODELS = ("mlp", "transformer")
 ACTIVATIONS = ("relu", "tanh", "quadratic", "linear")
 PARAMETRIZATIONS = ("standard", "ntk", "mup")
@@ -77,6 +77,7 @@ class TrainConfig:
     n_train: int = 256
     n_val: int = 512
     input_dim: int = 16
+    label_noise: float = 0.0  # the fraction of training labels replaced by another class
     # model
     model: str = "mlp"
     depth: int = 2
@@ -158,6 +159,10 @@ class TrainConfig:
             raise ValueError(f"the transformer reads modular-arithmetic tokens; task {self.task!r} needs --model mlp")
         if self.task == "teacher-student" and self.loss != "mse":
             raise ValueError("task 'teacher-student' is a regression: use --loss mse")
+        if not (isinstance(self.label_noise, (int, float)) and 0.0 <= self.label_noise < 1.0):
+            raise ValueError(f"--label-noise must be a fraction in [0, 1), got {self.label_noise!r}")
+        if self.label_noise and not self.classification:
+            raise ValueError(f"--label-noise replaces class labels; task {self.task!r} is a regression")
         for name in ("weight_decay", "momentum", "min_lr_ratio"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 0):

@@ -91,7 +91,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool)
     lr = cfg.learning_rate.resolve(lambda0) if not resume else 1.0
     trainer = Trainer(  # the optimizer is made over the model's params as the trainer places them (FSDP shards)
         model, lambda m: make_optimizer(cfg, m, lr), (data.x_train, data.y_train), (data.x_val, data.y_val),
-        loss=loss_fn, parallel=cfg.parallel,
+        loss=loss_fn, parallel=cfg.parallel, noisy_mask=data.noisy_mask,
         steps=cfg.steps, batch_size=cfg.batch_size,
         lr_factor=None if cfg.schedule == "constant" and cfg.warmup == 0 else
         (lambda t: lr_factor(t, cfg, cfg.decay_steps)),

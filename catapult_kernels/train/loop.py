@@ -161,6 +161,8 @@ class Trackers:
     peak_loss: float = -math.inf
     memorize_step: Optional[int] = None
     grok_step: Optional[int] = None
+    noisy_memorize_step: Optional[int] = None  # with noisy_mask: memorize_step of the corrupted examples
+    clean_memorize_step: Optional[int] = None  # and of the others
     lambda0: Optional[float] = None
     sharpness_last: Optional[float] = None
     sharpness_last_step: Optional[int] = None
@@ -299,7 +301,9 @@ class Trainer:
                  measure_lambda0: bool = True, lambda0: Optional[float] = None, grok_threshold: float = 0.95,
                  max_grad_norm: Optional[float] = None, out=None, resume: bool = False, overwrite: bool = False,
                  checkpoint_every: int = 0, config: Optional[dict] = None, plots: bool = True,
-                 quiet: bool = False, seed: int = 0, parallel: Optional[str] = None):
+                 quiet: bool = False, seed: int = 0, parallel: Optional[str] = None,
+                 noisy_mask: Optional[torch.Tensor] = None):
+        check_noisy_mask(noisy_mask, train)
         for name, v in (("steps", steps), ("log_every", log_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -335,6 +339,7 @@ class Trainer:
         self.checkpoint_every, self.plots, self.quiet, self.seed = checkpoint_every, plots, quiet, seed
         self.batches = (TensorBatches(*train, batch_size, seed) if isinstance(train, (tuple, list))
                         else LoaderBatches(train, self.device))
+        self.noisy_mask = None if noisy_mask is None else noisy_mask.to(self.device)
         self.val = measurement_loader(val) if val is train else val  # no pass may rewind the training's
         self.config = dict(config or {})
         self._config_given = config is not None
@@ -469,6 +474,11 @@ class Trainer:
                 record["loss"], train_examples = batch_loss, len(self.batches.y)
                 correct = _correct(out, y)
                 train_acc = None if correct is None else float(self.dp.sum(correct)) / train_examples
+                if self.noisy_mask is not None:
+                    record.update(self._noisy_and_clean_acc(out, y))
+            elif self.noisy_mask is not None:
+                record["loss"], train_acc, train_examples, split = self._evaluate_noisy_and_clean()
+                record.update(split)
             else:
                 record["loss"], train_acc, train_examples = self._evaluate(self.batches.training_set)
             if train_acc is not None:
@@ -484,7 +494,31 @@ class Trainer:
             tr.memorize_step = t
         if tr.grok_step is None and record.get("val_acc", 0.0) >= self.grok_threshold:
             tr.grok_step = t
+        if tr.noisy_memorize_step is None and record.get("noisy_train_acc", 0.0) >= 0.99:
+            tr.noisy_memorize_step = t
+        if tr.clean_memorize_step is None and record.get("clean_train_acc", 0.0) >= 0.99:
+            tr.clean_memorize_step = t
         return record
+
+    def _noisy_and_clean_acc(self, out: torch.Tensor, y: torch.Tensor) -> dict:
+        """The accuracies on the corrupted and the clean examples, from the full batch's own
+        forward: out and y are this rank's slice of the training set, as is `noisy` here."""
+        noisy = self.dp.local_part(self.noisy_mask, self.noisy_mask)[0]
+        hits = out.argmax(-1) == y
+        counts = torch.stack([(hits & noisy).sum(), (hits & ~noisy).sum()]).double()
+        correct_noisy, correct_clean = self.dp.sum(counts).tolist()
+        n_noisy = int(self.noisy_mask.sum())
+        return noise_accuracies(correct_noisy, n_noisy, correct_clean, len(self.noisy_mask) - n_noisy)
+
+    def _evaluate_noisy_and_clean(self) -> tuple[float, float, int, dict]:
+        """_evaluate of the training set, in two passes that together cost one: over the
+        corrupted examples and over the others. Also returns their accuracies."""
+        x, y = self.batches.training_set
+        (loss_n, acc_n, n_noisy), (loss_c, acc_c, n_clean) = (
+            self._evaluate((x[m], y[m])) for m in (self.noisy_mask, ~self.noisy_mask))
+        n = n_noisy + n_clean
+        return ((loss_n * n_noisy + loss_c * n_clean) / n, (acc_n * n_noisy + acc_c * n_clean) / n, n,
+                noise_accuracies(acc_n * n_noisy, n_noisy, acc_c * n_clean, n_clean))
 
     def _evaluate(self, data) -> tuple[float, Optional[float], int]:
         """Mean loss, accuracy (None for regression) and example count over `data` (tensors
@@ -614,7 +648,11 @@ class Trainer:
             "sharpness_final_step": tr.sharpness_last_step,
             "memorize_step": tr.memorize_step,
             "grok_step": tr.grok_step,
+            "noisy_memorize_step": tr.noisy_memorize_step,
+            "clean_memorize_step": tr.clean_memorize_step,
             "final_train_acc": last.get("train_acc"),
+            "final_noisy_train_acc": last.get("noisy_train_acc"),
+            "final_clean_train_acc": last.get("clean_train_acc"),
             "final_val_acc": last.get("val_acc"),
             "final_val_loss": last.get("val_loss"),
             "steps_per_s": tr.updates / tr.loop_s if tr.loop_s > 0 else None,
@@ -680,6 +718,32 @@ class Trainer:
         self._stop_requested = True
 
 
+def check_noisy_mask(noisy_mask: Optional[torch.Tensor], train) -> None:
+    """noisy_mask marks training examples whose class label was corrupted: one bool per example
+    of the training tensors."""
+    if noisy_mask is None:
+        return
+    if not isinstance(train, (tuple, list)):
+        raise ValueError("noisy_mask marks examples of the training tensors: pass train as (inputs, targets), "
+                         "not a DataLoader")
+    if train[1].is_floating_point():
+        raise ValueError("noisy_mask marks corrupted class labels; these training targets are floats (a regression)")
+    if noisy_mask.dtype != torch.bool or noisy_mask.shape != (len(train[1]),):
+        raise ValueError(f"noisy_mask must be a bool tensor of shape ({len(train[1])},) (one per training "
+                         f"example), got {noisy_mask.dtype} of shape {tuple(noisy_mask.shape)}")
+
+
+def noise_accuracies(correct_noisy: float, n_noisy: int, correct_clean: float, n_clean: int) -> dict:
+    """noisy_train_acc (against the corrupted labels: the noise memorized) and clean_train_acc,
+    each left out when it has no examples."""
+    record = {}
+    if n_noisy:
+        record["noisy_train_acc"] = correct_noisy / n_noisy
+    if n_clean:
+        record["clean_train_acc"] = correct_clean / n_clean
+    return record
+
+
 def _correct(out: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
     """How many argmax predictions are the class label, on the device; None for regression."""
     if y.is_floating_point() or out.dim() != 2:
@@ -694,6 +758,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     loss ("ce", "mse" or a callable), steps, batch_size, lr_factor (step -> lr multiplier),
     log_every, sharpness_every, grok_threshold, out (a run folder), resume, overwrite,
     checkpoint_every, quiet, seed, parallel; see Trainer.
+
+    noisy_mask (optional): a bool tensor marking the training examples whose class label was
+    corrupted (label_noise.corrupt_labels); every record then also has noisy_train_acc (on
+    those, against their corrupted labels: the noise memorized) and clean_train_acc (on the
+    rest), and the summary the first step each reaches 0.99 (noisy_/clean_memorize_step).
 
     measure_lambda0 (default True): measure lambda0, the top Hessian eigenvalue at step 0, on
     the first sharpness_batch (1024) training examples with sharpness_iters (20) Lanczos

@@ -1,13 +1,17 @@
 """Built-in tasks, generated on the fly from the seed (no downloads): modular arithmetic,
-teacher-student regression, and sklearn's bundled digits when scikit-learn is installed."""
+teacher-student regression, sklearn's bundled digits when scikit-learn is installed, and
+MNIST-1D, built from its templates, when mnist1d is installed."""
 from __future__ import annotations
 
+import functools
+import random
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .config import TrainConfig
+from .label_noise import corrupt_labels
 
 
 @dataclass
@@ -19,19 +23,29 @@ class Data:
     in_dim: int            # features per example (MLP), or vocabulary size (token inputs)
     out_dim: int
     n_classes: Optional[int]  # None for regression
+    noisy_mask: Optional[torch.Tensor] = None  # the training examples whose label --label-noise replaced
 
     def to(self, device) -> "Data":
-        move = lambda t: t.to(device)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Data(move(self.x_train), move(self.y_train), move(self.x_val), move(self.y_val),
-                    self.in_dim, self.out_dim, self.n_classes)
+                    self.in_dim, self.out_dim, self.n_classes, move(self.noisy_mask))
 
 
 def make_task(cfg: TrainConfig) -> Data:
+    data = clean_task(cfg)
+    if cfg.label_noise > 0:  # the training labels only: validation measures the clean task
+        data.y_train, data.noisy_mask = corrupt_labels(data.y_train, data.n_classes, cfg.label_noise, cfg.seed)
+    return data
+
+
+def clean_task(cfg: TrainConfig) -> Data:
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.task == "modular":
         return modular(cfg.p, cfg.op, cfg.train_frac, gen, tokens=cfg.model == "transformer")
     if cfg.task == "teacher-student":
         return teacher_student(cfg.n_train, cfg.n_val, cfg.input_dim, gen)
+    if cfg.task == "mnist1d":
+        return mnist1d(cfg.n_train, cfg.seed)
     return digits(cfg.n_train, gen)
 
 
@@ -93,3 +107,38 @@ def digits(n_train: int, gen: torch.Generator) -> Data:
     mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-3)  # the border pixels are constant
     x = (x - mean) / std
     return Data(x[tr], y[tr], x[va], y[va], x.shape[1], 10, 10)
+
+
+def mnist1d(n_train: int, seed: int) -> Data:
+    """MNIST-1D (Greydanus 2020): 5000 1-D signals of 40 points, 10 classes, built from the
+    package's templates with its default arguments and `seed` (never downloaded). Validation:
+    its 1000 test signals; training: the first n_train of its 4000 training signals (already
+    shuffled). Standardized per feature with the training examples' statistics."""
+    x_all, y_all, x_val, y_val = _mnist1d_arrays(seed)
+    if not n_train <= len(y_all):
+        raise ValueError(f"--n-train {n_train}: mnist1d has {len(y_all)} training signals (and 1000 for validation)")
+    x = x_all[:n_train]
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
+    # the labels are copies: the arrays stay cached, whatever a caller does to its Data
+    return Data((x - mean) / std, y_all[:n_train].clone(), (x_val - mean) / std, y_val.clone(), x.shape[1], 10, 10)
+
+
+@functools.lru_cache(maxsize=8)  # building takes about a second: once per seed in a process (a sweep)
+def _mnist1d_arrays(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise ValueError("task 'mnist1d' needs the mnist1d package, which builds the signals offline: "
+                         "pip install mnist1d (or use --task digits / modular / teacher-student)") from None
+    import numpy as np
+    args = get_dataset_args()
+    args.seed = seed
+    saved = random.getstate(), np.random.get_state()
+    try:  # make_dataset seeds the global random and numpy RNGs: leave them as they were
+        d = make_dataset(args)
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    as_y = lambda a: torch.tensor(a, dtype=torch.int64)  # noqa: E731
+    return as_x(d["x"]), as_y(d["y"]), as_x(d["x_test"]), as_y(d["y_test"])
