@@ -60,6 +60,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _add(g, "--layers", "transformer: blocks", type=int)
     _add(g, "--d-model", "transformer: model width", type=int)
     _add(g, "--heads", "transformer: attention heads", type=int)
+    _choices(g, "--transformer", C.TRANSFORMERS, "transformer: pre-ln (ours: [a, b, =], pre-LayerNorm) or power "
+             "(the Grokfast paper's take on Power et al.'s decoder: [a, op, b, =], its residual wiring and init, "
+             "a head over the whole vocabulary; mul skips b = 0)")
     g = parser.add_argument_group("optimization")
     _choices(g, "--optimizer", C.OPTIMIZERS, "optimizer (muon: Muon for the hidden matrices, in one optimizer "
              "with AdamW for the input and output layers, embeddings, biases and norms)")

@@ -13,6 +13,8 @@ from .. import optim
 
 TASKS = ("modular", "teacher-student", "digits", "mnist1d")
 MODELS = ("mlp", "transformer")
+# pre-ln: our own decoder on [a, b, =]; power: the Grokfast paper's decoder on [a, op, b, =] (models.Transformer)
+TRANSFORMERS = ("pre-ln", "power")
 ACTIVATIONS = ("relu", "tanh", "quadratic", "linear")
 PARAMETRIZATIONS = ("standard", "ntk", "mup")
 # Every optimizer of catapult_kernels.optim, by its lowercase name.
@@ -90,6 +92,7 @@ class TrainConfig:
     layers: int = 1
     d_model: int = 128
     heads: int = 4
+    transformer: str = "pre-ln"
     # optimization
     optimizer: str = "adamw"
     impl: str = "catapult"
@@ -130,6 +133,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         _choice("task", self.task, TASKS)
         _choice("model", self.model, MODELS)
+        _choice("transformer", self.transformer, TRANSFORMERS)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("parametrization", self.parametrization, PARAMETRIZATIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -157,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"--d-model {self.d_model} is not divisible by --heads {self.heads}")
         if self.model == "transformer" and self.task != "modular":
             raise ValueError(f"the transformer reads modular-arithmetic tokens; task {self.task!r} needs --model mlp")
+        if self.transformer != "pre-ln" and self.model != "transformer":
+            raise ValueError(f"--transformer {self.transformer} applies to --model transformer, not {self.model}")
         if self.task == "teacher-student" and self.loss != "mse":
             raise ValueError("task 'teacher-student' is a regression: use --loss mse")
         if not (isinstance(self.label_noise, (int, float)) and 0.0 <= self.label_noise < 1.0):

@@ -129,9 +129,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, heads: int):
+    """Causal self-attention and a GELU MLP, each behind a LayerNorm. `normed_residual`: the
+    attention's residual starts from ln1(x), not x (x = ln1(x); x = x + attn(x)), as in the
+    Grokfast authors' decoder; else the usual pre-LayerNorm x + attn(ln1(x))."""
+
+    def __init__(self, d_model: int, heads: int, normed_residual: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.normed_residual = heads, normed_residual
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -139,26 +143,39 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         # plain causal attention: differentiable twice, for the sharpness's Hessian-vector products
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.heads)
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         att = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        x = x + self.proj(att.transpose(1, 2).reshape(n, t, d))
+        x = (h if self.normed_residual else x) + self.proj(att.transpose(1, 2).reshape(n, t, d))
         return x + self.mlp(self.ln2(x))
 
 
 class Transformer(nn.Module):
-    """Decoder-only, pre-LayerNorm; reads [a, b, =] and predicts c from the last position
-    (Power et al. 2022 use 2 layers, d_model 128, 4 heads)."""
+    """Decoder-only; predicts c from the last position (Power et al. 2022 use 2 layers,
+    d_model 128, 4 heads). style "pre-ln": our own pre-LayerNorm decoder, reading [a, b, =].
+    style "power": the decoder of the Grokfast paper's code (Lee et al. 2024), its take on
+    Power et al.'s, reading [a, op, b, =]: the attention's residual from ln1(x) (Block's
+    normed_residual); nn.MultiheadAttention's init (qkv Xavier-uniform, attention biases 0);
+    positions N(0, 1) as nn.Embedding's. The caller gives n_classes: the whole vocabulary
+    there, as the Grokfast code's head scores every token."""
 
-    def __init__(self, vocab: int, n_classes: int, layers: int, d_model: int, heads: int, context: int = 3):
+    def __init__(self, vocab: int, n_classes: int, layers: int, d_model: int, heads: int, context: int = 3,
+                 style: str = "pre-ln"):
         super().__init__()
+        power = style == "power"
         self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(torch.randn(context, d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(d_model, heads) for _ in range(layers))
+        self.pos = nn.Parameter(torch.randn(context, d_model) * (1.0 if power else 0.02))
+        self.blocks = nn.ModuleList(Block(d_model, heads, normed_residual=power) for _ in range(layers))
         self.ln = nn.LayerNorm(d_model)
         self.unembed = nn.Linear(d_model, n_classes, bias=False)
+        if power:
+            for block in self.blocks:
+                nn.init.xavier_uniform_(block.qkv.weight)  # over the stacked (3 d, d) matrix, as torch's in_proj
+                nn.init.zeros_(block.qkv.bias)
+                nn.init.zeros_(block.proj.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
@@ -181,6 +198,7 @@ def make_model(cfg: TrainConfig, in_dim: int, out_dim: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left as it was
         torch.manual_seed(cfg.seed)
         if cfg.model == "transformer":
-            return Transformer(in_dim, out_dim, cfg.layers, cfg.d_model, cfg.heads)
+            context = 4 if cfg.transformer == "power" else 3  # [a, op, b, =] or [a, b, =]
+            return Transformer(in_dim, out_dim, cfg.layers, cfg.d_model, cfg.heads, context, cfg.transformer)
         return MLP(in_dim, out_dim, cfg.depth, cfg.width, cfg.activation, cfg.parametrization, cfg.bias,
                    cfg.base_width, cfg.ntk_bias_scale)

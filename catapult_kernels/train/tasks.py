@@ -41,7 +41,8 @@ def make_task(cfg: TrainConfig) -> Data:
 def clean_task(cfg: TrainConfig) -> Data:
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.task == "modular":
-        return modular(cfg.p, cfg.op, cfg.train_frac, gen, tokens=cfg.model == "transformer")
+        return modular(cfg.p, cfg.op, cfg.train_frac, gen, tokens=cfg.model == "transformer",
+                       power=cfg.model == "transformer" and cfg.transformer == "power")
     if cfg.task == "teacher-student":
         return teacher_student(cfg.n_train, cfg.n_val, cfg.input_dim, gen)
     if cfg.task == "mnist1d":
@@ -62,11 +63,20 @@ def modular_table(p: int, op: str) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return a, b, c
 
 
-def modular(p: int, op: str, train_frac: float, gen: torch.Generator, tokens: bool = False) -> Data:
+def modular(p: int, op: str, train_frac: float, gen: torch.Generator, tokens: bool = False,
+            power: bool = False) -> Data:
     """a op b mod p. MLP inputs: one-hot a and one-hot b concatenated (2p features).
-    Token inputs (transformer): [a, b, =] with '=' the token p."""
+    Token inputs (transformer): [a, b, =] with '=' the token p. power: Power et al.'s
+    equations as the Grokfast paper's code writes them, [a, op, b, =] with '=' the token p and
+    'op' p + 1; mul skips b = 0, as div does (that code's x * y runs over 0 < y < p); out_dim
+    is the whole vocabulary (p + 2: the head scores every token; the labels stay 0 .. p - 1)."""
     a, b, c = modular_table(p, op)
-    if tokens:
+    if power:
+        if op == "mul":
+            a, b, c = a[b != 0], b[b != 0], c[b != 0]
+        x = torch.stack([a, torch.full_like(a, p + 1), b, torch.full_like(a, p)], dim=1)
+        in_dim = p + 2
+    elif tokens:
         x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
         in_dim = p + 1
     else:
@@ -75,7 +85,7 @@ def modular(p: int, op: str, train_frac: float, gen: torch.Generator, tokens: bo
     perm = torch.randperm(len(c), generator=gen)
     n_train = max(1, min(len(c) - 1, round(train_frac * len(c))))
     tr, va = perm[:n_train], perm[n_train:]
-    return Data(x[tr], c[tr], x[va], c[va], in_dim, p, p)
+    return Data(x[tr], c[tr], x[va], c[va], in_dim, in_dim if power else p, p)
 
 
 def teacher_student(n_train: int, n_val: int, input_dim: int, gen: torch.Generator,
