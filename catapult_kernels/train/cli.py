@@ -89,6 +89,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _add(g, "--warmup", "linear warmup steps", type=int)
     _add(g, "--decay-steps", "cosine: steps to the minimum (default: --steps)", type=int)
     _add(g, "--min-lr-ratio", "cosine: the final lr over the peak lr", type=float)
+    _add(g, "--cycle-peak", "cyclic: the lr of each cycle's first half, in units of 2/lambda0 (or see --cycle-unit); "
+         "cyclic sets the lr itself, so --lr is left out", type=float, metavar="K")
+    _add(g, "--cycle-trough", "cyclic: the lr of each cycle's second half, in the same units", type=float, metavar="K")
+    _add(g, "--cycle-period", "cyclic: steps per cycle (a square wave: the first ceil(N/2) at the peak)", type=int,
+         metavar="N")
+    _choices(g, "--cycle-unit", C.CYCLE_UNITS, "cyclic: the unit 2/lambda0, or 2/(the sharpness re-measured at "
+             "each cycle's first step)")
     _choices(g, "--loss", C.LOSSES, "loss (mse: 0.5 * sum over outputs, mean over examples)")
     _add(g, "--batch-size", "minibatch size (default: full batch)", type=int)
     _add(g, "--steps", "optimizer steps", type=int)
@@ -198,6 +205,8 @@ def main_train(argv: list[str]) -> int:
     add_run_options(p, "run")
     ns = p.parse_args(argv)
     overrides = _overrides(ns)
+    if overrides.get("schedule") == "cyclic":  # the cycle's levels are in units of 2/lambda0: the base lr
+        overrides.setdefault("lr", "2/lambda0")
     _check_resume_or_overwrite(ns)
     if ns.resume and ns.out is None:
         raise ValueError("--resume needs --out (the run to continue)")

@@ -26,7 +26,8 @@ MOMENTUM_DEFAULTS = {"sgd": (0.0, False), "lars": (0.0, False),
                      "muon": tuple(inspect.signature(optim.Muon).parameters[k].default for k in ("momentum", "nesterov"))}
 ADJUST_LRS = ("original", "match_rms_adamw", "spectral_unclamped")  # Muon's adjust_lr_fn (None: original)
 LOSSES = ("ce", "mse")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "cyclic")
+CYCLE_UNITS = ("lambda0", "sharpness")  # cyclic: levels in units of 2/lambda0, or of 2/(sharpness at cycle start)
 MODULAR_OPS = ("add", "sub", "mul", "div")
 GROKFAST = ("none", "ema")
 PARALLEL = ("none", "ddp", "fsdp")  # data parallel under torchrun (parallel.py)
@@ -114,6 +115,10 @@ class TrainConfig:
     warmup: int = 0
     decay_steps: Optional[int] = None  # cosine horizon; None: --steps of the first run
     min_lr_ratio: float = 0.0
+    cycle_peak: Optional[float] = None  # cyclic (cyclic.py): the lr levels in units of 2/cycle_unit,
+    cycle_trough: Optional[float] = None  # and the steps of one cycle (half at the peak, then the trough)
+    cycle_period: Optional[int] = None
+    cycle_unit: str = "lambda0"
     loss: str = "ce"
     batch_size: Optional[int] = None  # None: full batch
     steps: int = 1000
@@ -144,6 +149,7 @@ class TrainConfig:
         _choice("grokfast", self.grokfast, GROKFAST)
         _choice("parallel", self.parallel, PARALLEL)
         LearningRate.parse(self.lr)
+        self._check_cyclic()
         for name in ("p", "n_train", "n_val", "input_dim", "depth", "width", "base_width", "layers",
                      "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch", "world_size"):
             _positive_int(name, getattr(self, name))
@@ -212,6 +218,31 @@ class TrainConfig:
         if not 0.0 < self.grok_threshold <= 1.0:
             raise ValueError(f"--grok-threshold must lie in (0, 1], got {self.grok_threshold}")
         return self
+
+    def _check_cyclic(self) -> None:
+        """--schedule cyclic sets the lr itself: level x 2/lambda0, so --lr must be that unit."""
+        _choice("cycle_unit", self.cycle_unit, CYCLE_UNITS)
+        given = [n for n in ("cycle_peak", "cycle_trough", "cycle_period") if getattr(self, n) is not None]
+        if self.schedule != "cyclic":
+            if given or self.cycle_unit != "lambda0":
+                flag = f"--{(given or ['cycle_unit'])[0].replace('_', '-')}"
+                raise ValueError(f"{flag} applies to --schedule cyclic, not {self.schedule}")
+            return
+        if len(given) < 3:
+            raise ValueError("--schedule cyclic needs --cycle-peak, --cycle-trough (the lr levels in units of "
+                             "2/lambda0) and --cycle-period (steps per cycle)")
+        _positive_int("cycle_period", self.cycle_period)
+        for name in ("cycle_peak", "cycle_trough"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
+        if self.cycle_peak < self.cycle_trough:
+            raise ValueError(f"--cycle-peak {self.cycle_peak} is below --cycle-trough {self.cycle_trough}")
+        if LearningRate.parse(self.lr) != LearningRate(2.0, True):
+            raise ValueError(f"--schedule cyclic sets the lr to --cycle-peak/--cycle-trough x 2/lambda0: "
+                             f"leave --lr out (it is recorded as 2/lambda0), not --lr {self.lr}")
+        if self.warmup:
+            raise ValueError("--warmup does not apply to --schedule cyclic (each cycle starts at its peak)")
 
     @property
     def learning_rate(self) -> LearningRate:

@@ -94,14 +94,21 @@ def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool)
         loss=loss_fn, parallel=cfg.parallel, noisy_mask=data.noisy_mask,
         steps=cfg.steps, batch_size=cfg.batch_size,
         lr_factor=None if cfg.schedule == "constant" and cfg.warmup == 0 else
-        (lambda t: lr_factor(t, cfg, cfg.decay_steps)),
+        (lambda t, *measured: lr_factor(t, cfg, cfg.decay_steps, *measured)),
+        lr_sharpness_every=cfg.cycle_period if cfg.cycle_unit == "sharpness" else 0,
         log_every=cfg.log_every, sharpness_every=cfg.sharpness_every, sharpness_iters=cfg.sharpness_iters,
         sharpness_batch=cfg.sharpness_batch, lambda0=lambda0, grok_threshold=cfg.grok_threshold,
         max_grad_norm=cfg.max_grad_norm if cfg.impl == "torch" else None,
         out=out, resume=resume, overwrite=overwrite, checkpoint_every=cfg.checkpoint_every,
         config=cfg.to_dict(), plots=cfg.plots and out is not None, quiet=quiet, seed=cfg.seed)
     try:
-        return trainer.run()  # it writes config.json: how long the run goes and what it writes, from now on
+        summary = trainer.run()  # it writes config.json: how long the run goes and what it writes, from now on
+        if cfg.schedule == "cyclic" and cfg.plots and trainer.folder is not None:  # the cycles on a linear axis
+            from .plots import plot_cyclic
+            plot_cyclic(trainer.folder.read_metrics(), trainer.folder.file("cyclic.png"),
+                        title=f"{cfg.task}, width {cfg.width}, {cfg.parametrization}: lr {cfg.cycle_peak:g} then "
+                              f"{cfg.cycle_trough:g} x 2/{cfg.cycle_unit}, period {cfg.cycle_period}")
+        return summary
     finally:
         if trainer.folder is not None:
             trainer.folder.close()  # let go of the folder's lock now, not whenever the trainer is collected

@@ -166,6 +166,7 @@ class Trackers:
     lambda0: Optional[float] = None
     sharpness_last: Optional[float] = None
     sharpness_last_step: Optional[int] = None
+    lr_sharpness: dict = field(default_factory=dict)  # step -> sharpness: what lr_sharpness_every measured
     last_record: dict = field(default_factory=dict)
     diverged: bool = False
     loop_s: float = 0.0    # time spent in the loop (lambda0's measurement excluded)
@@ -296,7 +297,7 @@ class Trainer:
                  optimizer: Union[torch.optim.Optimizer, Callable[[torch.nn.Module], torch.optim.Optimizer]],
                  train: Union[Pair, Iterable], val: Optional[Union[Pair, Iterable]] = None, *,
                  loss: Union[str, Callable] = "ce", steps: int, batch_size: Optional[int] = None,
-                 lr_factor: Optional[Callable[[int], float]] = None, log_every: int = 10,
+                 lr_factor: Optional[Callable[..., float]] = None, lr_sharpness_every: int = 0, log_every: int = 10,
                  sharpness_every: int = 0, sharpness_iters: int = 20, sharpness_batch: int = 1024,
                  measure_lambda0: bool = True, lambda0: Optional[float] = None, grok_threshold: float = 0.95,
                  max_grad_norm: Optional[float] = None, out=None, resume: bool = False, overwrite: bool = False,
@@ -307,7 +308,8 @@ class Trainer:
         for name, v in (("steps", steps), ("log_every", log_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name, v in (("sharpness_every", sharpness_every), ("checkpoint_every", checkpoint_every)):
+        for name, v in (("sharpness_every", sharpness_every), ("checkpoint_every", checkpoint_every),
+                        ("lr_sharpness_every", lr_sharpness_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if (resume or overwrite or checkpoint_every) and out is None:
@@ -324,7 +326,7 @@ class Trainer:
                              "(lambda m: AdamW(m.parameters())), or apply fully_shard(model) before making it")
         # sharpness on rank 0's full replica: DDP's module; under FSDP a copy made before sharding
         self._measurable = self.dp.mode != "fsdp" or fsdp_to_shard
-        if sharpness_every and not self._measurable:
+        if (sharpness_every or lr_sharpness_every) and not self._measurable:
             raise ValueError("sharpness under parallel='fsdp' is measured on a full copy of the model made before "
                              "sharding: pass the model unsharded (the trainer shards it)")
         self._replica = copy.deepcopy(model) if fsdp_to_shard and self.dp.is_main else None
@@ -332,7 +334,9 @@ class Trainer:
         self.opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(self.inner)
         self.loss_fn = loss_by_name(loss)
         self.steps, self.log_every = steps, log_every
-        self.lr_factor = lr_factor
+        if lr_sharpness_every and lr_factor is None:
+            raise ValueError("lr_sharpness_every measures the sharpness for lr_factor(t, measured): pass lr_factor")
+        self.lr_factor, self.lr_sharpness_every = lr_factor, lr_sharpness_every
         self.sharpness_every, self.sharpness_iters, self.sharpness_batch = sharpness_every, sharpness_iters, sharpness_batch
         self.measure_lambda0, self.grok_threshold = measure_lambda0, grok_threshold
         self.max_grad_norm = max_grad_norm  # torch optimizers only: ours clip inside step()
@@ -418,6 +422,8 @@ class Trainer:
         if sharp:
             record["sharpness"] = self.trackers.sharpness_last = self._sharpness(t)
             self.trackers.sharpness_last_step = t
+        if self.lr_sharpness_every and t % self.lr_sharpness_every == 0:  # theta_t, before update t reads it
+            self.trackers.lr_sharpness[t] = record["sharpness"] if sharp else self._sharpness(t)
         x, y = self.batches(t)
         x, y, share = self.dp.local_part(x, y)
         self.opt.zero_grad(set_to_none=True)
@@ -597,14 +603,17 @@ class Trainer:
     def _set_lr(self, t: int) -> None:
         if self.lr_factor is None:
             return
-        factor = self.lr_factor(t)
+        factor = self._factor(t)
         for group in self.opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
+
+    def _factor(self, t: int) -> float:
+        return self.lr_factor(t, self.trackers.lr_sharpness) if self.lr_sharpness_every else self.lr_factor(t)
 
     def _base_lr(self, t: Optional[int] = None) -> float:
         """The lr of update t, without the first group's muP multiplier (the lr the user set)."""
         group = self.opt.param_groups[0]
-        factor = self.lr_factor(t) if self.lr_factor is not None and t is not None else 1.0
+        factor = self._factor(t) if self.lr_factor is not None and t is not None else 1.0
         return float(group["initial_lr"]) * factor / group.get("lr_mult", 1.0)
 
     # ---- output ----
@@ -758,6 +767,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     loss ("ce", "mse" or a callable), steps, batch_size, lr_factor (step -> lr multiplier),
     log_every, sharpness_every, grok_threshold, out (a run folder), resume, overwrite,
     checkpoint_every, quiet, seed, parallel; see Trainer.
+
+    lr_sharpness_every (default 0: off): a schedule that reads the sharpness. At every step t
+    that is a multiple of it, the sharpness at theta_t is measured before update t, kept in the
+    checkpointed trackers (so a resumed run reads the same values), and lr_factor is called as
+    lr_factor(t, measured), measured the dict step -> sharpness so far.
 
     noisy_mask (optional): a bool tensor marking the training examples whose class label was
     corrupted (label_noise.corrupt_labels); every record then also has noisy_train_acc (on

@@ -170,3 +170,27 @@ def plot_coord_check(results: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(Path(path), dpi=110)
     plt.close(fig)
+
+
+def plot_cyclic(metrics: list[dict], path, title: str = "") -> None:
+    """A cyclic-lr run on a linear step axis (every cycle the same width): the loss above, its
+    spikes; below, the sharpness against 2/lr, which steps down at each peak and up at each
+    trough. Zhu et al.'s staircase: the sharpness falls below 2/lr after each spike."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.6), sharex=True)
+    for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+        s, v = _series(metrics, key)
+        if any(x > 0 for x in v):
+            top.plot(s, v, label=label, lw=1)
+    top.set(yscale="log", ylabel="loss")
+    top.legend()
+    steps_lrs = [(s, lr) for s, lr in zip(*_series(metrics, "lr")) if lr > 0]
+    bottom.step([s for s, _ in steps_lrs], [2.0 / lr for _, lr in steps_lrs], "k--", where="post", lw=1,
+                label="2 / lr")
+    bottom.plot(*_series(metrics, "sharpness"), ".", color="#dd8452", label="sharpness")
+    bottom.set(yscale="log", xlabel="step", ylabel="top Hessian eigenvalue")
+    bottom.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=110)
+    plt.close(fig)
