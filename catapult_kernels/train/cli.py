@@ -199,8 +199,9 @@ def main_train(argv: list[str]) -> int:
     from .experiment import default_out, describe, resolve_resume, run
     from .loop import StopSignals
     p = _parser("catapult-train", "Train one run; writes config.json, metrics.jsonl, summary.json, "
-                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check. Under torchrun "
-                "--nproc-per-node N with --parallel ddp or fsdp, one run on N processes; rank 0 writes --out.")
+                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check, double-descent. "
+                "Under torchrun --nproc-per-node N with --parallel ddp or fsdp, one run on N processes; "
+                "rank 0 writes --out.")
     add_train_options(p)
     add_run_options(p, "run")
     ns = p.parse_args(argv)
@@ -316,7 +317,12 @@ def main_coord_check(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sweep": main_sweep, "coord-check": main_coord_check}
+def main_double_descent(argv: list[str]) -> int:
+    from .double_descent import main
+    return main(argv)
+
+
+COMMANDS = {"sweep": main_sweep, "coord-check": main_coord_check, "double-descent": main_double_descent}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
