@@ -1,9 +1,10 @@
 """Adversarial evaluation: how much accuracy remains when each input is moved, within an
 L-infinity ball of radius eps, in the direction that raises the loss the most.
 
-Inputs are perturbed as the model sees them: the trainer's digits are standardized by the
-training split's per-pixel mean and std, so there eps is in units of a pixel's std; the
-modular MLP's one-hot operands are floats too (eps < 0.5 there: see TrainConfig.validate).
+Inputs are perturbed as the model sees them: the trainer's digits and MNIST-1D are
+standardized by the training split's per-feature mean and std, so there eps is in units of
+a feature's std; the modular MLP's one-hot operands are floats too (eps < 0.5 there, so
+that every input in the ball still reads as its own operands: see TrainConfig.validate).
 Nothing is clamped to a data range: the ball is the whole threat model. The attacked loss
 is the one the model trains with (cross-entropy or MSE).
 

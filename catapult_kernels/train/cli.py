@@ -110,6 +110,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _add(g, "--sharpness-batch", "the fixed batch for sharpness and lambda0: the first N training examples",
          type=int)
     _add(g, "--grok-threshold", "val accuracy that counts as grokked", type=float)
+    _choices(g, "--adv-eval", C.ADV_EVALS, "robust val accuracy at every log step under this L-inf attack on the "
+             "inputs as the model sees them (digits, mnist1d standardized, modular one-hot; mlp only), maximizing --loss; "
+             "an example counts when it is right both clean and attacked")
+    _add(g, "--adv-eps", "the attack's L-inf radius (modular: < 0.5, so every input still reads as its operands)",
+         type=float)
+    _add(g, "--adv-steps", "pgd: steps, from the clean input (no random start)", type=int)
+    _add(g, "--adv-step-size", "pgd: the signed step (default: 2.5 * eps / steps)", type=float)
     _add(g, "--checkpoint-every", "steps between checkpoints (0: at the end and on Ctrl-C)", type=int)
     _add(g, "--plots", "write figures (--no-plots: none)", action=argparse.BooleanOptionalAction)
 

@@ -31,6 +31,7 @@ CYCLE_UNITS = ("lambda0", "sharpness")  # cyclic: levels in units of 2/lambda0, 
 MODULAR_OPS = ("add", "sub", "mul", "div")
 GROKFAST = ("none", "ema")
 PARALLEL = ("none", "ddp", "fsdp")  # data parallel under torchrun (parallel.py)
+ADV_EVALS = ("none", "fgsm", "pgd")  # robust val accuracy under an L-inf attack (adversarial.py)
 
 _K_OVER_LAMBDA0 = re.compile(r"^\s*([^/\s]+)\s*/\s*lambda0\s*$")
 
@@ -132,6 +133,10 @@ class TrainConfig:
     sharpness_iters: int = 20
     sharpness_batch: int = 1024
     grok_threshold: float = 0.95
+    adv_eval: str = "none"
+    adv_eps: float = 0.0  # the L-inf radius, in the units of the inputs as the model sees them
+    adv_steps: int = 10  # pgd
+    adv_step_size: Optional[float] = None  # pgd; None: 2.5 * adv_eps / adv_steps
     checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
     plots: bool = True
 
@@ -217,6 +222,7 @@ class TrainConfig:
                              f"not {self.device}")
         if not 0.0 < self.grok_threshold <= 1.0:
             raise ValueError(f"--grok-threshold must lie in (0, 1], got {self.grok_threshold}")
+        self._validate_adv_eval()
         return self
 
     def _check_cyclic(self) -> None:
@@ -243,6 +249,28 @@ class TrainConfig:
                              f"leave --lr out (it is recorded as 2/lambda0), not --lr {self.lr}")
         if self.warmup:
             raise ValueError("--warmup does not apply to --schedule cyclic (each cycle starts at its peak)")
+
+    def _validate_adv_eval(self) -> None:
+        _choice("adv_eval", self.adv_eval, ADV_EVALS)
+        _positive_int("adv_steps", self.adv_steps)
+        if self.adv_eval == "none":
+            if self.adv_eps or self.adv_step_size is not None:
+                raise ValueError("--adv-eps and --adv-step-size apply with --adv-eval fgsm or pgd")
+            return
+        if not (math.isfinite(self.adv_eps) and self.adv_eps > 0):
+            raise ValueError(f"--adv-eval {self.adv_eval} needs --adv-eps > 0 (the L-inf radius), got {self.adv_eps}")
+        if self.adv_step_size is not None and not (self.adv_eval == "pgd" and math.isfinite(self.adv_step_size)
+                                                   and self.adv_step_size > 0):
+            raise ValueError(f"--adv-step-size is pgd's and must be a finite number > 0, got {self.adv_step_size} "
+                             f"with --adv-eval {self.adv_eval}")
+        if not self.classification:
+            raise ValueError(f"--adv-eval measures robust accuracy; task {self.task!r} is a regression (no accuracy)")
+        if self.model == "transformer":
+            raise ValueError("--adv-eval perturbs float inputs in an L-inf ball; the transformer reads tokens, which "
+                             "have none (and a changed token changes the answer): use --model mlp (one-hot operands)")
+        if self.task == "modular" and not self.adv_eps < 0.5:
+            raise ValueError(f"--adv-eps must be < 0.5 on one-hot operands (a larger ball holds inputs no nearer "
+                             f"their operand's code than another's, whose answer differs), got {self.adv_eps}")
 
     @property
     def learning_rate(self) -> LearningRate:

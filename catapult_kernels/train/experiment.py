@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from .adversarial import Attack
 from .cli import check_device
 from .config import RESUMABLE, TrainConfig, computation_changes
 from .loop import Trainer, TensorBatches, loss_by_name, sharpness
@@ -100,7 +101,8 @@ def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool)
         sharpness_batch=cfg.sharpness_batch, lambda0=lambda0, grok_threshold=cfg.grok_threshold,
         max_grad_norm=cfg.max_grad_norm if cfg.impl == "torch" else None,
         out=out, resume=resume, overwrite=overwrite, checkpoint_every=cfg.checkpoint_every,
-        config=cfg.to_dict(), plots=cfg.plots and out is not None, quiet=quiet, seed=cfg.seed)
+        config=cfg.to_dict(), plots=cfg.plots and out is not None, quiet=quiet, seed=cfg.seed,
+        attack=None if cfg.adv_eval == "none" else Attack(cfg.adv_eval, cfg.adv_eps, cfg.adv_steps, cfg.adv_step_size))
     try:
         summary = trainer.run()  # it writes config.json: how long the run goes and what it writes, from now on
         if cfg.schedule == "cyclic" and cfg.plots and trainer.folder is not None:  # the cycles on a linear axis

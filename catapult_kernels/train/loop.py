@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .. import ops
 from ..distributed.sharding import is_dtensor
+from .adversarial import Attack, robust_accuracy
 from .parallel import DataParallel, full_tensors, parallel_mode, process_group, shard_like
 from .phase import classify, is_runaway
 from .run_folder import RunFolder
@@ -303,7 +304,8 @@ class Trainer:
                  max_grad_norm: Optional[float] = None, out=None, resume: bool = False, overwrite: bool = False,
                  checkpoint_every: int = 0, config: Optional[dict] = None, plots: bool = True,
                  quiet: bool = False, seed: int = 0, parallel: Optional[str] = None,
-                 noisy_mask: Optional[torch.Tensor] = None):
+                 noisy_mask: Optional[torch.Tensor] = None,
+                 attack: Optional[Attack] = None):
         check_noisy_mask(noisy_mask, train)
         for name, v in (("steps", steps), ("log_every", log_every)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -329,6 +331,9 @@ class Trainer:
         if (sharpness_every or lr_sharpness_every) and not self._measurable:
             raise ValueError("sharpness under parallel='fsdp' is measured on a full copy of the model made before "
                              "sharding: pass the model unsharded (the trainer shards it)")
+        if attack is not None and (val is None or not self._measurable):
+            raise ValueError("attack: robust accuracy is measured on the val data, by rank 0 on a full copy of the "
+                             "model: pass val, and under parallel='fsdp' the model unsharded")
         self._replica = copy.deepcopy(model) if fsdp_to_shard and self.dp.is_main else None
         self.model, self.inner = self.dp.wrap(model)  # the training step calls model; inner holds the params
         self.opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(self.inner)
@@ -345,6 +350,7 @@ class Trainer:
                         else LoaderBatches(train, self.device))
         self.noisy_mask = None if noisy_mask is None else noisy_mask.to(self.device)
         self.val = measurement_loader(val) if val is train else val  # no pass may rewind the training's
+        self.attack = attack
         self.config = dict(config or {})
         self._config_given = config is not None
         self.trackers = Trackers(lambda0=lambda0)
@@ -494,6 +500,8 @@ class Trainer:
                 record["val_loss"], val_acc, _ = self._evaluate(self.val)
                 if val_acc is not None:
                     record["val_acc"] = val_acc
+                if self.attack is not None:
+                    record["robust_val_acc"] = self._robust_val_acc()
             record["weight_norm"] = global_norm([p.detach() for p in self.inner.parameters()])
         tr = self.trackers
         if tr.memorize_step is None and record.get("train_acc", 0.0) >= 0.99:
@@ -561,6 +569,16 @@ class Trainer:
         if stepped and norm is not None:
             return float(norm.full_tensor() if is_dtensor(norm) else norm)
         return global_norm([p.grad for p in self.inner.parameters() if p.grad is not None])
+
+    def _robust_val_acc(self) -> float:
+        """Measured by rank 0 on its full replica, as the sharpness is, the value broadcast;
+        the RNG and a val loader's generators left as they were."""
+        model = self._measured_model()
+
+        def measure() -> float:
+            with _unchanged_rng(self.val):
+                return robust_accuracy(model, self.loss_fn, self.val, self.attack)
+        return self.dp.from_rank0(measure)
 
     def _sharpness(self, t: int) -> float:
         """Measured by rank 0 on its full replica (parallel.py), the value broadcast."""
@@ -664,6 +682,7 @@ class Trainer:
             "final_clean_train_acc": last.get("clean_train_acc"),
             "final_val_acc": last.get("val_acc"),
             "final_val_loss": last.get("val_loss"),
+            "final_robust_val_acc": last.get("robust_val_acc"),
             "steps_per_s": tr.updates / tr.loop_s if tr.loop_s > 0 else None,
             "wall_s": tr.loop_s,
         }
@@ -777,6 +796,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     corrupted (label_noise.corrupt_labels); every record then also has noisy_train_acc (on
     those, against their corrupted labels: the noise memorized) and clean_train_acc (on the
     rest), and the summary the first step each reaches 0.99 (noisy_/clean_memorize_step).
+
+    attack (optional): an adversarial.Attack (FGSM or PGD in an L-inf ball around each val
+    input); every record then also has robust_val_acc (the val examples classified right
+    both clean and attacked), and the summary final_robust_val_acc. Measured in eval mode,
+    no param's .grad touched, the RNG unchanged.
 
     measure_lambda0 (default True): measure lambda0, the top Hessian eigenvalue at step 0, on
     the first sharpness_batch (1024) training examples with sharpness_iters (20) Lanczos

@@ -20,7 +20,8 @@ COLUMNS = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_times_lambda0", "lr_
            "two_over_lr", "final_train_acc", "final_val_acc", "final_val_loss", "memorize_step", "grok_step",
            "steps_per_s", "wall_s",
            # label noise (None without it): after today's columns, so that scripts reading them keep working
-           "final_noisy_train_acc", "final_clean_train_acc", "noisy_memorize_step", "clean_memorize_step")
+           "final_noisy_train_acc", "final_clean_train_acc", "noisy_memorize_step", "clean_memorize_step",
+           "final_robust_val_acc")  # --adv-eval (None without it)
 
 
 def cell_name(width: int, lr: str, seed: int) -> str:
