@@ -15,6 +15,7 @@ from typing import Optional
 from .. import __version__
 from . import config as C
 from .config import TrainConfig
+from .config_file import add_config_option, format_config, parse_args
 from .parallel import from_rank0, is_main_process, launched_by_torchrun, process_group, world_size
 from .run_folder import FolderLock
 
@@ -34,6 +35,7 @@ def _choices(parser, flag: str, choices: tuple, help: str) -> None:
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
+    add_config_option(parser)
     g = parser.add_argument_group("task")
     _choices(g, "--task", C.TASKS, "task")
     # --p, the config's name, stays; torchrun's own parser takes --p for one of its options
@@ -98,6 +100,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
              "each cycle's first step)")
     _choices(g, "--loss", C.LOSSES, "loss (mse: 0.5 * sum over outputs, mean over examples)")
     _add(g, "--batch-size", "minibatch size (default: full batch)", type=int)
+    _add(g, "--grad-accum", "micro-batches per step: each batch split into K, one forward and backward each, "
+         "the grads summed (the same step up to rounding, in 1/K of the activation memory)", type=int, metavar="K")
+    _choices(g, "--amp", C.AMPS, "autocast of the forward pass, the loss in float32 (fp16: with a GradScaler, "
+             "which catapult's optimizers take in their kernels); the sharpness stays float32")
     _add(g, "--steps", "optimizer steps", type=int)
     _add(g, "--seed", "seed of data, init and batch order", type=int)
     _add(g, "--device", "cpu, cuda, cuda:1, ... (with --parallel: cpu or cuda, one GPU per rank)")
@@ -119,6 +125,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _add(g, "--adv-step-size", "pgd: the signed step (default: 2.5 * eps / steps)", type=float)
     _add(g, "--checkpoint-every", "steps between checkpoints (0: at the end and on Ctrl-C)", type=int)
     _add(g, "--plots", "write figures (--no-plots: none)", action=argparse.BooleanOptionalAction)
+    _add(g, "--tensorboard", "also write the metrics and figures as TensorBoard events in <out>/tensorboard "
+         "(needs the tensorboard package)", action=argparse.BooleanOptionalAction)
 
 
 def add_run_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -211,7 +219,7 @@ def main_train(argv: list[str]) -> int:
                 "rank 0 writes --out.")
     add_train_options(p)
     add_run_options(p, "run")
-    ns = p.parse_args(argv)
+    ns = parse_args(p, argv)
     overrides = _overrides(ns)
     if overrides.get("schedule") == "cyclic":  # the cycle's levels are in units of 2/lambda0: the base lr
         overrides.setdefault("lr", "2/lambda0")
@@ -254,12 +262,16 @@ def main_sweep(argv: list[str]) -> int:
     from .sweep import format_table, sweep
     p = _parser("catapult-train sweep", "Run a grid of widths x learning rates x seeds; writes one "
                 "run folder per cell, sweep.csv and sweep.png.")
-    p.add_argument("--widths", type=int, nargs="+", required=True)
-    p.add_argument("--lrs", nargs="+", required=True, help="numbers or K/lambda0, e.g. 0.5/lambda0 3/lambda0")
+    p.add_argument("--widths", type=int, nargs="+", help="required, here or in --config")
+    p.add_argument("--lrs", nargs="+", help="numbers or K/lambda0, e.g. 0.5/lambda0 3/lambda0 (required, here "
+                   "or in --config)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     add_train_options(p)
     add_run_options(p, "sweep")
-    ns = p.parse_args(argv)
+    ns = parse_args(p, argv, {"widths": list[int], "lrs": list[str], "seeds": list[int]})
+    for name in ("widths", "lrs"):
+        if getattr(ns, name) is None:
+            raise ValueError(f"sweep needs --{name}, on the command line or in --config")
     overrides = _overrides(ns)
     _check_resume_or_overwrite(ns)
     _check_one_process(overrides, "sweep")
@@ -270,6 +282,10 @@ def main_sweep(argv: list[str]) -> int:
     out = Path(ns.out) if ns.out else Path("runs") / f"sweep-{base.task}-{base.model}"
     check_out(out)
     check_device(base.device)
+    if not ns.quiet:
+        grid = {"widths": ns.widths, "lrs": ns.lrs, "seeds": ns.seeds}
+        print(format_config({**grid, **{k: v for k, v in base.to_dict().items() if k not in ("width", "lr", "seed")}},
+                            "sweep config"))
     made = not out.exists()
     try:
         with FolderLock(out), StopSignals() as signals:  # one sweep at a time in a folder
@@ -300,7 +316,7 @@ def main_coord_check(argv: list[str]) -> int:
     add_train_options(p)
     p.add_argument("--out", help="folder for coord_check.json and coord_check.png")
     p.add_argument("--overwrite", action="store_true")
-    ns = p.parse_args(argv)
+    ns = parse_args(p, argv, {"widths": list[int], "check_steps": int})
     overrides = _overrides(ns)
     _check_one_process(overrides, "coord-check")
     for name, why in (("width", "--widths"), ("parametrization", "both standard and mup, side by side")):

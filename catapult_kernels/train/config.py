@@ -31,6 +31,7 @@ CYCLE_UNITS = ("lambda0", "sharpness")  # cyclic: levels in units of 2/lambda0, 
 MODULAR_OPS = ("add", "sub", "mul", "div")
 GROKFAST = ("none", "ema")
 PARALLEL = ("none", "ddp", "fsdp")  # data parallel under torchrun (parallel.py)
+AMPS = ("none", "bf16", "fp16")  # autocast of the forward pass (mixed_precision.py)
 ADV_EVALS = ("none", "fgsm", "pgd")  # robust val accuracy under an L-inf attack (adversarial.py)
 
 _K_OVER_LAMBDA0 = re.compile(r"^\s*([^/\s]+)\s*/\s*lambda0\s*$")
@@ -126,6 +127,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     parallel: str = "none"
+    amp: str = "none"
+    grad_accum: int = 1  # micro-batches per optimizer step, splitting each batch
     world_size: int = 1  # the processes the run trains on: recorded by run(), not an option
     # diagnostics and output
     log_every: int = 10
@@ -139,6 +142,7 @@ class TrainConfig:
     adv_step_size: Optional[float] = None  # pgd; None: 2.5 * adv_eps / adv_steps
     checkpoint_every: int = 0  # 0: only at the end (and on Ctrl-C)
     plots: bool = True
+    tensorboard: bool = False
 
     def validate(self) -> "TrainConfig":
         _choice("task", self.task, TASKS)
@@ -153,10 +157,12 @@ class TrainConfig:
         _choice("op", self.op, MODULAR_OPS)
         _choice("grokfast", self.grokfast, GROKFAST)
         _choice("parallel", self.parallel, PARALLEL)
+        _choice("amp", self.amp, AMPS)
         LearningRate.parse(self.lr)
         self._check_cyclic()
         for name in ("p", "n_train", "n_val", "input_dim", "depth", "width", "base_width", "layers",
-                     "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch", "world_size"):
+                     "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch", "world_size",
+                     "grad_accum"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup", "sharpness_every", "checkpoint_every", "seed"):
             _nonnegative_int(name, getattr(self, name))
@@ -301,7 +307,7 @@ BEFORE_OPTION = {"ntk_bias_scale": 1.0}
 
 # What a resumed run may change: how long it runs and how often it logs and writes, never
 # what it computes.
-RESUMABLE = ("steps", "log_every", "checkpoint_every", "plots")
+RESUMABLE = ("steps", "log_every", "checkpoint_every", "plots", "tensorboard")
 
 
 def computation_changes(cfg: TrainConfig, values: dict) -> list[str]:

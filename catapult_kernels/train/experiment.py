@@ -101,6 +101,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool)
         sharpness_batch=cfg.sharpness_batch, lambda0=lambda0, grok_threshold=cfg.grok_threshold,
         max_grad_norm=cfg.max_grad_norm if cfg.impl == "torch" else None,
         out=out, resume=resume, overwrite=overwrite, checkpoint_every=cfg.checkpoint_every,
+        amp=cfg.amp, grad_accum=cfg.grad_accum, tensorboard=cfg.tensorboard,
         config=cfg.to_dict(), plots=cfg.plots and out is not None, quiet=quiet, seed=cfg.seed,
         attack=None if cfg.adv_eval == "none" else Attack(cfg.adv_eval, cfg.adv_eps, cfg.adv_steps, cfg.adv_step_size))
     try:

@@ -32,10 +32,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from .. import ops
 from ..distributed.sharding import is_dtensor
 from .adversarial import Attack, robust_accuracy
+from .config_file import format_config
+from .grad_accum import gradient_sync, micro_batches
+from .mixed_precision import MixedPrecision
 from .parallel import DataParallel, full_tensors, parallel_mode, process_group, shard_like
 from .phase import classify, is_runaway
 from .run_folder import RunFolder
 from .sharpness import NoDoubleBackward, top_hessian_eigenvalue
+from .tensorboard_log import TensorBoardLog, require_tensorboard
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -303,11 +307,12 @@ class Trainer:
                  measure_lambda0: bool = True, lambda0: Optional[float] = None, grok_threshold: float = 0.95,
                  max_grad_norm: Optional[float] = None, out=None, resume: bool = False, overwrite: bool = False,
                  checkpoint_every: int = 0, config: Optional[dict] = None, plots: bool = True,
+                 amp: Optional[str] = None, grad_accum: int = 1, tensorboard: bool = False,
                  quiet: bool = False, seed: int = 0, parallel: Optional[str] = None,
                  noisy_mask: Optional[torch.Tensor] = None,
                  attack: Optional[Attack] = None):
         check_noisy_mask(noisy_mask, train)
-        for name, v in (("steps", steps), ("log_every", log_every)):
+        for name, v in (("steps", steps), ("log_every", log_every), ("grad_accum", grad_accum)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         for name, v in (("sharpness_every", sharpness_every), ("checkpoint_every", checkpoint_every),
@@ -321,6 +326,15 @@ class Trainer:
         if self.dp.active and isinstance(train, (tuple, list)) and (batch_size or len(train[0])) < self.dp.world_size:
             raise ValueError(f"batch_size {batch_size or len(train[0])} on {self.dp.world_size} ranks: every rank "
                              "needs at least one example per step")
+        if isinstance(train, (tuple, list)) and (batch_size or len(train[0])) // self.dp.world_size < grad_accum:
+            on_ranks = f" on {self.dp.world_size} ranks" if self.dp.active else ""
+            raise ValueError(f"grad_accum {grad_accum}: a batch of {batch_size or len(train[0])}{on_ranks} leaves a "
+                             "micro-batch without examples (each needs at least one)")
+        if tensorboard and out is None:
+            raise ValueError("tensorboard writes into the run folder: pass out=")
+        if tensorboard:
+            require_tensorboard()
+        self.amp = MixedPrecision(amp, self.device)
         fsdp_to_shard = self.dp.mode == "fsdp" and not self.dp.is_sharded(model)
         if fsdp_to_shard and isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError("parallel='fsdp' replaces the model's params by their shards, so an optimizer made "
@@ -345,6 +359,8 @@ class Trainer:
         self.sharpness_every, self.sharpness_iters, self.sharpness_batch = sharpness_every, sharpness_iters, sharpness_batch
         self.measure_lambda0, self.grok_threshold = measure_lambda0, grok_threshold
         self.max_grad_norm = max_grad_norm  # torch optimizers only: ours clip inside step()
+        self.grad_accum, self.tensorboard = grad_accum, tensorboard
+        self.board: Optional[TensorBoardLog] = None  # rank 0's, from the folder's first write
         self.checkpoint_every, self.plots, self.quiet, self.seed = checkpoint_every, plots, quiet, seed
         self.batches = (TensorBatches(*train, batch_size, seed) if isinstance(train, (tuple, list))
                         else LoaderBatches(train, self.device))
@@ -379,6 +395,8 @@ class Trainer:
             self.trackers.lambda0 = self._lambda0()
         if self.out is not None:
             self.dp.from_rank0(self._begin_folder)
+        if self._config_given and not self.quiet and self.dp.is_main:  # what runs, from now on (config.json)
+            print(format_config(self.config), flush=True)
         bar = self._progress_bar()
         pending: list[torch.Tensor] = []  # the losses since the last log step, on the device
         status = "finished"
@@ -412,6 +430,8 @@ class Trainer:
         self.folder.truncate_metrics(before_step=self.start)  # first: a corrupt record is refused before any write
         if self.start == 0 or self._config_given:  # a resume without a config keeps config.json as it is
             self.folder.write_json("config.json", self.config)
+        if self.tensorboard:  # a resumed run's events from its first step on replace those logged before
+            self.board = TensorBoardLog(self.folder.path, purge_step=self.start)
 
     def _stop_agreed(self, t: int, signals: StopSignals) -> bool:
         """Whether to stop before step t. Ranks stop at one step together: they agree at log
@@ -433,14 +453,8 @@ class Trainer:
         x, y = self.batches(t)
         x, y, share = self.dp.local_part(x, y)
         self.opt.zero_grad(set_to_none=True)
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
-        if self.dp.active:  # this rank's part of the batch's mean; x world size, as DDP and FSDP average grads
-            loss = loss * share
-            (loss * self.dp.world_size).backward()
-        else:
-            loss.backward()
-        pending.append(loss.detach())
+        out, loss = self._forward_backward(x, y, share)
+        pending.append(loss)
         if log:
             losses = self.dp.sum(torch.stack(pending)).tolist()  # the one host sync per log step
             pending.clear()
@@ -451,13 +465,31 @@ class Trainer:
         if stepped:
             self._set_lr(t)
             if self.max_grad_norm is not None:
+                self.amp.unscale_(self.opt)
                 clip_norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), self.max_grad_norm)
-            self.opt.step()
+            self.amp.step(self.opt)
             self.trackers.updates += 1
         if log:
             record["lr"] = self._base_lr(t)
             record["grad_norm"] = self._grad_norm(clip_norm, stepped)
         return record
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's outputs (detached) and loss (detached: this rank's share of the batch's mean
+        loss), its grads left in .grad: over grad_accum micro-batches (grad_accum.py), each forward
+        under --amp's autocast, each loss in float32."""
+        outs, loss = [], None
+        parts = micro_batches(x, y, self.grad_accum)
+        for i, (xi, yi, part) in enumerate(parts):
+            with gradient_sync(self.model, self.dp.mode, i, len(parts)):
+                with self.amp.autocast():
+                    out = self.model(xi)
+                micro = self.loss_fn(self.amp.float32(out), yi) * (part * share)  # its part of the batch's mean
+                # x world size: DDP and FSDP average the grads over the ranks, where the shares add up
+                self.amp.backward(micro * self.dp.world_size if self.dp.active else micro)
+            outs.append(out.detach())
+            loss = micro.detach() if loss is None else loss + micro.detach()
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]), loss
 
     def _flush(self, t: int, pending: list) -> None:
         """Fold the unread losses of steps t - len(pending) .. t - 1 into the trackers."""
@@ -547,7 +579,8 @@ class Trainer:
             for x, y, *_ in batches:
                 x, y = x.to(self.device), y.to(self.device)
                 for xi, yi in self.dp.pieces(x, y, 8192):  # bounded memory on large validation sets
-                    out = self.inner(xi)  # on every rank, even for an empty slice: FSDP's forward is a collective
+                    with self.amp.autocast():  # on every rank, even for an empty slice: FSDP's forward is a collective
+                        out = self.amp.float32(self.inner(xi))
                     if not len(yi):
                         continue
                     loss_sum += self.loss_fn(out, yi).double() * len(yi)
@@ -568,7 +601,7 @@ class Trainer:
         norm = clip_norm if clip_norm is not None else getattr(self.opt, "grad_norm", None)
         if stepped and norm is not None:
             return float(norm.full_tensor() if is_dtensor(norm) else norm)
-        return global_norm([p.grad for p in self.inner.parameters() if p.grad is not None])
+        return self.amp.grad_norm(global_norm([p.grad for p in self.inner.parameters() if p.grad is not None]))
 
     def _robust_val_acc(self) -> float:
         """Measured by rank 0 on its full replica, as the sharpness is, the value broadcast;
@@ -639,6 +672,8 @@ class Trainer:
         self.trackers.last_record = record
         if self.folder is not None:
             self.folder.append_metrics(record)
+        if self.board is not None:
+            self.board.add_record(record)
         if bar is not None:
             bar.n = record["step"]
             shown = {k: f"{record[k]:.4g}" for k in ("loss", "train_acc", "val_acc", "sharpness") if k in record}
@@ -691,6 +726,9 @@ class Trainer:
             if self.plots:
                 from .plots import plot_curves
                 plot_curves(self.folder.read_metrics(), self.folder.file("curves.png"), title=self.folder.path.name)
+        if self.board is not None:  # the figures drawn above, at the last step
+            self.board.add_figures(self.folder.path.glob("*.png"), t)
+            self.board.close()
         return summary
 
     # ---- checkpoints ----
@@ -709,6 +747,7 @@ class Trainer:
         self.folder.save_checkpoint({
             "step": t, "model": model, "optimizer": optimizer,
             "trackers": trackers, "torch_rng": torch_rng, "cuda_rng": cuda_rng,
+            "grad_scaler": self.amp.state_dict(),
             "config": self.config,
         })
 
@@ -734,6 +773,7 @@ class Trainer:
                                           for i, state in ckpt["optimizer"]["state"].items()}
         self.inner.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
+        self.amp.load_state_dict(ckpt.get("grad_scaler"))
         self.trackers = Trackers(**ckpt["trackers"])
         torch.set_rng_state(own_rng)
         if own_cuda_rng is not None and torch.cuda.is_available():
@@ -786,6 +826,13 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Union[P
     loss ("ce", "mse" or a callable), steps, batch_size, lr_factor (step -> lr multiplier),
     log_every, sharpness_every, grok_threshold, out (a run folder), resume, overwrite,
     checkpoint_every, quiet, seed, parallel; see Trainer.
+
+    amp (None, "bf16" or "fp16"): the training step's forward pass, and the evaluation's, under
+    torch.autocast in that dtype, the loss computed in float32; fp16 scales the loss with a
+    torch.amp.GradScaler (checkpointed). grad_accum (default 1): each batch split into that
+    many micro-batches, one forward and backward each (mixed_precision.py, grad_accum.py).
+    tensorboard (default False): the metrics and figures also as TensorBoard events in
+    out/tensorboard (tensorboard_log.py).
 
     lr_sharpness_every (default 0: off): a schedule that reads the sharpness. At every step t
     that is a multiple of it, the sharpness at theta_t is measured before update t, kept in the

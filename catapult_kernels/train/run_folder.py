@@ -1,4 +1,5 @@
-"""A run folder: config.json, metrics.jsonl, summary.json, curves.png and checkpoint.pt.
+"""A run folder: config.json, metrics.jsonl, summary.json, curves.png and checkpoint.pt
+(and tensorboard/ with --tensorboard).
 Files are replaced atomically (written beside, then renamed), and a folder that already
 holds a run is refused unless the caller resumes it or asks to overwrite it. One process at
 a time works in a folder: it holds the folder's lock (FolderLock) while it uses it.
@@ -16,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -26,6 +28,7 @@ from typing import Optional
 import torch
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoint.pt")
+RUN_FOLDERS = ("tensorboard",)  # a run's own folders (tensorboard_log.py)
 LOCK_FILE = ".lock"  # not a run file: a folder holding only a lock file holds no run
 
 
@@ -134,7 +137,7 @@ class RunFolder:
         self._lock = FolderLock(self.path)  # before looking: what it sees stays so
         self.checkpoint_step: Optional[int] = None  # of the checkpoint.pt this process read or wrote
         try:
-            existing = [f for f in RUN_FILES if (self.path / f).exists()]
+            existing = [f for f in RUN_FILES + RUN_FOLDERS if (self.path / f).exists()]
             if resume:
                 if not (self.path / "checkpoint.pt").exists():
                     raise ValueError(f"--resume: {self.path} has no checkpoint.pt to resume from")
@@ -143,7 +146,7 @@ class RunFolder:
                     raise ValueError(f"{self.path} already holds a run ({', '.join(existing)}); "
                                      "pass --resume to continue it or --overwrite to replace it")
                 for f in existing:  # only the run's own files: anything else in the folder stays
-                    (self.path / f).unlink()
+                    shutil.rmtree(self.path / f) if f in RUN_FOLDERS else (self.path / f).unlink()
         except BaseException:
             self.close()
             raise
