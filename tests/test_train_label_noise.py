@@ -98,6 +98,17 @@ def test_records_and_summary_measure_the_noise_memorized(tmp_path, batch_size):
         assert records[0]["noisy_train_acc"] < 0.5 and summary["noisy_memorize_step"] is not None
 
 
+def test_a_resumed_run_continues_with_the_same_noise_and_steps(tmp_path):
+    cfg = TrainConfig(**{**DIGITS, "batch_size": 40})
+    straight = run(cfg, tmp_path / "straight", quiet=True)
+    run(TrainConfig(**{**DIGITS, "batch_size": 40, "steps": 40}), tmp_path / "resumed", quiet=True)
+    resumed = run(cfg, tmp_path / "resumed", resume=True, quiet=True)
+    assert _records(tmp_path / "resumed") == _records(tmp_path / "straight")
+    for key in ("clean_memorize_step", "noisy_memorize_step", "final_noisy_train_acc", "final_clean_train_acc"):
+        assert resumed[key] == straight[key], key
+    assert straight["clean_memorize_step"] < 40  # reached before the checkpoint: the trackers carried it over
+
+
 def test_without_label_noise_the_summary_keys_are_null(tmp_path):
     summary = run(TrainConfig(**{**DIGITS, "label_noise": 0.0, "steps": 4}), tmp_path / "r", quiet=True)
     assert not any("noisy" in k or "clean" in k for r in _records(tmp_path / "r") for k in r)
