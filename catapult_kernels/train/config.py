@@ -252,7 +252,7 @@ class TrainConfig:
             raise ValueError(f"--cycle-peak {self.cycle_peak} is below --cycle-trough {self.cycle_trough}")
         if LearningRate.parse(self.lr) != LearningRate(2.0, True):
             raise ValueError(f"--schedule cyclic sets the lr to --cycle-peak/--cycle-trough x 2/lambda0: "
-                             f"leave --lr out (it is recorded as 2/lambda0), not --lr {self.lr}")
+                             f"leave --lr out or give it as 2/lambda0 (a sweep: --lrs 2/lambda0), not --lr {self.lr}")
         if self.warmup:
             raise ValueError("--warmup does not apply to --schedule cyclic (each cycle starts at its peak)")
 
