@@ -79,3 +79,10 @@ def test_without_the_package_says_how_to_install_it(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert "task 'mnist1d' needs the mnist1d package" in err and "pip install mnist1d" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_seed_numpy_cannot_take_is_one_clear_error(tmp_path, capsys):
+    assert main(["--task", "mnist1d", "--seed", str(2 ** 32), "--quiet", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--seed {2 ** 32}: mnist1d builds its signals with numpy's global RNG" in err
+    assert len(err.splitlines()) == 1

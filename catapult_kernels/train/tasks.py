@@ -124,6 +124,8 @@ def mnist1d(n_train: int, seed: int) -> Data:
     package's templates with its default arguments and `seed` (never downloaded). Validation:
     its 1000 test signals; training: the first n_train of its 4000 training signals (already
     shuffled). Standardized per feature with the training examples' statistics."""
+    if seed >= 2 ** 32:
+        raise ValueError(f"--seed {seed}: mnist1d builds its signals with numpy's global RNG, which takes seeds < 2**32")
     x_all, y_all, x_val, y_val = _mnist1d_arrays(seed)
     if not n_train <= len(y_all):
         raise ValueError(f"--n-train {n_train}: mnist1d has {len(y_all)} training signals (and 1000 for validation)")
