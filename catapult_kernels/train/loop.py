@@ -484,7 +484,9 @@ class Trainer:
             with gradient_sync(self.model, self.dp.mode, i, len(parts)):
                 with self.amp.autocast():
                     out = self.model(xi)
-                micro = self.loss_fn(self.amp.float32(out), yi) * (part * share)  # its part of the batch's mean
+                micro = self.loss_fn(self.amp.float32(out), yi)
+                if part * share != 1.0:  # its part of the batch's mean
+                    micro = micro * (part * share)
                 # x world size: DDP and FSDP average the grads over the ranks, where the shares add up
                 self.amp.backward(micro * self.dp.world_size if self.dp.active else micro)
             outs.append(out.detach())
