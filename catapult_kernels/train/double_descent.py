@@ -125,27 +125,32 @@ def format_table(summary: list[dict], x: str) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], x: str, path: Path, title: str, threshold: Optional[float], threshold_label: str,
-         loss_label: str) -> None:
-    """Two panels against x on a log axis: error (train and val) and loss (train and val),
-    each the mean over seeds with a min-max band; a dashed line at the interpolation threshold."""
+def plot(summary: list[dict], x: str, path: Path, *, title: str, xlabel: str, ticks, loss_label: str,
+         threshold: Optional[float], threshold_label: str) -> None:
+    """Two panels against x on a log axis, each the mean over seeds with a min-max band: the
+    training and validation error, and the validation loss (the training loss is in the CSV:
+    at exact interpolation, ~1e-30, it would squash a log axis); a dashed line at the
+    interpolation threshold."""
     from .plots import _pyplot
     plt = _pyplot()
     xs = [s[x] for s in summary]
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
-    for ax, kind, ylabel in ((axes[0], "error", "error (1 - accuracy)"), (axes[1], "loss", loss_label)):
-        for split, color in (("train", "#4c72b0"), ("val", "#dd8452")):
-            m = f"{split}_{kind}"
-            ax.plot(xs, [s[f"{m}_mean"] for s in summary], marker=".", color=color, label=f"{split} {kind}")
+    panels = ((axes[0], ("train_error", "val_error"), "error (1 - accuracy)"), (axes[1], ("val_loss",), loss_label))
+    for ax, metrics, ylabel in panels:
+        for m in metrics:
+            color = "#4c72b0" if m.startswith("train") else "#dd8452"
+            ax.plot(xs, [s[f"{m}_mean"] for s in summary], marker=".", color=color, label=m.replace("_", " "))
             ax.fill_between(xs, [s[f"{m}_min"] for s in summary], [s[f"{m}_max"] for s in summary],
                             color=color, alpha=0.25, lw=0)
         if threshold is not None:
             ax.axvline(threshold, color="k", lw=0.8, ls="--", label=threshold_label)
         ax.set_xscale("log")
-        if kind == "loss":
+        if metrics == ("val_loss",):
             ax.set_yscale("log")
-        ax.set(xlabel=x.replace("_", " "), ylabel=ylabel)
-        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))  # 10, 100, 1000: not 10^k
+        shown = [t for t in ticks if min(xs) <= t <= max(xs)]
+        ax.set_xticks(shown, [f"{t:g}" for t in shown])  # plain numbers, not 10^k
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -163,9 +168,11 @@ def run_random_features(n_features, seeds, out: Path, n_train: int = 500, label_
     summary = summarize(rows, "n_features")
     if plots:
         plot(summary, "n_features", out / "double_descent.png",
-             f"random ReLU features, min-norm least squares: digits, n = {n_train}, "
-             f"{label_noise:.0%} label noise, {len(seeds)} seeds",
-             n_train, f"N = n = {n_train}", "mse (0.5 * sum over outputs)")
+             title=f"random ReLU features, min-norm least squares: digits, n = {n_train}, "
+                   f"{label_noise:.0%} label noise, {len(seeds)} seeds",
+             xlabel="N (random features)", ticks=(10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000),
+             loss_label="mse (0.5 * squared error summed over outputs)",
+             threshold=n_train, threshold_label=f"N = n = {n_train}")
     return summary
 
 
@@ -186,10 +193,11 @@ def run_mlp(widths, seeds, out: Path, steps: int = 10000, n_train: int = 500, la
     summary = summarize(rows, "width")
     if plots:
         plot(summary, "width", out / "double_descent.png",
-             f"one-hidden-layer ReLU MLP, full-batch Adam lr {base.lr}, {steps} steps: digits, n = {n_train}, "
-             f"{label_noise:.0%} label noise, {len(seeds)} seeds",
-             interpolation_threshold(summary, "width", MLP_INTERPOLATED), "train error first <= 1%",
-             "cross-entropy")
+             title=f"one-hidden-layer ReLU MLP, full-batch Adam lr {base.lr}, {steps} steps: digits, n = {n_train}, "
+                   f"{label_noise:.0%} label noise, {len(seeds)} seeds",
+             xlabel="hidden width", ticks=[2 ** k for k in range(1, 16)], loss_label="cross-entropy",
+             threshold=interpolation_threshold(summary, "width", MLP_INTERPOLATED),
+             threshold_label=f"train error <= {MLP_INTERPOLATED:g} from here on")
     return summary
 
 
