@@ -163,15 +163,17 @@ def test_bf16_run_trains_and_records(tmp_path):
     assert "grad_scaler" in torch.load(out / "checkpoint.pt", weights_only=True)  # None: no scaler under bf16
 
 
-def test_fp16_takes_the_fused_grad_scaler_path_and_logs_unscaled_grad_norms(tmp_path):
-    """catapult's AdamW reads the scale in its kernel and leaves .grad scaled; torch's AdamW
-    gets .grad unscaled by GradScaler: the same steps, the same logged grad norms."""
-    fused = _run(tmp_path, "catapult", TINY + ["--amp", "fp16"])
-    unfused = _run(tmp_path, "torch", TINY + ["--amp", "fp16", "--impl", "torch"])
+@pytest.mark.parametrize("clip", [[], ["--max-grad-norm", "0.05"]], ids=["unclipped", "clipped"])
+def test_fp16_takes_the_fused_grad_scaler_path_and_logs_unscaled_grad_norms(tmp_path, clip):
+    """catapult's AdamW reads the scale in its kernel (and clips the unscaled grads there) and
+    leaves .grad scaled; torch's AdamW gets .grad unscaled by GradScaler (before
+    clip_grad_norm_): the same steps, the same logged grad norms."""
+    fused = _run(tmp_path, "catapult", TINY + clip + ["--amp", "fp16"])
+    unfused = _run(tmp_path, "torch", TINY + clip + ["--amp", "fp16", "--impl", "torch"])
     _assert_same_metrics(fused, unfused)
     state = torch.load(fused / "checkpoint.pt", weights_only=True)["grad_scaler"]
     assert state["scale"] == 65536.0 and state["_growth_tracker"] == 6  # six steps, none overflowed
-    plain = _run(tmp_path, "fp32", TINY)
+    plain = _run(tmp_path, "fp32", TINY + clip)
     assert _records(fused)[0]["grad_norm"] == pytest.approx(_records(plain)[0]["grad_norm"], rel=1e-2)
 
 
