@@ -333,8 +333,10 @@ def main_coord_check(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({"config": base.to_dict(), "results": results}, indent=1) + "\n")
     if base.plots:
+        from .config_words import config_title
         from .plots import plot_coord_check
-        plot_coord_check(results, out / "coord_check.png")
+        plot_coord_check(results, out / "coord_check.png",
+                         title=config_title(base.to_dict(), omit=("width", "parametrization", "steps")))
     print(format_growth(results))
     print(f"wrote {target}" + (f" and {out / 'coord_check.png'}" if base.plots else ""))
     return 0

@@ -726,8 +726,10 @@ class Trainer:
         if self.folder is not None:
             self.folder.write_json("summary.json", summary)
             if self.plots:
+                from .config_words import config_title
                 from .plots import plot_curves
-                plot_curves(self.folder.read_metrics(), self.folder.file("curves.png"), title=self.folder.path.name)
+                plot_curves(self.folder.read_metrics(), self.folder.file("curves.png"),
+                            title=config_title(self.config) or self.folder.path.name)
         if self.board is not None:  # the figures drawn above, at the last step
             self.board.add_figures(self.folder.path.glob("*.png"), t)
             self.board.close()

@@ -1,7 +1,11 @@
-"""Figures: a run's curves, a sweep's phase diagram, the muP coordinate check.
-matplotlib is imported here only, with the file-only Agg backend."""
+"""Figures: a run's curves, a sweep's phase diagram, the muP coordinate check, runs compared.
+matplotlib is imported here only (and in plot_ticks, once set up here), with the file-only Agg
+backend. Titles say the configuration (config_words.config_title); every axis gets plain,
+readable ticks (plot_ticks.readable)."""
 from __future__ import annotations
 
+import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,6 +23,22 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _finish(fig, axes, title: str, path, legend=None, **save) -> None:
+    """Readable ticks on every panel, the title wrapped to the figure's width, the panels laid
+    out above `legend` (a figure legend at the bottom), then saved."""
+    from .plot_ticks import readable
+    for ax in axes:
+        readable(ax)
+    if title:  # about 12 characters per inch at this size
+        fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 12))), fontsize=10)
+    below = 0.0
+    if legend is not None:
+        fig.canvas.draw()  # the legend's size, out of the figure's
+        below = legend.get_window_extent().height / fig.bbox.height
+    fig.tight_layout(rect=(0, below, 1, 1))
+    fig.savefig(path, dpi=110, **save)
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list, list]:
@@ -54,9 +74,7 @@ def plot_curves(metrics: list[dict], path, title: str = "") -> None:
         ax.plot([s for s, _ in steps_lrs], [2.0 / lr for _, lr in steps_lrs], "k--", label="2 / lr")
         ax.set(xscale="symlog", yscale="log", xlabel="step", ylabel="top Hessian eigenvalue")
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, fig.axes, title, path)
     plt.close(fig)
 
 
@@ -142,19 +160,19 @@ def plot_sweep(rows: list[dict], path, title: str = "") -> None:
     handles = [plt.Line2D([], [], color=c, marker="x" if p == "divergent" else "o", ls="", label=p)
                for p, c in PHASE_COLORS.items()]
     axes[-1][-1].legend(handles=handles, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, axes[-1], title, path)
     plt.close(fig)
 
 
-def plot_coord_check(results: dict, path) -> None:
+def plot_coord_check(results: dict, path, title: str = "") -> None:
     """results[parametrization][width][layer] = [mean |activation| at step 0, 1, ...]:
-    one panel per (parametrization, step), activation scale against width."""
+    one panel per (parametrization, step), activation scale against width. A row's panels
+    share their y scale, so that a parametrization's growth over the steps reads at a glance."""
     plt = _pyplot()
     params = list(results)
     steps = len(next(iter(next(iter(results.values())).values()))[0])
-    fig, axes = plt.subplots(len(params), steps, figsize=(3.4 * steps, 3.0 * len(params)), squeeze=False)
+    fig, axes = plt.subplots(len(params), steps, figsize=(3.4 * steps, 3.0 * len(params) + 0.4 * bool(title)),
+                             squeeze=False, sharey="row")
     for i, pz in enumerate(params):
         widths = sorted(results[pz])
         layers = len(results[pz][widths[0]])
@@ -164,12 +182,44 @@ def plot_coord_check(results: dict, path) -> None:
                 label = "output" if layer == layers - 1 else f"layer {layer + 1}"
                 ax.plot(widths, [results[pz][w][layer][s] for w in widths], marker="o", label=label)
             ax.set(xscale="log", yscale="log", title=f"{pz}, step {s}", xlabel="width")
+            shown = widths[::math.ceil(len(widths) / 6)]  # the widths themselves, at most 6 labelled
+            ax.set_xticks(shown, [str(w) for w in shown], rotation=45 if len(shown) > 4 else 0)
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             if s == 0:
                 ax.set_ylabel("mean |pre-activation|")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    _finish(fig, fig.axes, title, Path(path))
     plt.close(fig)
+
+
+def plot_compare(runs: list[tuple[str, list[dict]]], metrics: list[str], path, title: str = "",
+                 format: Optional[str] = None) -> None:
+    """runs: (label, metrics records) each, drawn in the same color in every panel; one panel
+    per metric over steps (log steps, as a run's curves). Accuracies on a linear 0-1 axis,
+    positive metrics on a log axis. The legend goes below the panels: labels can be long."""
+    plt = _pyplot()
+    n = len(metrics)
+    fig, axes = plt.subplots(1, n, figsize=(max(4.6 * n, 6.0), 3.6 + 0.25 * len(runs)), squeeze=False)
+    for ax, key in zip(axes[0], metrics):
+        values = []
+        for i, (label, records) in enumerate(runs):
+            s, v = _series(records, key)
+            ax.plot(s, v, color=f"C{i}", label=label)
+            values += v
+        ax.set(xscale="symlog", xlabel="step", ylabel=METRIC_NAMES.get(key, key.replace("_", " ")))
+        if key.endswith("_acc"):
+            ax.set_ylim(-0.02, 1.02)
+        elif values and min(values) > 0:
+            ax.set_yscale("log")
+    handles = [plt.Line2D([], [], color=f"C{i}", label=label) for i, (label, _) in enumerate(runs)]
+    legend = fig.legend(handles=handles, loc="lower center", ncol=1 if len(runs) <= 4 else 2, fontsize=8,
+                        frameon=False)
+    _finish(fig, axes[0], title, path, legend=legend, format=format)
+    plt.close(fig)
+
+
+METRIC_NAMES = {"loss": "train loss", "train_acc": "train accuracy", "val_loss": "val loss",
+                "val_acc": "val accuracy", "sharpness": "top Hessian eigenvalue"}
 
 
 def plot_cyclic(metrics: list[dict], path, title: str = "") -> None:

@@ -67,9 +67,9 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
         if rows:
             write_csv(rows, out / "sweep.csv")
     if base.plots and rows:
+        from .config_words import config_title
         from .plots import plot_sweep
-        plot_sweep(rows, out / "sweep.png", title=f"{base.task}, {base.model} {base.parametrization}, "
-                                                  f"{base.optimizer}, {base.loss}, {base.steps} steps")
+        plot_sweep(rows, out / "sweep.png", title=config_title(base.to_dict(), omit=("width", "lr", "seed")))
     return rows
 
 
