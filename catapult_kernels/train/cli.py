@@ -342,12 +342,30 @@ def main_coord_check(argv: list[str]) -> int:
     return 0
 
 
+def main_compare(argv: list[str]) -> int:
+    from .compare import DEFAULT_FIGURE, DEFAULT_METRICS, compare
+    p = _parser("catapult-train compare", "Overlay the curves (metrics.jsonl) of several runs in one figure, "
+                "one panel per metric, each run labelled by the options in which it differs from the others.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (two or more)")
+    p.add_argument("--out", help=f"the figure (.png, .pdf, .svg; default: {DEFAULT_FIGURE} in the current folder)")
+    p.add_argument("--metrics", nargs="+", metavar="NAME", help="metrics.jsonl keys (train_loss is loss; default: "
+                   f"those of {', '.join(DEFAULT_METRICS)} that every run logged)")
+    p.add_argument("--overwrite", action="store_true", help="replace the figure if it exists")
+    ns = p.parse_args(argv)
+    out, labels = compare(ns.runs, ns.out, ns.metrics, overwrite=ns.overwrite)
+    for run, label in zip(ns.runs, labels):
+        print(f"  {run}: {label}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main_double_descent(argv: list[str]) -> int:
     from .double_descent import main
     return main(argv)
 
 
-COMMANDS = {"sweep": main_sweep, "coord-check": main_coord_check, "double-descent": main_double_descent}
+COMMANDS = {"sweep": main_sweep, "coord-check": main_coord_check, "compare": main_compare,
+            "double-descent": main_double_descent}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
