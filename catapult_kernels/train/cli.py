@@ -260,12 +260,16 @@ def main_sweep(argv: list[str]) -> int:
     from .loop import StopSignals
     from .plots import sweep_figure
     from .sweep import format_table, sweep
+    from .sweep_jobs import CellsFailed
     p = _parser("catapult-train sweep", "Run a grid of widths x learning rates x seeds; writes one "
                 "run folder per cell, sweep.csv and sweep.png.")
     p.add_argument("--widths", type=int, nargs="+", help="required, here or in --config")
     p.add_argument("--lrs", nargs="+", help="numbers or K/lambda0, e.g. 0.5/lambda0 3/lambda0 (required, here "
                    "or in --config)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="cells run at once, each in its own process "
+                   "with 1/N of this one's torch threads (default: 1, in this process; a cell that fails with N > 1 "
+                   "does not stop the others)")
     add_train_options(p)
     add_run_options(p, "sweep")
     ns = parse_args(p, argv, {"widths": list[int], "lrs": list[str], "seeds": list[int]})
@@ -286,11 +290,13 @@ def main_sweep(argv: list[str]) -> int:
         grid = {"widths": ns.widths, "lrs": ns.lrs, "seeds": ns.seeds}
         print(format_config({**grid, **{k: v for k, v in base.to_dict().items() if k not in ("width", "lr", "seed")}},
                             "sweep config"))
-    made = not out.exists()
+    made, failed = not out.exists(), None
     try:
         with FolderLock(out), StopSignals() as signals:  # one sweep at a time in a folder
             rows = sweep(base, ns.widths, ns.lrs, ns.seeds, out, resume=ns.resume, overwrite=ns.overwrite,
-                         quiet=ns.quiet)
+                         quiet=ns.quiet, jobs=ns.jobs)
+    except CellsFailed as e:  # the other cells are done: their table first, then the failures
+        rows, failed = e.rows, e
     except BaseException:
         if made:
             _remove_if_empty(out)
@@ -299,6 +305,9 @@ def main_sweep(argv: list[str]) -> int:
         print(format_table(rows))
         drawn = base.plots and sweep_figure(rows).panels
         print(f"wrote {out / 'sweep.csv'}" + (f" and {out / 'sweep.png'}" if drawn else ""))
+    if failed is not None:
+        print(f"catapult-train: error: {failed}", file=sys.stderr)
+        return 1
     cells = len(ns.widths) * len(ns.lrs) * len(ns.seeds)
     if len(rows) < cells:
         print(f"catapult-train: sweep interrupted after {len(rows)} of {cells} cells; finish it with "

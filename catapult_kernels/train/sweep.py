@@ -1,7 +1,7 @@
 """A grid of runs: widths x learning rates (numbers or K/lambda0) x seeds. One run folder
 per cell, then one table (sweep.csv, printed) and one figure (sweep.png). Ctrl-C or SIGTERM
 stops the sweep once the cell in progress has checkpointed; sweep.csv then holds the cells
-done, and resume=True finishes the rest."""
+done, and resume=True finishes the rest. jobs=N runs the cells in N processes (sweep_jobs)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import LearningRate, TrainConfig
 from .experiment import continuation, run
 from .loop import StopSignals
+from .sweep_jobs import CellsFailed, check_jobs, run_cells
 
 COLUMNS = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_times_lambda0", "lr_over_2_over_lambda0",
            "phase", "loss0", "peak_loss", "final_step", "final_loss", "sharpness_final", "sharpness_final_step",
@@ -29,9 +30,12 @@ def cell_name(width: int, lr: str, seed: int) -> str:
 
 
 def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int], out, *,
-          resume: bool = False, overwrite: bool = False, quiet: bool = False) -> list[dict]:
-    """The rows of the cells done: all of them, unless a signal stopped the sweep."""
+          resume: bool = False, overwrite: bool = False, quiet: bool = False, jobs: int = 1) -> list[dict]:
+    """The rows of the cells done: all of them, unless a signal stopped the sweep. jobs > 1:
+    the cells in that many processes (sweep_jobs), the same rows; a cell that fails there
+    does not stop the others, and CellsFailed follows the table and figure of the rest."""
     check_grid(widths, lrs, seeds)
+    check_jobs(jobs)
     cells = [dataclasses.replace(base, width=w, lr=lr, seed=s).validate()
              for w in widths for lr in lrs for s in seeds]
     out = Path(out)
@@ -41,36 +45,57 @@ def sweep(base: TrainConfig, widths: list[int], lrs: list[str], seeds: list[int]
     if resume:
         check_cells_begun(cells, out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    folders = [out / cell_name(cfg.width, cfg.lr, cfg.seed) for cfg in cells]
+    done, failures = {}, []  # done: cell index -> summary (with jobs > 1 the cells end in any order)
+    rows = lambda: [row_of(cells[i], done[i]) for i in sorted(done)]  # noqa: E731
     with StopSignals() as signals:  # shared with the run in progress: one signal stops both
         try:
-            for i, cfg in enumerate(cells):
-                if signals.requested:
-                    break
-                folder = out / cell_name(cfg.width, cfg.lr, cfg.seed)
-                finished = folder / "summary.json"
-                summary = json.loads(finished.read_text()) if resume and finished.exists() else None
-                if summary is None or unfinished(summary, cfg):
-                    if not quiet:
-                        print(f"[{i + 1}/{len(cells)}] width {cfg.width}, lr {cfg.lr}, seed {cfg.seed}", flush=True)
-                    cell_resume = resume and (folder / "checkpoint.pt").exists()
-                    summary = run(cfg, folder, resume=cell_resume,
-                                  overwrite=overwrite or (resume and not cell_resume), quiet=True)
-                    if summary["status"] == "interrupted":  # checkpointed: resume=True continues it
+            reused = [reused_summary(cfg, folder, resume) for cfg, folder in zip(cells, folders)]
+            if jobs > 1:
+                done.update((i, summary) for i, summary in enumerate(reused) if summary is not None)
+                todo = [i for i, summary in enumerate(reused) if summary is None]
+                if todo:
+                    failures = run_cells(cells, folders, todo, jobs, signals, done, resume=resume,
+                                         overwrite=overwrite, quiet=quiet)
+            else:
+                for i, (cfg, folder, summary) in enumerate(zip(cells, folders, reused)):
+                    if signals.requested:
                         break
-                rows.append(row_of(cfg, summary))
+                    if summary is None:
+                        if not quiet:
+                            print(f"[{i + 1}/{len(cells)}] width {cfg.width}, lr {cfg.lr}, seed {cfg.seed}",
+                                  flush=True)
+                        summary = run_cell(cfg, folder, resume=resume, overwrite=overwrite)
+                        if summary["status"] == "interrupted":  # checkpointed: resume=True continues it
+                            break
+                    done[i] = summary
         except KeyboardInterrupt:  # a second signal stopped it at once: the cells done are kept
-            if rows:
-                write_csv(rows, out / "sweep.csv")
+            if done:
+                write_csv(rows(), out / "sweep.csv")
             raise
         # not after an error, nor with no cell done: a sweep.csv without rows would refuse the rerun
-        if rows:
-            write_csv(rows, out / "sweep.csv")
-    if base.plots and rows:
+        if done:
+            write_csv(rows(), out / "sweep.csv")
+    if base.plots and done:
         from .config_words import config_title
         from .plots import plot_sweep
-        plot_sweep(rows, out / "sweep.png", title=config_title(base.to_dict(), omit=("width", "lr", "seed")))
-    return rows
+        plot_sweep(rows(), out / "sweep.png", title=config_title(base.to_dict(), omit=("width", "lr", "seed")))
+    if failures:
+        raise CellsFailed(rows(), failures)
+    return rows()
+
+
+def reused_summary(cfg: TrainConfig, folder: Path, resume: bool):
+    """The summary of a cell that resume=True takes as done; None for a cell to run."""
+    finished = folder / "summary.json"
+    summary = json.loads(finished.read_text()) if resume and finished.exists() else None
+    return None if summary is None or unfinished(summary, cfg) else summary
+
+
+def run_cell(cfg: TrainConfig, folder: Path, *, resume: bool, overwrite: bool) -> dict:
+    """Runs a cell: continued from its checkpoint where resume=True finds one, else anew."""
+    cell_resume = resume and (folder / "checkpoint.pt").exists()
+    return run(cfg, folder, resume=cell_resume, overwrite=overwrite or (resume and not cell_resume), quiet=True)
 
 
 def unfinished(summary: dict, cfg: TrainConfig) -> bool:
