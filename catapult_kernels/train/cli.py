@@ -214,7 +214,7 @@ def main_train(argv: list[str]) -> int:
     from .experiment import default_out, describe, resolve_resume, run
     from .loop import StopSignals
     p = _parser("catapult-train", "Train one run; writes config.json, metrics.jsonl, summary.json, "
-                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check, double-descent. "
+                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check, double-descent, probe. "
                 "Under torchrun --nproc-per-node N with --parallel ddp or fsdp, one run on N processes; "
                 "rank 0 writes --out.")
     add_train_options(p)
@@ -373,8 +373,13 @@ def main_double_descent(argv: list[str]) -> int:
     return main(argv)
 
 
+def main_probe(argv: list[str]) -> int:
+    from .probe import main
+    return main(argv)
+
+
 COMMANDS = {"sweep": main_sweep, "coord-check": main_coord_check, "compare": main_compare,
-            "double-descent": main_double_descent}
+            "double-descent": main_double_descent, "probe": main_probe}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
