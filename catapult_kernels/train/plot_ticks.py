@@ -27,14 +27,20 @@ def plain(v: float, tol: float) -> str:
 
 def log_ticks(lo: float, hi: float) -> list[float]:
     """Ticks from lo to hi (0 < lo < hi) on a log axis: powers of ten (every k-th over many
-    decades), with their 2s and 5s over fewer than 2.5, and round numbers evenly spaced inside
-    a decade, where there may be no power of ten at all."""
+    decades), or over a few decades the first of 1 / 1, 2, 5 / 1, 3 / ... times them that
+    gives 3 to 7 ticks; inside a sliver of a decade, round numbers evenly spaced."""
     decades = math.log10(hi / lo)
-    if decades < 0.8:
-        return [t for t in ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
-                if lo <= t <= hi]
-    subs = (1, 2, 5) if decades < 2.5 else (1,)
-    stride = max(1, math.ceil(decades / MOST_DECADES_LABELLED))
+    if decades > MOST_DECADES_LABELLED:
+        return _decades(lo, hi, (1,), stride=math.ceil(decades / MOST_DECADES_LABELLED))
+    for subs in ((1,), (1, 2, 5), (1, 3), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        ticks = _decades(lo, hi, subs, stride=1)
+        if 3 <= len(ticks) <= 7:
+            return ticks
+    return [t for t in ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+
+
+def _decades(lo: float, hi: float, subs: tuple, stride: int) -> list[float]:
+    """m x 10^e for m in subs, every stride-th e, from lo to hi."""
     ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
              if e % stride == 0 for m in subs]
     return [t for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]

@@ -32,13 +32,25 @@ def _finish(fig, axes, title: str, path, legend=None, **save) -> None:
     for ax in axes:
         readable(ax)
     if title:  # about 12 characters per inch at this size
-        fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 12))), fontsize=10)
+        fig.suptitle(_wrapped(title, max(40, int(fig.get_figwidth() * 12))), fontsize=10)
     below = 0.0
     if legend is not None:
         fig.canvas.draw()  # the legend's size, out of the figure's
         below = legend.get_window_extent().height / fig.bbox.height
     fig.tight_layout(rect=(0, below, 1, 1))
     fig.savefig(path, dpi=110, **save)
+
+
+def _wrapped(title: str, width: int) -> str:
+    """The title in lines of at most `width` characters, broken between its " · " parts where
+    it can be (config_title's), inside a part only where the part alone is too long."""
+    lines: list[str] = []
+    for part in title.split(" · "):
+        if lines and len(lines[-1]) + 3 + len(part) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines += textwrap.wrap(part, width) or [part]
+    return "\n".join(lines)
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list, list]:
