@@ -214,8 +214,8 @@ def main_train(argv: list[str]) -> int:
     from .experiment import default_out, describe, resolve_resume, run
     from .loop import StopSignals
     p = _parser("catapult-train", "Train one run; writes config.json, metrics.jsonl, summary.json, "
-                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check, double-descent, probe. "
-                "Under torchrun --nproc-per-node N with --parallel ddp or fsdp, one run on N processes; "
+                "curves.png and checkpoint.pt to --out. Subcommands: sweep, coord-check, double-descent, probe, "
+                "compare. Under torchrun --nproc-per-node N with --parallel ddp or fsdp, one run on N processes; "
                 "rank 0 writes --out.")
     add_train_options(p)
     add_run_options(p, "run")
