@@ -10,8 +10,8 @@ import pytest
 
 from catapult_kernels.train import TrainConfig
 from catapult_kernels.train.cli import main
-from catapult_kernels.train.probe import (METRICS, PROBE_COLUMNS, PROBE_CONFIG, format_bands, plot_probe,
-                                          plot_val_acc_by_width, probe, seed_bands)
+from catapult_kernels.train.probe import (METRICS, PROBE_COLUMNS, PROBE_CONFIG, format_bands, gain_over_lowest_lr,
+                                          plot_probe, plot_val_acc_by_width, probe, seed_bands)
 from catapult_kernels.train.sweep import COLUMNS
 
 pytest.importorskip("sklearn")  # digits: a dev requirement, present in CI
@@ -92,6 +92,15 @@ def test_seed_bands_give_mean_and_spread_over_the_seeds_that_did_not_diverge():
     assert fourth.mean is None and fourth.divergent == 3  # every seed diverged: no value, a marker
     as_read = [{k: str(v) for k, v in r.items()} for r in ROWS[:3]]  # probe.csv read back: text
     assert seed_bands(as_read, "final_val_acc")[16][0].mean == pytest.approx(0.83)
+
+
+def test_the_gain_is_over_the_same_width_and_seed_at_the_lowest_lr():
+    gains = gain_over_lowest_lr([r for r in ROWS if r["weight_decay"] == 0.0], "final_val_acc")
+    assert len(gains) == 2 * 4 * 3  # every cell with a value: its own seed's run at c = 1 did not diverge
+    by_cell = {(g["width"], g["lr_spec"], g["seed"]): g["final_val_acc"] for g in gains}
+    assert by_cell[(16, "1/lambda0", 2)] == 0.0 and by_cell[(64, "3/lambda0", 1)] == pytest.approx(0.04)
+    band = seed_bands(gains, "final_val_acc")[64][1]  # the seeds' spread (0.01 per seed) cancels
+    assert (band.lo, band.hi) == pytest.approx((0.04, 0.04))
 
 
 def test_the_figures_are_written(tmp_path):

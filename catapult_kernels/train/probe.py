@@ -94,15 +94,36 @@ def draw_bands(ax, rows: list[dict], metric: str, ylabel: str) -> None:
     ax.set(xlabel="lr / (2 / lambda0)", ylabel=ylabel)
 
 
+def gain_over_lowest_lr(rows: list[dict], metric: str) -> list[dict]:
+    """rows with `metric` replaced by its gain over the same width and seed's run at the lowest
+    lr: the seed's split and init are the same, so the spread between seeds' splits cancels."""
+    lowest: dict[tuple, dict] = {}
+    for r in rows:
+        key, x = (int(r["width"]), int(r["seed"])), r.get("lr_over_2_over_lambda0")
+        if _number(x) and (key not in lowest or float(x) < float(lowest[key]["lr_over_2_over_lambda0"])):
+            lowest[key] = r
+    gains = []
+    for r in rows:
+        ref = lowest.get((int(r["width"]), int(r["seed"])))
+        if ref is not None and ref["phase"] != "divergent" and _number(r.get(metric)) and _number(ref.get(metric)):
+            gains.append({**r, metric: float(r[metric]) - float(ref[metric])})
+    return gains
+
+
 def plot_val_acc_by_width(rows: list[dict], path, title: str = "") -> None:
-    """The final val accuracy of a sweep against the lr in units of 2/lambda0: left of the
-    dashed line the lazy phase, right of it the catapult."""
+    """The final val accuracy of a sweep against the lr in units of 2/lambda0 (left of the
+    dashed line the lazy phase, right of it the catapult), and beside it the same seed's gain
+    over its run at the lowest lr."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    draw_bands(ax, rows, "final_val_acc", "final val accuracy")
-    ax.axvspan(1.0, ax.get_xlim()[1], color=PHASE_COLORS["catapult"], alpha=0.06, lw=0)
-    ax.legend(title="mean, min-max over seeds", fontsize=8, title_fontsize=8)
-    ax.set_title(title, fontsize=9)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    draw_bands(axes[0], rows, "final_val_acc", "final val accuracy")
+    draw_bands(axes[1], gain_over_lowest_lr(rows, "final_val_acc"), "final_val_acc",
+               "gain over the same seed at the lowest lr")
+    for ax in axes:
+        ax.axvspan(1.0, ax.get_xlim()[1], color=PHASE_COLORS["catapult"], alpha=0.06, lw=0)
+    axes[1].axhline(0.0, color="gray", lw=0.8)
+    axes[0].legend(title="mean, min-max over seeds", fontsize=8, title_fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
