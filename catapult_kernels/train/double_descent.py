@@ -133,6 +133,7 @@ def plot(summary: list[dict], x: str, path: Path, *, title: str, xlabel: str, ti
     interpolation threshold."""
     from .plots import _pyplot
     plt = _pyplot()
+    from matplotlib.ticker import LogFormatter
     xs = [s[x] for s in summary]
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
     panels = ((axes[0], ("train_error", "val_error"), "error (1 - accuracy)"), (axes[1], ("val_loss",), loss_label))
@@ -147,6 +148,9 @@ def plot(summary: list[dict], x: str, path: Path, *, title: str, xlabel: str, ti
         ax.set_xscale("log")
         if metrics == ("val_loss",):
             ax.set_yscale("log")
+            # plain numbers (2, 3, 10, 1e+06), and minor labels only where the axis spans under two decades
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         shown = [t for t in ticks if min(xs) <= t <= max(xs)]
         ax.set_xticks(shown, [f"{t:g}" for t in shown])  # plain numbers, not 10^k
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
@@ -171,7 +175,7 @@ def run_random_features(n_features, seeds, out: Path, n_train: int = 500, label_
              title=f"random ReLU features, min-norm least squares: digits, n = {n_train}, "
                    f"{label_noise:.0%} label noise, {len(seeds)} seeds",
              xlabel="N (random features)", ticks=(10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000),
-             loss_label="mse (0.5 * squared error summed over outputs)",
+             loss_label="mse (0.5 * sum of squares)",
              threshold=n_train, threshold_label=f"N = n = {n_train}")
     return summary
 
