@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from catapult_kernels.train.cli import main
-from catapult_kernels.train.double_descent import min_norm_least_squares, random_features
+from catapult_kernels.train.double_descent import format_key_points, min_norm_least_squares, random_features
 
 
 def test_min_norm_least_squares_equals_the_pseudo_inverse_on_a_rank_deficient_system():
@@ -71,3 +71,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, kind, option
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_key_points_are_the_first_minimum_the_peak_after_it_and_the_largest():
+    def point(x, error, loss):
+        return {"width": x, **{f"{m}_{k}": v for m, v in (("val_error", error), ("val_loss", loss))
+                               for k in ("mean", "min", "max")}}
+    summary = [point(1, 0.9, 3.0), point(2, 0.3, 1.0), point(4, 0.6, 9.0), point(8, 0.2, 2.0)]
+    error, loss = format_key_points(summary, "width").splitlines()
+    # the underfit start (0.9) is not the peak: the peak comes after the first minimum
+    assert error.startswith("val error: first minimum at width 2: 0.3") and "peak at 4: 0.6" in error
+    assert error.endswith("at 8: 0.2 (0.2-0.2) (below the first minimum)")
+    assert "first minimum at width 2: 1" in loss and loss.endswith("(not below the first minimum)")

@@ -88,14 +88,24 @@ def summarize(rows: list[dict], x: str) -> list[dict]:
     return out
 
 
-def key_points(summary: list[dict], x: str) -> dict:
-    """The x of the peak of the mean validation error and loss, the first minimum of the mean
-    validation error (the lowest below the peak), and the largest x."""
-    peak = max(summary, key=lambda s: s["val_error_mean"])
-    below = [s for s in summary if s[x] < peak[x]]
-    return {"error_peak": peak, "loss_peak": max(summary, key=lambda s: s["val_loss_mean"]),
-            "first_minimum": min(below, key=lambda s: s["val_error_mean"]) if below else None,
-            "largest": summary[-1]}
+def format_key_points(summary: list[dict], x: str) -> str:
+    """For the validation error and loss (means over seeds): the first minimum (the first x
+    whose mean is below the next one's), the peak after it, the largest x, and whether the
+    largest ends below the first minimum; each as mean (min-max over seeds)."""
+    value = lambda s, m: f"{s[f'{m}_mean']:.3g} ({s[f'{m}_min']:.3g}-{s[f'{m}_max']:.3g})"  # noqa: E731
+    lines = []
+    for m in ("val_error", "val_loss"):
+        means = [s[f"{m}_mean"] for s in summary]
+        k = next((k for k in range(len(means) - 1) if means[k] < means[k + 1]), len(means) - 1)
+        first, last, name = summary[k], summary[-1], m.replace("_", " ")
+        if k == len(means) - 1:
+            lines.append(f"{name}: no peak, falling all the way to {x} {last[x]}: {value(last, m)}")
+            continue
+        peak = max(summary[k + 1:], key=lambda s: s[f"{m}_mean"])
+        below = "below" if last[f"{m}_mean"] < first[f"{m}_mean"] else "not below"
+        lines.append(f"{name}: first minimum at {x} {first[x]}: {value(first, m)}; peak at {peak[x]}: "
+                     f"{value(peak, m)}; at {last[x]}: {value(last, m)} ({below} the first minimum)")
+    return "\n".join(lines)
 
 
 def interpolation_threshold(summary: list[dict], x: str, tolerance: float = 0.0) -> Optional[int]:
@@ -272,6 +282,7 @@ def main(argv: list[str]) -> int:
     x = "n_features" if ns.kind == "random-features" else "width"
     if summary:
         print(format_table(summary, x))
+        print(format_key_points(summary, x))
         print(f"wrote {out / 'double_descent.csv'}" + (f" and {out / 'double_descent.png'}" if ns.plots else ""))
     cells = len(set(ns.widths)) * len(ns.seeds) if ns.kind == "mlp" else 0
     if sum(s["seeds"] for s in summary) < cells:
