@@ -158,8 +158,8 @@ def plot(summary: list[dict], x: str, path: Path, *, title: str, xlabel: str, ti
         ax.set_xscale("log")
         if metrics == ("val_loss",):
             ax.set_yscale("log")
-            # plain numbers (2, 3, 10, 1e+06), and minor labels only where the axis spans under two decades
-            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+            # plain numbers (2, 3, 10, 1e+05), and minor labels only where the axis spans under two decades
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.4g}"))
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         shown = [t for t in ticks if min(xs) <= t <= max(xs)]
         ax.set_xticks(shown, [f"{t:g}" for t in shown])  # plain numbers, not 10^k
