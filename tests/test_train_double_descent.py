@@ -64,6 +64,7 @@ def test_the_mlp_sweep_writes_the_csv_and_the_figure_on_a_tiny_grid(tmp_path, ca
     ("random-features", "--n-features", "0", "--n-features takes integers >= 1"),
     ("mlp", "--steps", "0", "--steps must be an integer >= 1"),
     ("mlp", "--n-train", "1797", "--n-train 1797: digits has 1797 images"),
+    ("mlp", "--resume", "--overwrite", "--resume continues what is in --out and --overwrite replaces it"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, kind, option, value, message):
     out = tmp_path / "dd"

@@ -1,16 +1,20 @@
 """Double descent (Belkin et al. 2019; Nakkiran et al. 2019) on sklearn's digits: n = 500
 training images with 20% of their labels replaced by a uniformly random other class
-(validation labels clean), two ways.
+(validation labels clean; the trainer's --label-noise), two ways.
 
 - random features: min-norm least squares from N random ReLU features to one-hot targets.
   The validation error and MSE peak at N = n, where the features first interpolate the
   training set, and fall again as N grows.
+- model-wise: a width sweep of a one-hidden-layer ReLU MLP trained by the trainer (full-batch
+  Adam, cross-entropy, long enough to interpolate); the validation loss peaks at the width
+  where the training error first reaches ~0.
 
     catapult-train double-descent random-features --out runs/double-descent-rf
+    catapult-train double-descent mlp --out runs/double-descent-mlp
 
-Each writes double_descent.csv (one row per N and seed) and double_descent.png: validation
-error and loss against N, with the training error on the same axes (mean over seeds, min-max
-band)."""
+Each writes double_descent.csv (one row per N or width and seed) and double_descent.png:
+validation error and loss against N or width, with the training error on the same axes
+(mean over seeds, min-max band); mlp also the sweep's own sweep.csv and run folders."""
 from __future__ import annotations
 
 import argparse
@@ -268,6 +272,8 @@ def main(argv: list[str]) -> int:
                                       ns.plots)
     else:
         mlp_config(ns.steps, ns.n_train, ns.label_noise)  # bad values named before any folder is made
+        if ns.resume and ns.overwrite:
+            raise ValueError("--resume continues what is in --out and --overwrite replaces it: pass one of them")
         check_out(out)
         made = not out.exists()
         try:
