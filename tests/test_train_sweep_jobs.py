@@ -67,7 +67,7 @@ def metrics_lines(path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-# ~15 s: a sweep with two workers in a subprocess, stopped, then resumed
+# ~15 s: a sweep with two workers in a subprocess, stopped, then resumed in two workers
 def test_ctrl_c_checkpoints_every_running_cell_and_resume_finishes_the_sweep(tmp_path):
     out = tmp_path / "s"
     grid = ["sweep", "--widths", "8", "--lrs", "0.1", "0.2"] + OPTIONS + ["--no-plots"]
@@ -94,5 +94,9 @@ def test_ctrl_c_checkpoints_every_running_cell_and_resume_finishes_the_sweep(tmp
         summary = json.loads((cell / "summary.json").read_text())
         assert summary["status"] == "interrupted" and (cell / "checkpoint.pt").exists()
         steps.append(summary["steps"])
-    assert main(grid + ["--steps", str(max(steps) + 2), "--out", str(out), "--resume"]) == 0
+    # each cell continued from its checkpoint, in the workers
+    assert main(grid + ["--steps", str(max(steps) + 2), "--jobs", "2", "--out", str(out), "--resume"]) == 0
     assert [r["lr_spec"] for r in read_rows(out)] == ["0.1", "0.2"]
+    for cell in cells:
+        summary = json.loads((cell / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["steps"] == max(steps) + 2
