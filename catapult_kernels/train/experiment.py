@@ -107,10 +107,10 @@ def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool)
     try:
         summary = trainer.run()  # it writes config.json: how long the run goes and what it writes, from now on
         if cfg.schedule == "cyclic" and cfg.plots and trainer.folder is not None:  # the cycles on a linear axis
+            from .config_words import config_title
             from .plots import plot_cyclic
             plot_cyclic(trainer.folder.read_metrics(), trainer.folder.file("cyclic.png"),
-                        title=f"{cfg.task}, width {cfg.width}, {cfg.parametrization}: lr {cfg.cycle_peak:g} then "
-                              f"{cfg.cycle_trough:g} x 2/{cfg.cycle_unit}, period {cfg.cycle_period}")
+                        title=config_title(cfg.to_dict()))
         return summary
     finally:
         if trainer.folder is not None:

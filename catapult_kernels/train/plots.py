@@ -252,7 +252,5 @@ def plot_cyclic(metrics: list[dict], path, title: str = "") -> None:
     bottom.plot(*_series(metrics, "sharpness"), ".", color="#dd8452", label="sharpness")
     bottom.set(yscale="log", xlabel="step", ylabel="top Hessian eigenvalue")
     bottom.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    _finish(fig, fig.axes, title, Path(path))
     plt.close(fig)
