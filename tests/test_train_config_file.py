@@ -120,3 +120,23 @@ def test_coord_check_takes_its_widths_from_the_file(tmp_path):
     assert main(["coord-check", "--config", str(config), "--out", str(out)]) == 0
     results = json.loads((out / "coord_check.json").read_text())["results"]
     assert sorted(int(w) for w in results["standard"]) == [8, 16]
+
+
+def test_sweep_and_probe_take_jobs_from_the_file_and_a_run_refuses_it(tmp_path, capsys, monkeypatch):
+    import importlib
+    jobs = []  # what each command would run its cells with: the grid itself is not run here
+    for module, grid in (("sweep", "sweep"), ("probe", "probe")):  # the package's own names are its functions
+        monkeypatch.setattr(importlib.import_module(f"catapult_kernels.train.{module}"), grid,
+                            lambda *a, **kw: jobs.append(kw["jobs"]) or [])
+    grid = "widths = [8]\nlrs = [0.05]\njobs = 4\n"
+    config = _config(tmp_path, GRID_TOML + grid)
+    main(["sweep", "--config", str(config), "--quiet", "--out", str(tmp_path / "s")])
+    main(["sweep", "--config", str(config), "--jobs", "2", "--quiet", "--out", str(tmp_path / "t")])
+    main(["probe", "--config", str(_config(tmp_path, grid)), "--quiet", "--out", str(tmp_path / "p")])
+    assert jobs == [4, 2, 4]  # the file's, under the command line's
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(_config(tmp_path, GRID_TOML + "widths = [8]\nlrs = [0.05]\njobs = \"4\"\n")),
+                 "--out", str(tmp_path / "u")]) == 2
+    assert "'jobs' must be an integer, got '4'" in capsys.readouterr().err
+    assert main(["--config", str(_config(tmp_path, TINY_TOML + "jobs = 4\n")), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown key 'jobs'" in capsys.readouterr().err  # a single run has no --jobs

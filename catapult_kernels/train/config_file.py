@@ -4,12 +4,12 @@ tomllib), and the resolved config printed as a run begins.
 A key is an option's name as config.json spells it (weight_decay, p) or as the command line
 does (weight-decay, modulus): in a key `-` and `_` are the same. Values are TOML's own types:
 integers, floats (an integer is a float too), booleans, strings, and for a command's grid
-(sweep's widths, lrs and seeds) arrays; lr and lrs take numbers or strings ("2.5/lambda0").
-TOML has no null: an option whose default is None is left out to keep it. Options given on
-the command line override the file's; with --resume the file's are checked against the run
-as the command line's are (only the resumable ones may differ). An unknown key, a key given
-twice or a value of the wrong type is refused in one line naming the key and the file,
-before any work."""
+(sweep's widths, lrs and seeds) arrays; lr and lrs take numbers or strings ("2.5/lambda0");
+sweep's and probe's jobs an integer. TOML has no null: an option whose default is None is
+left out to keep it. Options given on the command line override the file's; with --resume
+the file's are checked against the run as the command line's are (only the resumable ones
+may differ). An unknown key, a key given twice or a value of the wrong type is refused in
+one line naming the key and the file, before any work."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,7 @@ from .config import TrainConfig
 
 NOT_OPTIONS = ("world_size",)  # recorded by run(), never set
 ALIASES = {"modulus": "p"}  # the command line's names that are not the config's
+COMMAND_OPTIONS = {"jobs": int}  # how a command runs, not what: the file sets them too, where the command has them
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -33,11 +34,14 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str], grid: Optional[dict] = None) -> argparse.Namespace:
     """parser.parse_args(argv) on top of the --config file's options: an option takes the
     command line's value, else the file's, else its default. grid: the command's own options
-    that the file may set too, name -> type (e.g. {"widths": list[int]})."""
+    that the file may set too, name -> type (e.g. {"widths": list[int]}); so may the
+    COMMAND_OPTIONS that the parser defines (sweep's and probe's --jobs)."""
     first = argparse.ArgumentParser(prog=parser.prog, add_help=False)
     first.add_argument("--config")
     path = first.parse_known_args(argv)[0].config
-    from_file = read_config_file(path, grid or {}) if path is not None else {}
+    own = {a.dest for a in parser._actions}  # the options this command's parser defines
+    grid = {**(grid or {}), **{name: kind for name, kind in COMMAND_OPTIONS.items() if name in own}}
+    from_file = read_config_file(path, grid) if path is not None else {}
     return parser.parse_args(argv, namespace=argparse.Namespace(**from_file))  # argparse keeps what it holds
 
 
