@@ -58,10 +58,22 @@ def _series(metrics: list[dict], key: str) -> tuple[list, list]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+ACCURACIES = (("train_acc", "train"), ("val_acc", "val"), ("clean_train_acc", "train, clean labels"),
+              ("noisy_train_acc", "train, noisy labels (memorized)"),  # --label-noise
+              ("robust_val_acc", "val, adversarial"))  # --adv-eval
+
+
+def accuracy_series(metrics: list[dict]) -> list[tuple[str, list, list]]:
+    """The accuracy panel's lines, (label, steps, values), of the ACCURACIES the records hold."""
+    series = [(label, *_series(metrics, key)) for key, label in ACCURACIES]
+    return [(label, s, v) for label, s, v in series if s]
+
+
 def plot_curves(metrics: list[dict], path, title: str = "") -> None:
-    """Loss and accuracies over steps on log axes; sharpness beside 2/lr."""
+    """Loss and accuracies (accuracy_series) over steps on log axes; sharpness beside 2/lr."""
     plt = _pyplot()
-    has_acc = any("val_acc" in r or "train_acc" in r for r in metrics)
+    accuracies = accuracy_series(metrics)
+    has_acc = bool(accuracies)
     has_sharp = any("sharpness" in r for r in metrics)
     panels = 1 + has_acc + has_sharp
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), squeeze=False)
@@ -75,10 +87,10 @@ def plot_curves(metrics: list[dict], path, title: str = "") -> None:
     ax.legend()
     if has_acc:
         ax = axes.pop(0)
-        for key, label in (("train_acc", "train"), ("val_acc", "val")):
-            ax.plot(*_series(metrics, key), label=label)
+        for label, s, v in accuracies:
+            ax.plot(s, v, label=label)
         ax.set(xscale="symlog", xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
-        ax.legend()
+        ax.legend(fontsize=8 if len(accuracies) > 2 else None)  # more, longer labels: smaller
     if has_sharp:
         ax = axes.pop(0)
         ax.plot(*_series(metrics, "sharpness"), marker=".", label="sharpness")

@@ -156,11 +156,17 @@ def write_csv(rows: list[dict], path) -> None:
         raise
 
 
+TABLE = (("width", "width"), ("lr_spec", "lr"), ("seed", "seed"), ("lambda0", "lambda0"), ("lr", "lr value"),
+         ("lr_over_2_over_lambda0", "lr/(2/l0)"), ("phase", "phase"), ("peak_loss", "peak loss"),
+         ("final_loss", "final loss"), ("sharpness_final", "sharpness"), ("two_over_lr", "2/lr"),
+         ("final_val_acc", "val acc"), ("final_val_loss", "val loss"), ("grok_step", "grok step"))
+TABLE_WHEN_MEASURED = (("final_noisy_train_acc", "noisy mem"), ("final_clean_train_acc", "clean train acc"),
+                       ("final_robust_val_acc", "robust acc"))  # --label-noise, --adv-eval: shown where a row has them
+
+
 def format_table(rows: list[dict]) -> str:
-    cols = ("width", "lr_spec", "seed", "lambda0", "lr", "lr_over_2_over_lambda0", "phase", "peak_loss",
-            "final_loss", "sharpness_final", "two_over_lr", "final_val_acc", "final_val_loss", "grok_step")
-    heads = ("width", "lr", "seed", "lambda0", "lr value", "lr/(2/l0)", "phase", "peak loss", "final loss",
-             "sharpness", "2/lr", "val acc", "val loss", "grok step")
+    shown = TABLE + tuple((c, head) for c, head in TABLE_WHEN_MEASURED if any(r.get(c) is not None for r in rows))
+    cols, heads = zip(*shown)
     fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     table = [heads] + [tuple(fmt(r.get(c)) for c in cols) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(heads))]
