@@ -114,9 +114,18 @@ def digits(n_train: int, gen: torch.Generator) -> Data:
         raise ValueError(f"--n-train {n_train}: digits has {len(y)} images; keep some for validation")
     perm = torch.randperm(len(y), generator=gen)
     tr, va = perm[:n_train], perm[n_train:]
-    mean, std = x[tr].mean(0), x[tr].std(0).clamp_min(1e-3)  # the border pixels are constant
-    x = (x - mean) / std
-    return Data(x[tr], y[tr], x[va], y[va], x.shape[1], 10, 10)
+    x_train, x_val = standardize(x[tr], x[va])
+    return Data(x_train, y[tr], x_val, y[va], x.shape[1], 10, 10)
+
+
+def standardize(train: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both scaled per feature by the training split's mean and std. A feature constant over
+    the training split is only centered (scale 1, as sklearn's StandardScaler): dividing by a
+    tiny floor would send its rare nonzero values elsewhere (a border pixel of a validation
+    digit) to thousands of stds, and every validation loss with them."""
+    mean, std = train.mean(0), train.std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (train - mean) / std, (other - mean) / std
 
 
 def mnist1d(n_train: int, seed: int) -> Data:
@@ -130,9 +139,9 @@ def mnist1d(n_train: int, seed: int) -> Data:
     if not n_train <= len(y_all):
         raise ValueError(f"--n-train {n_train}: mnist1d has {len(y_all)} training signals (and 1000 for validation)")
     x = x_all[:n_train]
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-3)
+    x, x_val = standardize(x, x_val)
     # the labels are copies: the arrays stay cached, whatever a caller does to its Data
-    return Data((x - mean) / std, y_all[:n_train].clone(), (x_val - mean) / std, y_val.clone(), x.shape[1], 10, 10)
+    return Data(x, y_all[:n_train].clone(), x_val, y_val.clone(), x.shape[1], 10, 10)
 
 
 @functools.lru_cache(maxsize=8)  # building takes about a second: once per seed in a process (a sweep)
