@@ -9,7 +9,6 @@ The figures draw a sweep's metrics that way: x = lr / (2 / lambda0), the lazy/ca
 boundary at x = 1. The catapult-generalization reproduction draws its final val accuracy so."""
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -260,7 +259,8 @@ def main(argv: list[str]) -> int:
     grid_help = {k: " ".join(map(str, v)) for k, v in PROBE_GRID.items()}
     p = _parser("catapult-train probe", "The proposal's probe: a sweep of widths x lrs x seeds per weight decay, "
                 "with label noise and an adversarial evaluation; writes one sweep per weight decay (wd<value>/), "
-                "probe.csv and probe.png. Defaults: " + ", ".join(f"{k}={v}" for k, v in PROBE_CONFIG.items()) + ".")
+                "probe.csv and probe.png. Its own defaults, over those shown per option: "
+                + ", ".join(f"{k}={v}" for k, v in PROBE_CONFIG.items()) + ".")
     p.add_argument("--widths", type=int, nargs="+", default=PROBE_GRID["widths"],
                    help=f"(default: {grid_help['widths']})")
     p.add_argument("--lrs", nargs="+", default=PROBE_GRID["lrs"], help=f"(default: {grid_help['lrs']})")
