@@ -42,3 +42,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def pytest_report_header(config):
     return (f"catapult backends under test: {[p.id for p in BACKEND_DEVICES]}; "
             f"CUDA C++ kernels built: {ops.has_cpp_kernels('cuda')}; torch {torch.__version__}")
+
+
+@pytest.fixture
+def saved(monkeypatch) -> list:
+    """The figures the code under test saves, kept for inspection (even those the code closes)."""
+    from matplotlib.figure import Figure
+    figures, real = [], Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figures.append(self)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures

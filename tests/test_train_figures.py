@@ -12,19 +12,6 @@ GRID = ["--task", "teacher-student", "--loss", "mse", "--n-train", "32", "--n-va
         "--optimizer", "sgd", "--steps", "4", "--log-every", "2", "--sharpness-iters", "5", "--quiet"]
 
 
-@pytest.fixture
-def saved(monkeypatch) -> list:
-    """The figures the code under test saves, kept for inspection."""
-    from matplotlib.figure import Figure
-    figures, real = [], Figure.savefig
-
-    def keep(self, *args, **kwargs):
-        figures.append(self)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Figure, "savefig", keep)
-    return figures
-
-
 def labels(axis) -> list[str]:
     return [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
 

@@ -11,19 +11,6 @@ TODAYS_HEADS = ["width", "lr", "seed", "lambda0", "lr value", "lr/(2/l0)", "phas
                 "sharpness", "2/lr", "val acc", "val loss", "grok step"]
 
 
-@pytest.fixture
-def saved(monkeypatch) -> list:
-    """The figures the code under test saves, kept for inspection (plot_curves closes them)."""
-    from matplotlib.figure import Figure
-    figures, real = [], Figure.savefig
-
-    def keep(self, *args, **kwargs):
-        figures.append(self)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Figure, "savefig", keep)
-    return figures
-
-
 def records(**extra) -> list[dict]:
     return [{"step": s, "loss": 1.0 / (s + 1), "val_loss": 1.0, "train_acc": s / 10, "val_acc": s / 20,
              **{k: v * s / 10 for k, v in extra.items()}} for s in range(11)]
