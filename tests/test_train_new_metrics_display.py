@@ -2,8 +2,6 @@
 (accuracy panel) and in the sweep's printed table, and nowhere when a run did not measure them."""
 import re
 
-import pytest
-
 from catapult_kernels.train.plots import plot_curves
 from catapult_kernels.train.sweep import format_table
 
