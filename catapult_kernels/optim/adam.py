@@ -13,7 +13,8 @@ class Adam(FusedOptimizer):
     """torch.optim.Adam's arguments and state keys (`step`, `exp_avg`, `exp_avg_sq`,
     `max_exp_avg_sq`): weight decay is coupled L2 (g += wd * p) unless
     decoupled_weight_decay, as in torch. Plus the options of FusedOptimizer
-    (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+    (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype: how the
+    moments are stored, e.g. torch.int8 for about 2 bytes per param instead of 8)."""
 
     _op = "adamw_"
 
@@ -21,13 +22,13 @@ class Adam(FusedOptimizer):
                  amsgrad=False, *, foreach: Optional[bool] = None, maximize=False, capturable=False,
                  differentiable=False, fused: Optional[bool] = None, decoupled_weight_decay=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False):
+                 agc: Optional[float] = None, backend="auto", flat=False, state_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)
@@ -50,8 +51,10 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach: Optional[bool] = None, capturable=False,
                  differentiable=False, fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
-                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False):
+                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False,
+                 state_dtype: Optional[torch.dtype] = None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
-                         skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                         skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend, flat=flat,
+                         state_dtype=state_dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from .base import FusedOptimizer, Part
 
 
@@ -13,16 +15,18 @@ class ADOPT(FusedOptimizer):
     (decoupled); ghat = clamp(g / max(sqrt(v), eps), +-(t-1)^(1/4)); m <- beta1 * m +
     (1 - beta1) * ghat; p <- p - lr * m; v <- beta2 * v + (1 - beta2) * g^2. State keys
     `step`, `exp_avg`, `exp_avg_sq`. Defaults as the paper's code. Plus the options of
-    FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+    FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype:
+    how the moments are stored)."""
 
     _op = "adopt_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, *, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False):
+                 agc: Optional[float] = None, backend="auto", flat=False,
+                 state_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

@@ -27,6 +27,8 @@ from ..layout import SUPPORTED_DTYPES, check_no_overlap, gather_if_strided, has_
 from .flat import FlatSet, flatten
 from .plan import StepPlan
 from .regularizers import agc_rows, agc_scales, check_agc, check_grokfast, grad_multiplier, rows_are_contiguous
+from .state_storage import (bytes_per_element, check_state_dtype, scales_key, scales_problem, storage_dtype, stored,
+                            zeros)
 from .unwritten import UnwrittenFlag, gate
 
 # The kinds of new state whose first step sets it rather than updates it (unwritten.py).
@@ -125,7 +127,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     backend: 'auto', 'cpu', 'cuda' or 'triton'.
     flat: lay out the params (and grads, then state) of each group with one (device, dtype)
         in one buffer, so that a step over them is one kernel call (flat.py); p.data
-        becomes a view of it. Groups with agc stay per param.
+        becomes a view of it. Groups with agc stay per param. Not with a state_dtype.
+    state_dtype: how every state tensor (Grokfast EMA included) is stored (state_storage.py):
+        None (the param's dtype, as torch), torch.float32, torch.bfloat16, or torch.int8
+        (int8 codes under the state's key plus float32 scales under `<key>_scales`, one per
+        128 elements: about 2.06 bytes per element for AdamW's two moments against 8 in
+        float32). The math runs in float32 either way. `state_bytes()` says what it costs.
     The pipeline order (unscale, global clip, AGC, Grokfast, weight decay, update) is in
     regularizers.py. After a step, `grad_norm` holds the pre-clip global norm (a 0-d device
     tensor) when it was computed (max_grad_norm or skip_nonfinite), and `skipped_steps`
@@ -149,7 +156,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # plus "s" (exp_avg -> exp_avgs); a state key the group does not keep gets an empty list.
     _op = ""
     # Attributes that pickle, copy.deepcopy and torch.save(optimizer) keep besides torch's.
-    _options = ("backend", "max_grad_norm", "skip_nonfinite", "flat", "_report")
+    _options = ("backend", "max_grad_norm", "skip_nonfinite", "flat", "state_dtype", "_report")
     # Whether flat=True may lay the params out in one buffer: not where the update needs a
     # norm per param (LAMB, LARS).
     _flattenable = True
@@ -159,8 +166,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
                  skip_nonfinite: bool = False, grokfast=None, agc: Optional[float] = None,
-                 backend: str = "auto", flat: bool = False):
+                 backend: str = "auto", flat: bool = False, state_dtype: Optional[torch.dtype] = None):
         ops.check_backend_name(backend)
+        check_state_dtype(state_dtype)
+        if flat and state_dtype is not None:
+            raise ValueError(f"flat=True does not take state_dtype={state_dtype}: int8 blocks would cross params "
+                             "in the flat buffer; leave flat off, or state_dtype None")
         if flat and not self._flattenable:
             raise ValueError(f"{type(self).__name__} does not take flat=True: its update needs each param's own norm")
         if flat and agc is not None:
@@ -176,6 +187,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.backend = backend
         self.flat = bool(flat)
+        self.state_dtype = state_dtype  # before the groups: add_param_group reads it
         self._flat_sets: list[FlatSet] = []  # the params laid out flat (flat.py)
         self._plan_flat: tuple = ()  # the flat sets that the step of the plan left out
         # What step() reports. A dict mutated in place, not attributes set on self:
@@ -203,6 +215,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("flat", False)
+        self.__dict__.setdefault("state_dtype", None)
         self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
         self.__dict__.setdefault("_zero_group", None)
         self._unwritten = {}
@@ -260,6 +273,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self.flat and any(map(is_dtensor, group["params"])):
                 raise ValueError("flat=True does not take DTensor params (FSDP2, tensor parallel): their "
                                  "shards are laid out by torch; leave flat off")
+            if self.state_dtype is torch.int8 and any(map(is_dtensor, group["params"])):
+                raise ValueError("state_dtype=torch.int8 does not take DTensor params (FSDP2, tensor parallel): "
+                                 "its blocks of 128 would not follow the shards; use torch.bfloat16 or "
+                                 "torch.float32 storage")
             for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise ValueError(f"complex params are not supported (a param of dtype {p.dtype})")
@@ -314,7 +331,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer's default, as load_state_dict fills them in from it (as any option a
         state_dict lacks): a checkpoint then has the keys of torch's, and
         torch.distributed.checkpoint, which loads only what both sides have, moves it between
-        us and torch."""
+        us and torch. States are saved as stored (state_dtype): int8 ones as their codes and
+        `<key>_scales`; state_storage.torch_state_dict makes one that torch.optim loads."""
         self._settle_unwritten(sync=True)
         state_dict = super().state_dict()
         defaults = {k: self.defaults[k] for k in self._extra_group_keys}
@@ -326,14 +344,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, after checking, before anything changes, that every
         group's hyperparameters are valid and every param's state has exactly the keys this
-        optimizer keeps for it (a state_dict of another optimizer is refused, naming the key)."""
+        optimizer keeps for it (a state_dict of another optimizer is refused, naming the key).
+        Each state tensor comes in this optimizer's storage (state_dtype) on its param's
+        device: a state stored otherwise (torch's float states too) is converted
+        (state_storage.stored: int8 codes keep their bits, floats are encoded into int8 or cast)."""
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", None)
         groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
+        stored_keys = {}  # saved param id -> its state tensors that this optimizer stores its way
         for gi, group in enumerate(groups):
             self._check_group(group)
             needed = set(self._state_keys(group)) | ({"step"} if self._has_step(group) else set())
-            known = needed | {EMA}
+            tensor_keys = needed - {"step"} | {EMA}
+            known = needed | {EMA} | set(map(scales_key, tensor_keys))
             for idx in group["params"]:
                 state = state_dict["state"].get(idx)
                 if not state:
@@ -346,13 +369,50 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for key in sorted(needed - set(state)):  # a None buffer counts: it is set on the next step
                     raise KeyError(f"state of param {idx} (group {gi}) lacks {key!r}, which "
                                    f"{type(self).__name__} needs: a state_dict of another optimizer?")
-        super().load_state_dict(state_dict)
+                self._check_loaded_scales(state, tensor_keys, f"param {idx} (group {gi})")
+                stored_keys[idx] = [k for k in tensor_keys if isinstance(state.get(k), torch.Tensor)]
+        # torch casts every loaded state tensor to its param's dtype (it calls
+        # Optimizer._process_value_according_to_param_policy by that class, so no override
+        # reaches it): the stored ones are converted here and given to it without them.
+        params = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
+                          itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+        converted, rest = {}, {}
+        for idx, state in state_dict["state"].items():
+            keys = stored_keys.get(idx, ()) if idx in params else ()
+            if keys:
+                p = params[idx]
+                converted[p] = {k: v for key in keys for k, v in stored(state, key, p, self.state_dtype).items()}
+                keys = set(keys) | set(map(scales_key, keys))
+            rest[idx] = {k: v for k, v in state.items() if k not in keys}
+        super().load_state_dict({**state_dict, "state": rest})
+        for p, tensors in converted.items():
+            self.state[p].update(tensors)
         # A state_dict from torch (or an older torch) may lack some of our group keys.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._unwritten = {}
         self._report["skipped_steps"] = None if skipped is None else torch.as_tensor(skipped).clone()
+
+    @staticmethod
+    def _check_loaded_scales(state: dict, keys: set, where: str) -> None:
+        """The scales of the int8 states among a loaded state's `keys`, and no scales without them."""
+        for key in sorted(keys):
+            codes, scales = state.get(key), state.get(scales_key(key))
+            if isinstance(codes, torch.Tensor) and codes.dtype is torch.int8:
+                problem = scales_problem(codes, scales, codes.device)
+                if problem:
+                    raise ValueError(f"state of {where}: {scales_key(key)!r} of the int8 {key!r} {problem}")
+            elif scales is not None:
+                what = codes.dtype if isinstance(codes, torch.Tensor) else repr(codes)
+                raise ValueError(f"state of {where} has {scales_key(key)!r} but its {key!r} is {what}, "
+                                 "not int8 codes")
+
+    def state_bytes(self) -> float:
+        """Bytes of optimizer state per element of the params that have state: every state
+        tensor (int8 scales included, 0-d step counts not). AdamW: 8.0 with float32 states,
+        4.0 with bfloat16, 2.0625 with int8."""
+        return bytes_per_element(self.state)
 
     # ---- the step -------------------------------------------------------------------
     @property
@@ -646,9 +706,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if group["grokfast"] is not None:
                 state = self.state[p]  # also for plain SGD, which keeps no state of its own
                 if EMA not in state:  # a DTensor's is a DTensor placed like it
-                    state[EMA] = torch.zeros_like(p if is_dtensor(p) else kernel_p)
+                    zeros(state, EMA, p if is_dtensor(p) else kernel_p, self.state_dtype)
             bucket.states.append(state)
-        bucket.columns = {key: [local(s[key]) if sharded else s[key] for s in bucket.states]
+        # .get: a missing int8 scales tensor is named by _check_states
+        bucket.columns = {key: [local(s[key]) if sharded else s.get(key) for s in bucket.states]
                           for key in self._plan_keys(group)}
         self._check_states(bucket)
 
@@ -729,6 +790,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state = self.state.get(p, {})
                     for key in (self._state_keys(group) if kind == OWN else (EMA,)):
                         state.pop(key, None)
+                        state.pop(scales_key(key), None)
                     if not state:
                         self.state.pop(p, None)
             if not flags:
@@ -784,8 +846,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = [torch.empty_like(g) for g in bucket.grads]
         lr = self._lr_tensor(bucket.group, bucket.device)
         for part in self._parts(bucket):
-            ops.update_("grad_pipeline_", part.take(out), part.take(bucket.grads), [], None, lr,
-                        self._pipeline_args(bucket, part, control), self.backend)
+            pipeline = self._pipeline_args(bucket, part, control)
+            ops.update_("grad_pipeline_", part.take(out), part.take(bucket.grads), [], None, lr, pipeline,
+                        self.backend, state_scales=self._state_scales(bucket, part, (), pipeline))
         return replace(bucket, grads=out)
 
     def _check_states(self, bucket: Bucket) -> None:
@@ -798,19 +861,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                         where = "a plain tensor" if sharding is None else f"a DTensor with {sharding.placements}"
                         raise RuntimeError(f"state[{key!r}] of a param is not placed like the param, {where} "
                                            f"(state: {Sharding.of(state[key])}): a state_dict of another sharding?")
-            for p, t in zip(bucket.params, bucket.columns[key]):  # the kernels' tensors: local shards
-                if t.dtype is not p.dtype or t.device != p.device or not same_layout(t, p):
+            scales = bucket.columns.get(scales_key(key))
+            for i, (p, t) in enumerate(zip(bucket.params, bucket.columns[key])):  # the kernels' tensors: local shards
+                dtype = storage_dtype(self.state_dtype, p)
+                if t.dtype is not dtype or t.device != p.device or not same_layout(t, p):
                     raise RuntimeError(f"state[{key!r}] of a param is {tuple(t.shape)} {t.dtype} on {t.device} "
                                        f"(strides {t.stride()}) but the param is {tuple(p.shape)} {p.dtype} "
-                                       f"on {p.device} (strides {p.stride()})")
+                                       f"on {p.device} (strides {p.stride()}), its state stored as {dtype}")
+                problem = scales is not None and scales_problem(t, scales[i], p.device)
+                if problem:
+                    raise RuntimeError(f"state[{scales_key(key)!r}] of a param {problem}")
 
     def _param_like_state_keys(self, group: dict) -> tuple:
         """The state tensors shaped like the param, for this group's options."""
         return self._state_keys(group) + ((EMA,) if group["grokfast"] is not None else ())
 
     def _plan_keys(self, group: dict) -> tuple:
-        """The state of each param of the group that its bucket lists by key (Bucket.columns)."""
-        return self._param_like_state_keys(group) + (("step",) if self._has_step(group) else ())
+        """The state of each param of the group that its bucket lists by key (Bucket.columns):
+        the int8 scales too, so that a planned step checks and passes what a checked one does."""
+        keys = self._param_like_state_keys(group)
+        if self.state_dtype is torch.int8:
+            keys += tuple(map(scales_key, keys))
+        return keys + (("step",) if self._has_step(group) else ())
 
     def _state_keys(self, group: dict) -> tuple:
         """The optimizer's own state tensors shaped like the param, for this group's options."""
@@ -830,12 +902,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         return ops.update_op(self._group_op(group)).has_step
 
     def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
-        """p's state, made on its first step as torch makes it (zeros like p), with a float32
-        step tensor on device when the op counts steps."""
+        """p's state, made on its first step as torch makes it (zeros like p, in the storage of
+        state_dtype), with a float32 step tensor on device when the op counts steps."""
         state = self.state[p]
         for key in self._state_keys(group):
             if state.get(key) is None:  # a None buffer (torch saves those) is no buffer
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                zeros(state, key, p, self.state_dtype)
         if self._has_step(group):
             self._step_tensor(state, device)
         return state
@@ -847,8 +919,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         op = ops.update_op(name)
         keys = self._state_keys(group)
         lr = self._lr_tensor(group, bucket.device)
+        used = [listed[:-1] for listed in op.states if listed[:-1] in keys]  # in the op's order
         for part in self._parts(bucket, by_fresh=self._sets_new_state and bool(keys)):
-            lists = [part.take(bucket.columns[name[:-1]]) if name[:-1] in keys else [] for name in op.states]
+            lists = [part.take(bucket.columns[listed[:-1]]) if listed[:-1] in keys else [] for listed in op.states]
+            pipeline = self._pipeline_args(bucket, part, control)
             ops.update_(name, part.take(bucket.params), part.take(bucket.grads), lists,
-                        part.take(bucket.columns["step"]) if op.has_step else None, lr,
-                        self._pipeline_args(bucket, part, control), self.backend, **self._hyper(group, part))
+                        part.take(bucket.columns["step"]) if op.has_step else None, lr, pipeline, self.backend,
+                        state_scales=self._state_scales(bucket, part, used, pipeline), **self._hyper(group, part))
+
+    def _state_scales(self, bucket: Bucket, part: Part, keys, pipeline: ops.PipelineArgs) -> list:
+        """The state_scales of a kernel call over `part` whose state lists hold `keys` (in the
+        op's order): with int8 storage, per key and then per Grokfast EMA the pipeline takes,
+        the scales of the call's params; else none."""
+        if self.state_dtype is not torch.int8:
+            return []
+        keys = list(keys) + ([EMA] if pipeline.grokfast_emas else [])
+        return [t for key in keys for t in part.take(bucket.columns[scales_key(key)])]

@@ -23,7 +23,8 @@ class LAMB(FusedOptimizer):
     trust = |w| / |r| per tensor (|w| clamped to max_weight_norm when given; 1 where
     either norm is 0). bias_correction on by default, as in the paper's Algorithm 2.
     State keys `step`, `exp_avg`, `exp_avg_sq`. Plus the options of FusedOptimizer
-    (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+    (max_grad_norm, skip_nonfinite, grokfast, agc, backend). state_dtype: None only, for
+    now (its own two-pass kernels store the moments in the params' dtype)."""
 
     _op = "lamb_"
     _flattenable = False  # the trust ratios need each param's own norms
@@ -31,7 +32,11 @@ class LAMB(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
                  bias_correction=True, max_weight_norm: Optional[float] = None, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False):
+                 agc: Optional[float] = None, backend="auto", flat=False,
+                 state_dtype: Optional[torch.dtype] = None):
+        if state_dtype is not None:
+            raise ValueError(f"LAMB does not take state_dtype yet (got {state_dtype}): its two-pass kernels keep "
+                             "the moments in the params' dtype; leave state_dtype None")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         max_weight_norm=max_weight_norm, maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,

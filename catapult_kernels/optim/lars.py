@@ -21,20 +21,23 @@ class LARS(SGD):
     (|g| + wd * |w|) per tensor, 1 where |w| or |g| is 0. |g| is the norm of the grad the
     update sees (after clipping, AGC and Grokfast). exclude_1d leaves 1-D params (biases,
     norm scales) out of the adaptation and the weight decay: they take plain momentum SGD.
-    State key `momentum_buffer`. Plus the options of FusedOptimizer."""
+    State key `momentum_buffer`. Plus the options of FusedOptimizer (state_dtype: how the
+    momentum buffer is stored)."""
 
     _flattenable = False  # the trust ratios need each param's own norms
 
     def __init__(self, params, lr=1.0, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  trust_coefficient=0.001, exclude_1d=True, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False):
+                 agc: Optional[float] = None, backend="auto", flat=False,
+                 state_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, trust_coefficient=trust_coefficient,
                         exclude_1d=exclude_1d)
         # SGD's checks, state and kernel call, with LARS's own defaults
         FusedOptimizer.__init__(self, params, defaults, max_grad_norm=max_grad_norm,
-                                skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                                skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend, flat=flat,
+                                state_dtype=state_dtype)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from .base import FusedOptimizer, Part
 
 
@@ -11,16 +13,18 @@ class Lion(FusedOptimizer):
     """update = sign(beta1 * m + (1 - beta1) * g); p <- p * (1 - lr * wd) - lr * update;
     m <- beta2 * m + (1 - beta2) * g. State key `exp_avg`. The paper's defaults; its
     advice: an lr 3-10x smaller and a weight_decay 3-10x larger than AdamW's. Plus the
-    options of FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend)."""
+    options of FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat,
+    state_dtype: how the momentum is stored)."""
 
     _op = "lion_"
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False):
+                 agc: Optional[float] = None, backend="auto", flat=False,
+                 state_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

@@ -78,7 +78,8 @@ class Muon(FusedOptimizer):
     (conv weights, stacked experts) are orthogonalized as matrices of their first dim by the
     rest, instead of refused. Plus the options of FusedOptimizer (max_grad_norm over every
     group, skip_nonfinite, grokfast, agc, backend), each applied to the grads before the
-    momentum.
+    momentum; state_dtype: how every group's state (momentum, AdamW's moments, the Grokfast
+    EMA) is stored.
 
     Distributed (distributed/muon.py): DTensor params (FSDP2, tensor parallel) are made whole
     for Newton-Schulz, each matrix orthogonalized once, by one rank, the matrices dealt round
@@ -92,7 +93,8 @@ class Muon(FusedOptimizer):
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn: Optional[str] = None, *,
                  maximize=False, max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False, ns_group=None):
+                 agc: Optional[float] = None, backend="auto", flat=False, ns_group=None,
+                 state_dtype: Optional[torch.dtype] = None):
         if ns_group is not None and not isinstance(ns_group, torch.distributed.ProcessGroup):
             raise ValueError(f"Invalid ns_group: {ns_group!r} (a torch.distributed process group, or None)")
         self.ns_group = ns_group
@@ -100,7 +102,7 @@ class Muon(FusedOptimizer):
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, maximize=maximize, use_muon=True, flatten=False)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -160,9 +162,10 @@ class Muon(FusedOptimizer):
         directions = [torch.empty_like(g) for g in bucket.grads]
         lr = self._lr_tensor(group, bucket.device)
         for part in self._parts(bucket):
+            pipeline = self._pipeline_args(bucket, part, control)
             ops.update_("muon_momentum_", part.take(directions), part.take(bucket.grads),
-                        [part.take(bucket.columns["momentum_buffer"])], None, lr,
-                        self._pipeline_args(bucket, part, control), self.backend,
+                        [part.take(bucket.columns["momentum_buffer"])], None, lr, pipeline, self.backend,
+                        state_scales=self._state_scales(bucket, part, ("momentum_buffer",), pipeline),
                         momentum=float(group["momentum"]), nesterov=bool(group["nesterov"]))
         flatten, ns = group["flatten"], (group["ns_coefficients"], group["ns_steps"], float(group["eps"]))
         if bucket.shardings is not None or self.ns_group is not None:  # the work spread over the ranks

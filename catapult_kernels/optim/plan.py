@@ -12,8 +12,8 @@ What is compared, each step: the param groups (the dicts, in order) and each gro
 params (identity) and state keys; per param its dtype, device, shape and contiguity (a
 `p.data = x` may change them) and the type of its grad (None where it has none); per grad
 its layout, dtype, device, shape and contiguity (grads are new tensors every step); per
-bucket the identity of each param's state dict and of each state tensor in it (a state
-tensor replaced by the user is seen), and of each DTensor param's local shard. State tensors are the same objects from step to step
+bucket the identity of each param's state dict and of each state tensor in it, int8 scales
+included (a state tensor replaced by the user is seen), and of each DTensor param's local shard. State tensors are the same objects from step to step
 and are taken to keep their metadata: an in-place change of it (`t.set_()`, `t.data = x`)
 is left to the ops' own checks, which refuse a call whose lists do not match before it
 writes (other buckets of that step may have been updated by then). A float lr's 0-d

@@ -13,7 +13,8 @@ from .base import Bucket, FusedOptimizer, Part, StepControl
 
 class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments and state key (`momentum_buffer`), plus the options of
-    FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend).
+    FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype:
+    how the momentum buffer is stored).
 
     A momentum buffer starts as the first step's grad, as in torch, also when the steps
     before were skipped (GradScaler overflow, skip_nonfinite)."""
@@ -24,12 +25,13 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  *, maximize=False, foreach: Optional[bool] = None, differentiable=False,
                  fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
-                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False):
+                 skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False,
+                 state_dtype: Optional[torch.dtype] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)
@@ -46,10 +48,7 @@ class SGD(FusedOptimizer):
     def _state(self, p: torch.Tensor, group: dict, device: torch.device) -> dict:
         if group["momentum"] == 0:
             return {}  # plain SGD keeps no state, as torch
-        state = self.state[p]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+        return super()._state(p, group, device)
 
     def _hyper(self, group: dict, part: Part, weight_decay=None, trust_ratios=None) -> dict:
         momentum = float(group["momentum"])
@@ -80,6 +79,7 @@ class SGD(FusedOptimizer):
                     index = index.pin_memory().to(trust.device, non_blocking=True)
                 trust = trust.index_select(0, index)
             buffers = part.take(bucket.columns["momentum_buffer"]) if momentum != 0 else []
-            ops.update_("sgd_", part.take(bucket.params), part.take(bucket.grads), [buffers], None, lr,
-                        (pipeline or self._pipeline_args)(bucket, part, control), self.backend,
-                        **self._hyper(group, part, weight_decay, trust))
+            args = (pipeline or self._pipeline_args)(bucket, part, control)
+            scales = self._state_scales(bucket, part, ("momentum_buffer",) if momentum != 0 else (), args)
+            ops.update_("sgd_", part.take(bucket.params), part.take(bucket.grads), [buffers], None, lr, args,
+                        self.backend, state_scales=scales, **self._hyper(group, part, weight_decay, trust))

@@ -1,0 +1,384 @@
+"""state_dtype: how the optimizers store their state (float32, bfloat16, int8 blocks).
+
+The reference of a run with state_dtype S is the same optimizer with float32 states whose
+every state tensor is replaced, after each step, by its stored-and-restored value (bf16:
+rounded to bf16; int8: int8_blocks.encode then decode). That is exact: a kernel decodes,
+computes in float32 and stores, as a float32 state holding the decoded values does. So the
+params match bit for bit, and the stored state is exactly the reference's state stored.
+CPU backend; the Triton kernels have their own tests."""
+import io
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from catapult_kernels import int8_blocks
+from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion, Muon, torch_state_dict
+from catapult_kernels.optim.state_storage import codec_map
+
+SHAPES = [(1,), (127,), (128,), (129,), (1000,), (33, 40)]  # partial, whole and several blocks; a matrix
+STATE_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
+PARAM_DTYPES = [torch.float32, torch.bfloat16]
+GF = dict(alpha=0.9, lamb=2.0)
+STEPS = 5
+
+
+def _muon(params, **kw):
+    """Muon over the matrices, its AdamW groups over the rest."""
+    matrices = [p for p in params if p.dim() == 2]
+    rest = [p for p in params if p.dim() != 2]
+    return Muon([{"params": matrices}, {"params": rest, "use_muon": False, "lr": 1e-2}], lr=0.02, **kw)
+
+
+# Every optimizer that runs through the generic update ops (not LAMB), with Grokfast where
+# it takes another path (LARS runs the grad pipeline op first; plain SGD keeps the EMA alone).
+OPTIMIZERS = {
+    "adamw": lambda ps, **kw: AdamW(ps, lr=1e-2, weight_decay=0.1, **kw),
+    "adamw_amsgrad": lambda ps, **kw: AdamW(ps, lr=1e-2, amsgrad=True, **kw),
+    "adam": lambda ps, **kw: Adam(ps, lr=1e-2, weight_decay=1e-2, **kw),
+    "sgd_momentum": lambda ps, **kw: SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3, **kw),
+    "sgd_nesterov": lambda ps, **kw: SGD(ps, lr=0.05, momentum=0.9, nesterov=True, **kw),
+    "lars": lambda ps, **kw: LARS(ps, lr=0.5, weight_decay=1e-3, **kw),
+    "lion": lambda ps, **kw: Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
+    "adopt": lambda ps, **kw: ADOPT(ps, lr=1e-2, **kw),
+    "adan": lambda ps, **kw: Adan(ps, lr=1e-2, **kw),
+    "muon": _muon,
+    "adamw_grokfast": lambda ps, **kw: AdamW(ps, lr=1e-2, grokfast=GF, **kw),
+    "lars_grokfast": lambda ps, **kw: LARS(ps, lr=0.5, grokfast=GF, **kw),
+    "sgd_plain_grokfast": lambda ps, **kw: SGD(ps, lr=0.05, grokfast=GF, **kw),
+    "muon_grokfast": lambda ps, **kw: _muon(ps, grokfast=GF, **kw),
+}
+
+
+def _params(dtype=torch.float32, seed=0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in SHAPES]
+
+
+def _give_grads(params: list, step: int) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def _run(opt, params: list, steps) -> None:
+    for t in steps:
+        _give_grads(params, t)
+        opt.step()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
+def _stored(key: str, value: torch.Tensor, state_dtype: torch.dtype) -> dict:
+    """A float32 state as state_dtype stores it: {key: ...} plus its scales for int8."""
+    if state_dtype is torch.int8:
+        codes, scales = int8_blocks.encode(value, codec_map(key))
+        return {key: codes, key + "_scales": scales}
+    return {key: value.to(state_dtype)}
+
+
+def _restored(key: str, value: torch.Tensor, state_dtype: torch.dtype) -> torch.Tensor:
+    """A float32 state stored as state_dtype and loaded back, in float32."""
+    stored = _stored(key, value, state_dtype)
+    if state_dtype is torch.int8:
+        return int8_blocks.decode(stored[key], stored[key + "_scales"], codec_map(key))
+    return stored[key].float()
+
+
+def _snapshot(opt, params: list) -> list:
+    return [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
+
+
+def _assert_same_snapshot(a: list, b: list) -> None:
+    for (p, state), (q, other) in zip(a, b):
+        assert _same_bits(p, q)
+        assert state.keys() == other.keys()
+        for key in state:
+            assert _same_bits(state[key], other[key]), key
+
+
+# ---- bad values -------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [torch.float16, torch.float64, torch.int32, torch.uint8, "float32", "int8", 8],
+                         ids=str)
+@pytest.mark.parametrize("cls", [AdamW, SGD, Lion, Muon], ids=lambda c: c.__name__)
+def test_bad_state_dtype_is_refused_naming_it(cls, bad):
+    with pytest.raises(ValueError, match=r"state_dtype.*torch\.float32, torch\.bfloat16, torch\.int8"):
+        cls([nn.Parameter(torch.randn(4, 3))], state_dtype=bad)
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_lamb_refuses_state_dtype(state_dtype):
+    with pytest.raises(ValueError, match="LAMB does not take state_dtype yet"):
+        LAMB([nn.Parameter(torch.randn(4, 3))], state_dtype=state_dtype)
+    LAMB([nn.Parameter(torch.randn(4, 3))], state_dtype=None)
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+def test_flat_refuses_state_dtype(state_dtype):
+    with pytest.raises(ValueError, match="flat=True does not take state_dtype"):
+        AdamW([nn.Parameter(torch.randn(4, 3))], flat=True, state_dtype=state_dtype)
+
+
+def test_state_dtype_survives_copies():
+    import copy
+    import pickle
+    opt = AdamW([nn.Parameter(torch.randn(5))], state_dtype=torch.int8)
+    assert copy.deepcopy(opt).state_dtype is torch.int8
+    assert pickle.loads(pickle.dumps(opt)).state_dtype is torch.int8
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_dtensor_params_refuse_int8_and_take_float_storage(tmp_path):
+    """In a subprocess: a one-rank process group. int8 blocks would not follow the shards:
+    refused at construction; bfloat16 storage makes bf16 DTensor states placed like the params."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        import torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+        from catapult_kernels.optim import AdamW
+        dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        try:
+            AdamW([p], state_dtype=torch.int8)
+            sys.exit("int8 was taken")
+        except ValueError as e:
+            assert "state_dtype=torch.int8 does not take DTensor params" in str(e), e
+        opt = AdamW([p], lr=1e-2, state_dtype=torch.bfloat16)
+        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        opt.step()
+        m = opt.state[p]["exp_avg"]
+        assert isinstance(m, DTensor) and m.dtype is torch.bfloat16 and m.placements == p.placements, m
+        dist.destroy_process_group()
+        print("OK", flush=True)
+        os._exit(0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
+
+
+# ---- steps against the stored-and-restored reference -------------------------------------
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_steps_match_float32_states_stored_and_restored(name, state_dtype, param_dtype):
+    make = OPTIMIZERS[name]
+    params, ref_params = _params(param_dtype), _params(param_dtype)
+    opt = make(params, backend="cpu", state_dtype=state_dtype)
+    ref = make(ref_params, backend="cpu", state_dtype=torch.float32)
+    for t in range(STEPS):
+        _run(opt, params, [t])
+        _run(ref, ref_params, [t])
+        for p, q in zip(params, ref_params):
+            assert _same_bits(p, q), f"step {t}: a param of shape {tuple(p.shape)} differs"
+            state, ref_state = opt.state[p], ref.state[q]
+            expected = {}
+            for key, value in ref_state.items():
+                expected.update({key: value} if key == "step" else _stored(key, value, state_dtype))
+            assert state.keys() == expected.keys()
+            for key, value in expected.items():
+                assert _same_bits(state[key], value), f"step {t}: state[{key!r}] of shape {tuple(p.shape)}"
+            for key, value in ref_state.items():  # the reference keeps what was stored
+                if key != "step":
+                    value.copy_(_restored(key, value, state_dtype))
+
+
+def test_int8_state_layout():
+    """Codes laid out like the param, one float32 scale per 128 elements, on its device."""
+    params = _params()
+    opt = AdamW(params, lr=1e-2, grokfast=GF, state_dtype=torch.int8)
+    _run(opt, params, range(1))
+    for p in params:
+        state = opt.state[p]
+        assert set(state) == {"step", "exp_avg", "exp_avg_scales", "exp_avg_sq", "exp_avg_sq_scales",
+                              "grokfast_ema", "grokfast_ema_scales"}
+        for key in ("exp_avg", "exp_avg_sq", "grokfast_ema"):
+            assert state[key].dtype is torch.int8 and state[key].shape == p.shape
+            assert state[key].stride() == p.stride()
+            scales = state[key + "_scales"]
+            assert scales.dtype is torch.float32 and scales.shape == (math.ceil(p.numel() / 128),)
+
+
+# ---- state_bytes --------------------------------------------------------------------------
+@pytest.mark.parametrize("state_dtype, param_dtype, expected", [
+    (None, torch.float32, 8.0), (torch.float32, torch.float32, 8.0), (torch.bfloat16, torch.float32, 4.0),
+    (None, torch.bfloat16, 4.0), (torch.float32, torch.bfloat16, 8.0), (torch.int8, torch.float32, 2.0625),
+    (torch.int8, torch.bfloat16, 2.0625)], ids=str)
+def test_state_bytes_of_adamw(state_dtype, param_dtype, expected):
+    params = [nn.Parameter(torch.randn(shape).to(param_dtype)) for shape in [(1280,), (10, 128)]]
+    opt = AdamW(params, state_dtype=state_dtype)
+    assert opt.state_bytes() == 0.0  # no state yet
+    _run(opt, params, range(2))
+    assert opt.state_bytes() == expected
+
+
+def test_state_bytes_counts_partial_blocks_and_only_params_with_state():
+    params = _params()
+    opt = AdamW(params, state_dtype=torch.int8)
+    _give_grads(params, 0)
+    params[0].grad = None  # no state for it
+    opt.step()
+    numel = sum(p.numel() for p in params[1:])
+    scales = sum(math.ceil(p.numel() / 128) for p in params[1:])
+    assert opt.state_bytes() == (2 * numel + 2 * 4 * scales) / numel <= 2.2
+
+
+# ---- state_dict: saved as stored, loaded as this optimizer stores ------------------------
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("state_dtype", [torch.int8, torch.bfloat16], ids=str)
+def test_resumed_run_equals_uninterrupted_run(state_dtype, param_dtype):
+    make = lambda ps: AdamW(ps, lr=1e-2, grokfast=GF, state_dtype=state_dtype)  # noqa: E731
+    whole_params = _params(param_dtype)
+    whole = make(whole_params)
+    _run(whole, whole_params, range(6))
+
+    first_params = _params(param_dtype)
+    first = make(first_params)
+    _run(first, first_params, range(3))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in first_params], "optimizer": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    state = saved["optimizer"]["state"][0]
+    assert state["exp_avg"].dtype is state_dtype and state["grokfast_ema"].dtype is state_dtype
+    if state_dtype is torch.int8:
+        assert state["exp_avg_scales"].dtype is torch.float32 and state["grokfast_ema_scales"].dtype is torch.float32
+
+    params = [nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = make(params)
+    resumed.load_state_dict(saved["optimizer"])
+    _assert_same_snapshot(_snapshot(resumed, params), _snapshot(first, first_params))  # kept as stored
+    _run(resumed, params, range(3, 6))
+    _assert_same_snapshot(_snapshot(resumed, params), _snapshot(whole, whole_params))
+
+
+def _stepped_torch_adamw(params: list) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    _run(opt, params, range(3))
+    return opt
+
+
+def test_torch_adamw_state_dict_loads_quantized_into_int8_adamw():
+    source = _stepped_torch_adamw(_params())
+    params = _params(seed=1)
+    opt = AdamW(params, lr=1e-2, state_dtype=torch.int8)
+    opt.load_state_dict(source.state_dict())
+    for p, q in zip(params, source.param_groups[0]["params"]):
+        state, theirs = opt.state[p], source.state[q]
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = _stored(key, theirs[key], torch.int8)
+            assert _same_bits(state[key], expected[key])
+            assert _same_bits(state[key + "_scales"], expected[key + "_scales"])
+        assert float(state["step"]) == float(theirs["step"])
+    _run(opt, params, [3])  # it steps from there
+    assert opt.state[params[0]]["exp_avg"].dtype is torch.int8
+
+
+def test_torch_state_dict_of_int8_adamw_loads_into_torch_adamw():
+    params = _params()
+    opt = AdamW(params, lr=1e-2, state_dtype=torch.int8)
+    _run(opt, params, range(3))
+    saved = opt.state_dict()
+    converted = torch_state_dict(saved)
+    assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert saved["state"][0]["exp_avg"].dtype is torch.int8  # the state_dict given is left as it is
+    torch_params = _params(seed=1)
+    theirs = torch.optim.AdamW(torch_params, lr=1e-2)
+    theirs.load_state_dict(converted)
+    for p, q in zip(params, torch_params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = opt.state[p]
+            decoded = int8_blocks.decode(state[key], state[key + "_scales"], codec_map(key))
+            assert _same_bits(theirs.state[q][key], decoded)
+    _run(theirs, torch_params, [3])
+
+
+@pytest.mark.parametrize("source, target", [(torch.int8, None), (torch.int8, torch.bfloat16),
+                                            (torch.bfloat16, torch.int8), (torch.float32, torch.int8),
+                                            (torch.bfloat16, torch.float32)], ids=str)
+def test_loading_converts_to_this_optimizers_storage(source, target):
+    first_params = _params()
+    first = AdamW(first_params, lr=1e-2, grokfast=GF, state_dtype=source)
+    _run(first, first_params, range(2))
+    params = _params()
+    opt = AdamW(params, lr=1e-2, grokfast=GF, state_dtype=target)
+    opt.load_state_dict(first.state_dict())
+    for p, q in zip(params, first_params):
+        state, theirs = opt.state[p], first.state[q]
+        for key in ("exp_avg", "exp_avg_sq", "grokfast_ema"):
+            value = (int8_blocks.decode(theirs[key], theirs[key + "_scales"], codec_map(key))
+                     if source is torch.int8 else theirs[key].float())
+            expected = _stored(key, value, target or p.dtype)
+            assert (key + "_scales" in state) == (key + "_scales" in expected)
+            for k, v in expected.items():
+                assert _same_bits(state[k], v), k
+    _run(opt, params, [2])
+
+
+def test_int8_state_without_its_scales_is_refused_on_load():
+    params = _params()
+    opt = AdamW(params, state_dtype=torch.int8)
+    _run(opt, params, range(1))
+    saved = opt.state_dict()
+    del saved["state"][2]["exp_avg_sq_scales"]
+    target = AdamW(_params(), state_dtype=torch.int8)
+    with pytest.raises(ValueError, match="'exp_avg_sq_scales' of the int8 'exp_avg_sq' is None"):
+        target.load_state_dict(saved)
+    assert not target.state
+
+
+def test_replaced_scales_are_checked_on_the_planned_path():
+    """The step plan lists the scales too: a scales tensor replaced between steps is seen."""
+    params = _params()
+    opt = AdamW(params, state_dtype=torch.int8)
+    _run(opt, params, range(2))  # the second step ran planned
+    opt.state[params[4]]["exp_avg_scales"] = torch.zeros(3)
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"state\['exp_avg_scales'\] of a param is \(3,\)"):
+        _run(opt, params, [2])
+    _assert_same_snapshot(_snapshot(opt, params), before)
+
+
+# ---- skipped steps --------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["found_inf", "skip_nonfinite"])
+@pytest.mark.parametrize("name", ["adamw_grokfast", "sgd_momentum", "muon"])
+def test_skipped_step_leaves_params_codes_and_scales(name, how):
+    params = _params()
+    opt = OPTIMIZERS[name](params, skip_nonfinite=how == "skip_nonfinite", state_dtype=torch.int8)
+    _run(opt, params, range(2))
+    before = _snapshot(opt, params)
+    _give_grads(params, 2)
+    if how == "found_inf":
+        opt.grad_scale, opt.found_inf = torch.ones(()), torch.ones(())
+    else:
+        params[5].grad[3, 7] = math.inf
+    opt.step()
+    _assert_same_snapshot(_snapshot(opt, params), before)
+    assert int(opt.skipped_steps) == 1
+
+
+def test_never_written_int8_state_goes_with_its_scales():
+    """A momentum buffer whose only step was skipped is removed, its scales with it: the next
+    real step starts it as a fresh optimizer does."""
+    params, fresh_params = _params(), _params()
+    opt = SGD(params, lr=0.05, momentum=0.9, skip_nonfinite=True, grokfast=GF, state_dtype=torch.int8)
+    _give_grads(params, 0)
+    params[0].grad[0] = math.inf
+    opt.step()
+    assert not opt.state_dict()["state"]
+    assert not any(opt.state.values())
+    fresh = SGD(fresh_params, lr=0.05, momentum=0.9, skip_nonfinite=True, grokfast=GF, state_dtype=torch.int8)
+    _run(opt, params, [1])
+    _run(fresh, fresh_params, [1])
+    _assert_same_snapshot(_snapshot(opt, params), _snapshot(fresh, fresh_params))
