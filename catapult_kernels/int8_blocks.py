@@ -5,10 +5,12 @@ A tensor is cut into blocks of BLOCK consecutive elements in MEMORY order (the l
 may be partial). A block stores one float32 scale, its largest |x|, and per element an int8
 code c = sign(x) rint(127 (|x| / scale)^p); decoding inverts the power. The power p is the
 list's MAP: SQRT (p = 1/2) for signed states (first moments, momentum, EMAs) and FOURTH_ROOT
-(p = 1/4) for second moments (lists named "*_sqs"). Why not linear: Adam's second moments span
-many decades inside one block, and a linear (or square-root) code rounds the small ones to 0,
-where m / (sqrt(v) + eps) then explodes; the fourth root keeps every v above scale / 127^4
-(bench/int8_maps.py measures this on real Adam moments).
+(p = 1/4) for second moments (lists named "*_sqs"). Why: Adam's second moments span many
+decades inside one block, and a code rounds to 0 below u = (1/254)^(1/p): 4e-3 of the block's
+largest for a linear code, 1.6e-5 for SQRT, 2.4e-10 for FOURTH_ROOT. A v decoded to 0 under a
+nonzero m turns the step into m / eps: on real AdamW moments (bench/int8_maps.py) linear or
+SQRT v made training NaN within tens of steps, FOURTH_ROOT v did not; SQRT m under it matches
+v's resolution (at Adam's first step m's SQRT code and v's FOURTH_ROOT code are the same).
 
 All arithmetic is float32 with each step rounded once (IEEE division and sqrt, round half to
 even), so that a C++ or Triton kernel can reproduce it exactly. A block holding a NaN or an
