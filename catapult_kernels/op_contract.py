@@ -15,18 +15,22 @@ try:
 except ImportError as e:  # not built
     _C_ERROR = e
 
-# The grad pipeline's arguments: the last arguments of every update op (csrc/update_op.h).
+# The grad pipeline's arguments: the last arguments of every update op (csrc/update_op.h),
+# followed in the generic elementwise ones by STORAGE_ARGS (csrc/state_storage.h).
 PIPELINE_ARGS = ("grad_norm", "max_grad_norm", "grad_scale", "skip", "agc_scales", "grokfast_emas",
                  "grokfast_alpha", "grokfast_lamb", "maximize")
+STORAGE_ARGS = ("state_scales",)
 
 
 class UpdateOp(NamedTuple):
     """An update op as its schema describes it: its state lists (read and written, in
-    order), whether it takes step counts, and its own arguments after lr."""
+    order), whether it takes step counts, its own arguments after lr, and whether its
+    states may be stored in another dtype than the params' (int8 too: STORAGE_ARGS)."""
     name: str
     states: tuple
     has_step: bool
     hyper: tuple
+    stored: bool = False
 
 
 def _update_ops() -> dict:
@@ -37,12 +41,15 @@ def _update_ops() -> dict:
         if ns != "catapult" or name.endswith("_triton_"):
             continue
         names = [a.name for a in getattr(torch.ops.catapult, name).default._schema.arguments]
+        stored = tuple(names[-len(STORAGE_ARGS):]) == STORAGE_ARGS
+        if stored:
+            names = names[:-len(STORAGE_ARGS)]
         if tuple(names[-len(PIPELINE_ARGS):]) != PIPELINE_ARGS:
             continue
         lr = names.index("lr")
         states = tuple(n for n in names[2:lr] if n != "state_steps")
         found[name] = UpdateOp(name, states, "state_steps" in names[2:lr],
-                               tuple(names[lr + 1:-len(PIPELINE_ARGS)]))
+                               tuple(names[lr + 1:-len(PIPELINE_ARGS)]), stored)
     return dict(sorted(found.items()))
 
 

@@ -167,11 +167,15 @@ def update_op(op: str) -> UpdateOp:
 
 def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[Sequence[torch.Tensor]], state_steps: Optional[Sequence[torch.Tensor]],
-            lr: torch.Tensor, pipeline: PipelineArgs = NO_PIPELINE, backend: str = "auto", **hyper) -> None:
+            lr: torch.Tensor, pipeline: PipelineArgs = NO_PIPELINE, backend: str = "auto", *,
+            state_scales: Sequence[torch.Tensor] = (), **hyper) -> None:
     """One fused step of update op `op` (UPDATE_OPS) in place: states holds one list per
     state list of the op, in its order (an unused one empty); state_steps the step counts
     (None for an op without), which the op advances; hyper the op's own arguments by name.
-    The contract of each op is beside its math (csrc/optimizers/<name>.h, csrc/ops.cpp)."""
+    The states a call uses and its Grokfast EMAs share one storage dtype, the params' or
+    another (float32, bfloat16, float16, int8); with int8, state_scales holds their block
+    scales (csrc/state_storage.h). The contract of each op is beside its math
+    (csrc/optimizers/<name>.h, csrc/ops.cpp)."""
     spec = update_op(op)
     if len(states) != len(spec.states):
         raise ValueError(f"{op} takes {len(spec.states)} state lists ({', '.join(spec.states)}), got {len(states)}")
@@ -181,6 +185,19 @@ def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         raise ValueError(f"{op} takes the arguments {', '.join(spec.hyper)}; got {', '.join(hyper) or 'none'}")
     device = params[0].device if params else torch.device("cpu")
     steps = () if state_steps is None else (list(state_steps),)
+    storage = (list(state_scales),) if spec.stored else ()
+    if state_scales and not spec.stored:
+        raise ValueError(f"{op} keeps its states in the params' dtype: it takes no state_scales")
+    if backend == "auto" and device.type == "cuda" and params and _stored_otherwise(params[0], states, pipeline):
+        backend = "triton"  # the CUDA kernels walk every list in one dtype
     kernel(op, resolve_backend(backend, device))(
         list(params), list(grads), *(list(s) for s in states), *steps, lr, *(hyper[h] for h in spec.hyper),
-        *pipeline.args())
+        *pipeline.args(), *storage)
+
+
+def _stored_otherwise(param: torch.Tensor, states: Sequence[Sequence[torch.Tensor]], pipeline: PipelineArgs) -> bool:
+    """Whether a call's states (or Grokfast EMAs) are stored in another dtype than its params."""
+    first = next((s[0] for s in states if len(s)), None)
+    if first is None and len(pipeline.grokfast_emas):
+        first = pipeline.grokfast_emas[0]
+    return first is not None and first.dtype != param.dtype

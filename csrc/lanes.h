@@ -17,6 +17,9 @@
 namespace catapult {
 
 CATAPULT_HD float lane_sqrt(float x) { return sqrtf(x); }
+CATAPULT_HD float lane_abs(float x) { return fabsf(x); }
+// To the nearest integer, ties to even (the default rounding mode).
+CATAPULT_HD float lane_rint(float x) { return rintf(x); }
 // a * b + c rounded once: an explicit FMA, for an op that must give torch's bits where
 // torch's kernel fuses (lerp, add with alpha); exact on every lane type and backend.
 CATAPULT_HD float lane_fma(float a, float b, float c) { return fmaf(a, b, c); }
@@ -26,6 +29,8 @@ CATAPULT_HD float select(bool cond, float a, float b) { return cond ? a : b; }
 #if !defined(__CUDACC__)
 using Vec = at::vec::Vectorized<float>;
 inline Vec lane_sqrt(const Vec& x) { return x.sqrt(); }
+inline Vec lane_abs(const Vec& x) { return x.abs(); }
+inline Vec lane_rint(const Vec& x) { return x.round(); }  // ties to even, as rintf
 inline Vec lane_fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
 inline Vec select(const Vec& cond, const Vec& a, const Vec& b) { return Vec::blendv(b, a, cond); }
 #endif

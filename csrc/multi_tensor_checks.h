@@ -112,16 +112,17 @@ inline void check_step_control(const char* op, at::TensorList params, const at::
 inline int64_t agc_rows(const at::Tensor& p) { return p.dim() >= 2 ? p.size(0) : 1; }
 
 // The regularizer lists of every update op: grokfast_emas (empty, or laid out like the
-// params: added to `lists` for check_update_lists) and agc_scales (empty, or per param
+// params: added to `lists` for check_update_lists, or to `ema_lists` where the op stores
+// its EMAs like its states, state_storage.h) and agc_scales (empty, or per param
 // a contiguous float32 tensor of agc_rows(p) factors on the params' device, with dim 0
 // the outermost dim of p's memory, so that each row is one contiguous run).
 inline void add_regularizer_lists(const char* op, at::TensorList params, at::TensorList agc_scales,
                                   at::TensorList grokfast_emas, NamedLists& lists,
-                                  const char* first = "params") {
+                                  const char* first = "params", NamedLists* ema_lists = nullptr) {
   TORCH_CHECK(grokfast_emas.empty() || grokfast_emas.size() == params.size(), "catapult: ", op,
               ": grokfast_emas has ", grokfast_emas.size(), " tensors but ", first,
               " has ", params.size(), " (give none to switch Grokfast off)");
-  if (!grokfast_emas.empty()) lists.emplace_back("grokfast_emas", grokfast_emas);
+  if (!grokfast_emas.empty()) (ema_lists ? *ema_lists : lists).emplace_back("grokfast_emas", grokfast_emas);
   TORCH_CHECK(agc_scales.empty() || agc_scales.size() == params.size(), "catapult: ", op,
               ": agc_scales has ", agc_scales.size(), " tensors but ", first, " has ", params.size(),
               " (give none to switch AGC off)");

@@ -991,7 +991,8 @@ def _bad_cases(spec, st, device):
     ]
     for name in spec.used:
         cases += [(f"one {name} missing", {name: st[name][:1]}, {}),
-                  (f"{name} dtype differs", {name: [st[name][0], st[name][1].to(torch.bfloat16)]}, {}),
+                  # another float storage is fine (state_storage.h); int8 for one param and not another is not
+                  (f"{name} int8 for one param only", {name: [st[name][0], st[name][1].to(torch.int8)]}, {}),
                   (f"{name} other layout", {name: [st[name][0], st[name][1].t().contiguous().t()]}, {})]
     if spec.has_step:
         cases += [("a step missing", dict(step=steps[:1]), {}),
@@ -1060,8 +1061,9 @@ def _bad_regularizer_cases(st, device):
         ("one grokfast_emas too few", (), emas[:1]),
         ("grokfast_emas of the wrong shape", (), [emas[0], torch.zeros(params[1].numel(), device=device)]),
         ("grokfast_emas transposed", (), [emas[0], emas[1].t().contiguous().t()]),
-        ("grokfast_emas float32 beside float16 params", (), [emas[0], emas[1].float()]),
-        ("grokfast_emas bfloat16 beside float16 params", (), [emas[0], emas[1].to(torch.bfloat16)]),
+        # stored in another float dtype is fine (state_storage.h); int8 for one param only, or float64, is not
+        ("grokfast_emas int8 for one param only", (), [emas[0], emas[1].to(torch.int8)]),
+        ("grokfast_emas float64", (), [emas[0], emas[1].double()]),
         ("both, the emas wrong", agc, [emas[0], emas[1][:-1]]),
     ]
     if device == "cuda":
@@ -1140,7 +1142,7 @@ def test_opcheck(backend_device, spec, control, regularizers):
         pipeline.update(agc=make_agc(st["param"]), emas=st["ema"])
     params, grads, states, steps, lr, hyper = op_inputs(spec, st, lr=1e-3)
     args = (params, grads, *states, *([steps] if spec.has_step else []), lr, *hyper.values(),
-            *pipeline_args(spec, **pipeline).args())
+            *pipeline_args(spec, **pipeline).args(), *([[]] if ops.update_op(spec.op).stored else []))
     torch.library.opcheck(_op_handle(spec, backend), args)
 
 

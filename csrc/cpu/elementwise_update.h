@@ -3,7 +3,10 @@
 // per tensor its constants, then one parallel_for over fixed-size chunks of every
 // tensor (one fork per step, however many tensors) running the grad pipeline and the
 // spec's element function on vectors (at::vec, two per block) and on a scalar tail.
-// Both lane types run the same function, so they round alike.
+// Both lane types run the same function, so they round alike. States stored otherwise
+// than the params (another dtype, int8 blocks: state_storage.h) take the stored path:
+// per group of kGroup elements, everything is read into float32 buffers, the pipeline
+// and the element function run there on vectors, and everything is written back.
 //
 // CATAPULT_REGISTER_CPU(Spec) defines the op's schema and registers this kernel; each
 // spec's registration is a file setup.py generates (csrc/optimizers/*.h -> one each).
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
+#include "cpu/storage_io.h"
 
 #include "update_op.h"
 
@@ -29,6 +33,9 @@ struct Entry {
   void* s[kMaxStates];  // nullptr where the call does not use the state
   void* ema;            // nullptr without Grokfast
   at::ScalarType dtype;
+  at::ScalarType storage;        // of the states and the ema (the params' when none)
+  float* scales[kMaxStates];     // int8 storage: each used state's block scales
+  float* ema_scales;
   AgcRows agc;
   typename Spec::Constants c;
 };
@@ -80,6 +87,57 @@ void update_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const 
   }
 }
 
+// The stored path over n elements of one tensor from offset b (a multiple of kGroup).
+template <class Spec, int V, typename T>
+void update_stored_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const Pipeline& pl) {
+  constexpr int K = num_states<Spec>();
+  constexpr int kSlots = state_slots<Spec>();
+  constexpr unsigned kUse = Spec::uses(V);
+  constexpr unsigned kRead = Spec::reads(V) & kUse;
+  T* p = static_cast<T*>(e.p);
+  const T* g = static_cast<const T*>(e.g);
+  const StoredList ema{e.ema, e.ema_scales};
+  StoredList s[kSlots];
+  for (int k = 0; k < K; ++k) s[k] = {e.s[k], e.scales[k]};
+  alignas(64) float pb[kGroup], gb[kGroup], eb[kGroup], sb[kSlots][kGroup];
+  const Vec one(1.0f);
+  for (int64_t j0 = b; j0 < b + n; j0 += kGroup) {
+    const int64_t m = std::min(kGroup, b + n - j0);
+    // the grad times its multiplier (with AGC, its row's), as pipeline_block computes it
+    load_group(g + j0, m, gb);
+    for (int64_t j = 0; j < m; ++j) {
+      gb[j] *= e.agc.scale == nullptr ? mult : mult * e.agc.scale[(j0 + j) / e.agc.row_len];
+    }
+    if (e.ema != nullptr) load_stored(e.storage, QuantMap::kSqrt, ema, j0, m, eb);
+    for (int64_t i = 0; i < kGroup; i += kBlock) {
+      Vec g0, g1;
+      pipeline_block<true, float>(gb, e.ema != nullptr ? eb : nullptr, i, one, pl, g0, g1);
+      store_block(gb + i, g0, g1);
+    }
+    load_group(p + j0, m, pb);
+    for (int k = 0; k < kSlots; ++k) {
+      if (kRead >> k & 1u) {
+        load_stored(e.storage, quant_map_of(Spec::kStates[k]), s[k], j0, m, sb[k]);
+      } else {
+        std::fill(sb[k], sb[k] + kGroup, 0.0f);
+      }
+    }
+    for (int64_t i = 0; i < kGroup; i += Vec::size()) {
+      Vec pv = Vec::loadu(pb + i);
+      Vec sv[kSlots];
+      for (int k = 0; k < kSlots; ++k) sv[k] = Vec::loadu(sb[k] + i);
+      Spec::template update<V, Vec>(pv, Vec::loadu(gb + i), sv, e.c);
+      pv.store(pb + i);
+      for (int k = 0; k < kSlots; ++k) sv[k].store(sb[k] + i);
+    }
+    store_group(pb, m, p + j0);
+    for (int k = 0; k < K; ++k) {
+      if (kUse >> k & 1u) store_stored(e.storage, quant_map_of(Spec::kStates[k]), s[k], j0, m, sb[k]);
+    }
+    if (e.ema != nullptr) store_stored(e.storage, QuantMap::kSqrt, ema, j0, m, eb);
+  }
+}
+
 template <class Spec>
 void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const UpdateArgs a = pop_update_args<Spec>(*stack, op.schema().arguments().size());
@@ -105,12 +163,23 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     }
     const at::Tensor& p = a.params[i];
     if (p.numel() == 0) continue;
-    Entry<Spec> e{p.data_ptr(), a.grads[i].const_data_ptr(), {}, nullptr, p.scalar_type(),
+    Entry<Spec> e{p.data_ptr(), a.grads[i].const_data_ptr(), {}, nullptr, p.scalar_type(), p.scalar_type(), {}, nullptr,
                   agc_rows_of(a.agc_scales, i, p), Spec::constants(h, lr, t, static_cast<int64_t>(i))};
+    // int8 storage: state_scales holds each stored list's scales, list-major
+    const size_t n = a.params.size();
+    size_t stored = 0;
     for (int k = 0; k < num_states<Spec>(); ++k) {
-      e.s[k] = a.states[k].empty() ? nullptr : a.states[k][i].data_ptr();
+      if (a.states[k].empty()) continue;
+      e.s[k] = a.states[k][i].data_ptr();
+      e.storage = a.states[k][i].scalar_type();
+      if (!a.state_scales.empty()) e.scales[k] = a.state_scales[stored * n + i].data_ptr<float>();
+      ++stored;
     }
-    e.ema = a.grokfast_emas.empty() ? nullptr : a.grokfast_emas[i].data_ptr();
+    if (!a.grokfast_emas.empty()) {
+      e.ema = a.grokfast_emas[i].data_ptr();
+      e.storage = a.grokfast_emas[i].scalar_type();
+      if (!a.state_scales.empty()) e.ema_scales = a.state_scales[stored * n + i].data_ptr<float>();
+    }
     entries.push_back(e);
     add_chunks(chunks, static_cast<int64_t>(entries.size()) - 1, p.numel());
   }
@@ -120,6 +189,7 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       const Entry<Spec>& e = entries[c.entry];
       dispatch_float_type(e.dtype, [&](auto tag) {
         using T = decltype(tag);
+        if (e.storage != e.dtype) return update_stored_range<Spec, V, T>(e, c.begin, c.size, mult, pl);
         for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
           update_range<Spec, V, T>(e, b, n, m, pl);
         });

@@ -127,6 +127,17 @@ void update_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const int variant = Spec::variant(h);
   check_update_args<Spec>(a, Spec::uses(variant), device);  // before anything is launched
   if (a.params.empty()) return;
+  // multi_tensor_apply walks every list in one dtype: other storage runs on Triton for now.
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    for (const auto& list : a.states) {
+      TORCH_CHECK(list.empty() || list[i].scalar_type() == a.params[i].scalar_type(), "catapult: ", Spec::kName,
+                  " (CUDA): states stored as ", list[i].scalar_type(), " with ", a.params[i].scalar_type(),
+                  " params are not built for CUDA yet; use backend='triton'");
+    }
+    TORCH_CHECK(a.grokfast_emas.empty() || a.grokfast_emas[i].scalar_type() == a.params[i].scalar_type(),
+                "catapult: ", Spec::kName, " (CUDA): Grokfast EMAs stored as ", a.grokfast_emas[i].scalar_type(),
+                " with ", a.params[i].scalar_type(), " params are not built for CUDA yet; use backend='triton'");
+  }
 
   c10::cuda::CUDAGuard guard(device);
   const bool grokfast = !a.grokfast_emas.empty();
