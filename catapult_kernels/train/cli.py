@@ -87,6 +87,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _choices(g, "--grokfast", C.GROKFAST, "gradient filter")
     _add(g, "--grokfast-alpha", "Grokfast EMA decay", type=float)
     _add(g, "--grokfast-lamb", "Grokfast amplification", type=float)
+    _choices(g, "--state-dtype", C.STATE_DTYPES, "catapult's optimizers: how they store their state, Grokfast's EMA "
+             "included (int8: codes in blocks of 128 with a float32 scale each, about 1 byte per element; "
+             "default: the params' dtype)")
     _choices(g, "--schedule", C.SCHEDULES, "lr schedule after warmup")
     _add(g, "--warmup", "linear warmup steps", type=int)
     _add(g, "--decay-steps", "cosine: steps to the minimum (default: --steps)", type=int)
@@ -104,6 +107,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
          "the grads summed (the same step up to rounding, in 1/K of the activation memory)", type=int, metavar="K")
     _choices(g, "--amp", C.AMPS, "autocast of the forward pass, the loss in float32 (fp16: with a GradScaler, "
              "which catapult's optimizers take in their kernels); the sharpness stays float32")
+    _choices(g, "--dtype", C.PARAM_DTYPES, "the params' dtype (bf16: rounded to nearest, the loss and metrics in "
+             "float32 as under --amp)")
     _add(g, "--steps", "optimizer steps", type=int)
     _add(g, "--seed", "seed of data, init and batch order", type=int)
     _add(g, "--device", "cpu, cuda, cuda:1, ... (with --parallel: cpu or cuda, one GPU per rank)")

@@ -32,6 +32,8 @@ MODULAR_OPS = ("add", "sub", "mul", "div")
 GROKFAST = ("none", "ema")
 PARALLEL = ("none", "ddp", "fsdp")  # data parallel under torchrun (parallel.py)
 AMPS = ("none", "bf16", "fp16")  # autocast of the forward pass (mixed_precision.py)
+PARAM_DTYPES = ("fp32", "bf16")  # the params' dtype (param_dtype.py)
+STATE_DTYPES = ("fp32", "bf16", "int8")  # the optimizer state's storage (int8: blocks of 128 with a float32 scale)
 ADV_EVALS = ("none", "fgsm", "pgd")  # robust val accuracy under an L-inf attack (adversarial.py)
 
 _K_OVER_LAMBDA0 = re.compile(r"^\s*([^/\s]+)\s*/\s*lambda0\s*$")
@@ -113,6 +115,7 @@ class TrainConfig:
     grokfast: str = "none"
     grokfast_alpha: float = 0.98
     grokfast_lamb: float = 2.0
+    state_dtype: Optional[str] = None  # catapult's optimizers: how they store their state; None: as the params
     schedule: str = "constant"
     warmup: int = 0
     decay_steps: Optional[int] = None  # cosine horizon; None: --steps of the first run
@@ -128,6 +131,7 @@ class TrainConfig:
     device: str = "cpu"
     parallel: str = "none"
     amp: str = "none"
+    dtype: str = "fp32"  # the params'
     grad_accum: int = 1  # micro-batches per optimizer step, splitting each batch
     world_size: int = 1  # the processes the run trains on: recorded by run(), not an option
     # diagnostics and output
@@ -158,7 +162,9 @@ class TrainConfig:
         _choice("grokfast", self.grokfast, GROKFAST)
         _choice("parallel", self.parallel, PARALLEL)
         _choice("amp", self.amp, AMPS)
+        _choice("dtype", self.dtype, PARAM_DTYPES)
         LearningRate.parse(self.lr)
+        self._check_dtypes()
         self._check_cyclic()
         for name in ("p", "n_train", "n_val", "input_dim", "depth", "width", "base_width", "layers",
                      "d_model", "heads", "steps", "log_every", "sharpness_iters", "sharpness_batch", "world_size",
@@ -230,6 +236,23 @@ class TrainConfig:
             raise ValueError(f"--grok-threshold must lie in (0, 1], got {self.grok_threshold}")
         self._validate_adv_eval()
         return self
+
+    def _check_dtypes(self) -> None:
+        if self.dtype != "fp32" and self.amp != "none":
+            raise ValueError(f"--amp autocasts a float32 model; with --dtype {self.dtype} the forward already runs in "
+                             f"{self.dtype}: leave --amp out")
+        if self.state_dtype is None:
+            return
+        _choice("state_dtype", self.state_dtype, STATE_DTYPES)
+        if self.impl == "torch":
+            raise ValueError("--state-dtype sets how catapult's optimizers store their state; torch.optim keeps it in "
+                             "the params' dtype: use --impl catapult")
+        if self.optimizer == "lamb":
+            raise ValueError("--state-dtype: lamb keeps its moments in the params' dtype (its two-pass kernels); "
+                             "leave --state-dtype out")
+        if self.state_dtype == "int8" and self.parallel == "fsdp":
+            raise ValueError("--state-dtype int8 blocks span a whole param, not FSDP's shards: use --parallel ddp, "
+                             "or --state-dtype fp32 or bf16")
 
     def _check_cyclic(self) -> None:
         """--schedule cyclic sets the lr itself: level x 2/lambda0, so --lr must be that unit."""

@@ -12,6 +12,7 @@ from .config import RESUMABLE, TrainConfig, computation_changes
 from .loop import Trainer, TensorBatches, loss_by_name, sharpness
 from .models import make_model
 from .optimizers import RUN_DEFAULTS, make_optimizer, with_optimizer_defaults
+from .param_dtype import with_param_dtype
 from .parallel import from_rank0, process_group, rank_device, world_size
 from .run_folder import RunFolder
 from .schedule import lr_factor
@@ -83,7 +84,7 @@ def _train(cfg: TrainConfig, out, *, resume: bool, overwrite: bool, quiet: bool)
     data = make_task(cfg).to(device)
     if cfg.batch_size is not None and cfg.batch_size > len(data.y_train):
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(data.y_train)} training examples")
-    model = make_model(cfg, data.in_dim, data.out_dim).to(device)
+    model = with_param_dtype(make_model(cfg, data.in_dim, data.out_dim).to(device), cfg.dtype)
     loss_fn = loss_by_name(cfg.loss)
     lambda0 = None
     if not resume:  # a resumed run takes lambda0 (and its lr) from the checkpoint's optimizer state

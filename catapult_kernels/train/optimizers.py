@@ -14,6 +14,7 @@ from .config import MOMENTUM_DEFAULTS, TrainConfig
 
 CATAPULT = {name.lower(): getattr(optim, name) for name in optim.__all__}
 TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, None: None}  # --state-dtype
 # Options whose None means the optimizer's own default (and, on --resume, the run's).
 RUN_DEFAULTS = ("decay_steps", "beta1", "beta2", "beta3", "eps", "momentum", "nesterov", "adjust_lr")
 
@@ -90,4 +91,5 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch
     if cfg.impl == "torch":
         return _class(cfg)(groups, lr=lr, **kwargs)  # the trainer clips for it
     grokfast = dict(alpha=cfg.grokfast_alpha, lamb=cfg.grokfast_lamb) if cfg.grokfast == "ema" else None
-    return _class(cfg)(groups, lr=lr, max_grad_norm=cfg.max_grad_norm, grokfast=grokfast, agc=cfg.agc, **kwargs)
+    return _class(cfg)(groups, lr=lr, max_grad_norm=cfg.max_grad_norm, grokfast=grokfast, agc=cfg.agc,
+                       state_dtype=STATE_DTYPES[cfg.state_dtype], **kwargs)
