@@ -4,11 +4,12 @@
 // float32 and stored rounded to nearest even. int8 is blockwise quantized: per block of
 // kQuantBlock elements (memory order; blocks never cross tensors) int8 codes plus one
 // float32 scale, the block's absmax, computed from the block's new values in the same
-// pass that updates them. A code c stands for scale * map(c / 127):
+// pass that updates them. A code c stands for scale * map(c / 127), with per block
+// factors (one division per block, a multiplication per element; each step rounded once):
 //   SQRT (p = 1/2; signed states: moments, momentum, the Grokfast EMA):
-//     c = rint(127 * sqrt(|x| / amax)) with x's sign; x = (c |c| / 16129) * scale
+//     c = rint(127 * sqrt(|x| * (1 / amax))) with x's sign; x = c|c| * (scale / 16129)
 //   FOURTH_ROOT (p = 1/4; second moments, lists named *_sqs):
-//     c = rint(127 * sqrt(sqrt(|x| / amax))); r = c |c| / 16129; x = (r |r|) * scale
+//     c = rint(127 * sqrt(sqrt(|x| * (1 / amax)))); q = c|c|; x = q|q| * (scale / 16129 / 16129)
 // Companding spends the codes where the values are small: a second moment decoded to 0
 // where its first moment is not would turn Adam's step into m / eps (measured in
 // bench/int8_maps.py). A block whose absmax is 0, inf or NaN has every code 0, so it
@@ -49,21 +50,29 @@ constexpr int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1)
 CATAPULT_HD bool quantizable(float amax) { return amax > 0.0f && amax < INFINITY; }
 
 // The code of x (as a float holding an integer in [-127, 127]) in a block of absmax amax
-// (quantizable). The same operations on every lane type, each rounded once.
+// (quantizable), given inverse = 1 / amax. The same operations on every lane type, each
+// rounded once. |x| * inverse may exceed 1 by an ulp: its code is still 127.
 template <QuantMap M, typename F>
-CATAPULT_HD F encode_code(const F& x, const F& amax) {
-  F f = lane_sqrt(lane_abs(x) / amax);
+CATAPULT_HD F encode_code(const F& x, const F& inverse) {
+  F f = lane_sqrt(lane_abs(x) * inverse);
   if constexpr (M == QuantMap::kFourthRoot) f = lane_sqrt(f);
   const F c = lane_rint(f * F(kCodeMax));
   return select(x < F(0.0f), F(0.0f) - c, c);
 }
 
-// The value of code c (a float holding the code) in a block of scale `scale`.
+// A block's decode factor from its scale.
+template <QuantMap M>
+CATAPULT_HD float decode_factor(float scale) {
+  const float k = scale / kCodeMaxSquared;
+  return M == QuantMap::kFourthRoot ? k / kCodeMaxSquared : k;
+}
+
+// The value of code c (a float holding the code) in a block of decode factor k.
 template <QuantMap M, typename F>
-CATAPULT_HD F decode_code(const F& c, const F& scale) {
-  const F r = (c * lane_abs(c)) / F(kCodeMaxSquared);
-  if constexpr (M == QuantMap::kFourthRoot) return (r * lane_abs(r)) * scale;
-  return r * scale;
+CATAPULT_HD F decode_code(const F& c, const F& k) {
+  F q = c * lane_abs(c);  // exact
+  if constexpr (M == QuantMap::kFourthRoot) q = q * lane_abs(q);
+  return q * k;
 }
 
 inline bool is_storage_dtype(at::ScalarType t) { return is_supported_float(t) || t == at::kChar; }

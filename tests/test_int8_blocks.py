@@ -27,7 +27,7 @@ def test_hand_computed_block_sqrt(scale):
     codes, scales = ib.encode(f32([1.0, -0.25, 0.0625, 0.0]) * scale, ib.SQRT)
     assert codes.tolist() == [127, -64, 32, 0] and codes.dtype == torch.int8
     assert scales.tolist() == [scale] and scales.dtype == torch.float32
-    expected = np.float32([16129, -4096, 1024, 0]) / np.float32(16129) * np.float32(scale)
+    expected = np.float32([16129, -4096, 1024, 0]) * (np.float32(scale) / np.float32(16129))
     assert ib.decode(codes, scales, ib.SQRT).numpy().tobytes() == expected.tobytes()
 
 
@@ -37,8 +37,8 @@ def test_hand_computed_block_fourth_root(scale):
     codes, scales = ib.encode(f32([1.0, -0.25, 0.0625, 0.0]) * scale, ib.FOURTH_ROOT)
     assert codes.tolist() == [127, -90, 64, 0]
     assert scales.tolist() == [scale]
-    r = np.float32([16129, -8100, 4096, 0]) / np.float32(16129)
-    expected = (r * np.abs(r)) * np.float32(scale)
+    q = np.float32([16129, -8100, 4096, 0])
+    expected = (q * np.abs(q)) * (np.float32(scale) / np.float32(16129) / np.float32(16129))
     assert ib.decode(codes, scales, ib.FOURTH_ROOT).numpy().tobytes() == expected.tobytes()
 
 
@@ -61,7 +61,8 @@ def numpy_encode(x: np.ndarray, power: int):
         if not (0 < amax < np.inf):
             codes += [0] * len(block)
             continue
-        f = np.float32(np.abs(block).astype(np.float64) / np.float64(amax))
+        inverse = np.float32(1.0 / np.float64(amax))
+        f = np.float32(np.abs(block).astype(np.float64) * np.float64(inverse))
         for _ in range(power):
             f = np.float32(np.sqrt(f.astype(np.float64)))
         c = np.round(np.float32(f.astype(np.float64) * 127.0))  # numpy rounds half to even
@@ -71,11 +72,13 @@ def numpy_encode(x: np.ndarray, power: int):
 
 def numpy_decode(codes: np.ndarray, scales: np.ndarray, power: int) -> np.ndarray:
     c = codes.astype(np.float64)
-    r = np.float32(c * np.abs(c) / 16129.0)
+    q = np.float32(c * np.abs(c))  # exact
+    factor = np.float32(scales.astype(np.float64) / 16129.0)
     if power == 2:
-        r = np.float32(r.astype(np.float64) * np.abs(r))
-    s = np.repeat(scales, ib.BLOCK)[:len(codes)].astype(np.float64)
-    return np.float32(r.astype(np.float64) * s)
+        q = np.float32(q.astype(np.float64) * np.abs(q))
+        factor = np.float32(factor.astype(np.float64) / 16129.0)
+    s = np.repeat(factor, ib.BLOCK)[:len(codes)].astype(np.float64)
+    return np.float32(q.astype(np.float64) * s)
 
 
 @pytest.mark.parametrize("map,power", [(ib.SQRT, 1), (ib.FOURTH_ROOT, 2)])

@@ -53,8 +53,8 @@ inline void decode_group(const int8_t* codes, float scale, int64_t m, float* buf
   alignas(64) float c[kGroup];
   for (int64_t j = 0; j < m; ++j) c[j] = static_cast<float>(codes[j]);
   std::fill(c + m, c + kGroup, 0.0f);
-  const Vec s(scale);
-  for (int64_t i = 0; i < kGroup; i += Vec::size()) decode_code<M>(Vec::loadu(c + i), s).store(buf + i);
+  const Vec k(decode_factor<M>(scale));
+  for (int64_t i = 0; i < kGroup; i += Vec::size()) decode_code<M>(Vec::loadu(c + i), k).store(buf + i);
 }
 
 // The absmax of buf[0, kGroup), NaN if any element is NaN.
@@ -82,8 +82,8 @@ inline void encode_group(float* buf, int64_t m, int8_t* codes, float* scale) {
     return;
   }
   alignas(64) float c[kGroup];
-  const Vec a(amax);
-  for (int64_t i = 0; i < kGroup; i += Vec::size()) encode_code<M>(Vec::loadu(buf + i), a).store(c + i);
+  const Vec inverse(1.0f / amax);
+  for (int64_t i = 0; i < kGroup; i += Vec::size()) encode_code<M>(Vec::loadu(buf + i), inverse).store(c + i);
   for (int64_t j = 0; j < m; ++j) codes[j] = static_cast<int8_t>(static_cast<int>(c[j]));
 }
 
