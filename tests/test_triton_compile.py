@@ -1,13 +1,16 @@
 """The Triton kernels compile for a GPU without one. The interpreter, which runs them in
 this suite on CPU, accepts code that the compiler refuses (and never sees the
 compiler's FMA contraction), so a subprocess without TRITON_INTERPRET records every
-launch the ops make (each update op once per dtype, with the whole grad pipeline on)
-instead of running it, and compiles each for sm_90 (the GPU machine's H100/H200)
-with triton.compile. Every update kernel keeps its numerics there: no a*b+c fused into
-an FMA (enable_fp_fusion=False: every operation rounds once, as on the CPU; the ops in
-EXPLICIT_FMA fuse theirs on purpose, on every backend), and
-float32 loads stay vectorized (16 bytes)."""
+launch the ops make (each update op once per dtype, with the whole grad pipeline on;
+the elementwise ones also with their states and Grokfast emas stored otherwise: int8
+blocks, bfloat16 beside float32 params) instead of running it, and compiles each for
+sm_90 (the GPU machine's H100/H200) with triton.compile. Every update kernel keeps its
+numerics there: no a*b+c fused into an FMA (enable_fp_fusion=False: every operation
+rounds once, as on the CPU; the ops in EXPLICIT_FMA fuse theirs on purpose, on every
+backend), float32 loads stay vectorized (16 bytes), and int8 codes round half to even
+(cvt.rni, libdevice's rint)."""
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -20,7 +23,7 @@ import pytest
 EXPLICIT_FMA = ("muon_momentum", "muon_update")
 
 
-# ~15 s on 2 cores with an empty Triton cache (~40 kernel variants compiled; cached after: ~7 s).
+# ~25 s on 2 cores with an empty Triton cache (~60 kernel variants compiled; cached after: ~10 s).
 # Not conftest's triton check: importing conftest switches the interpreter on, here and in the subprocess.
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 def test_every_launch_compiles_for_sm90():
@@ -30,6 +33,7 @@ def test_every_launch_compiles_for_sm90():
     compiled = re.findall(r"^compiled (\S+)", done.stdout, re.M)
     names = {"_update_kernel", "_advance_steps_kernel", "_lamb_kernel", "_lamb_trust_kernel"}
     assert names <= set(compiled), done.stdout
+    assert re.search(r"^compiled _update_kernel int8$", done.stdout, re.M), done.stdout
 
 
 def _record_launches() -> list:
@@ -72,21 +76,30 @@ def _record_launches() -> list:
                        max_weight_norm=1.0)],
     }
     assert set(hyper) == set(UPDATE_OPS), f"give {sorted(set(UPDATE_OPS) - set(hyper))} their arguments here"
-    for dtype in (torch.float32, torch.bfloat16):
+    # (params' dtype, the states' and emas'); None: the params'. Other storage only where an op
+    # takes it (state_scales: the elementwise ops).
+    storages = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.int8),
+                (torch.bfloat16, torch.int8), (torch.float32, torch.bfloat16)]
+    for dtype, storage in storages:
         for op, cases in hyper.items():
             spec = UPDATE_OPS[op]
+            if storage is not None and not spec.stored:
+                continue
             for h in cases:
-                def lists():
-                    return [torch.zeros(s, dtype=dtype) for s in shapes]
+                def lists(dt=dtype):
+                    return [torch.zeros(s, dtype=dt) for s in shapes]
                 unused = {("adamw_", "max_exp_avg_sqs"): not h.get("amsgrad"), ("sgd_", "momentum_buffers"):
                           h.get("momentum") == 0.0}
-                states = [[] if unused.get((op, name)) else lists() for name in spec.states]
+                states = [[] if unused.get((op, name)) else lists(storage or dtype) for name in spec.states]
                 steps = [[torch.zeros(1) for _ in shapes]] if spec.has_step else []
                 pipeline = PipelineArgs(grad_norm=torch.ones(1), max_grad_norm=1.0, grad_scale=torch.ones(1),
                                         skip=torch.zeros(1), agc_scales=[torch.ones(3), torch.ones(1)],
-                                        grokfast_emas=lists(), maximize=True)
+                                        grokfast_emas=lists(storage or dtype), maximize=True)
+                stored = sum(1 for s in states if s) + 1  # the used states and the emas
+                scales = [torch.zeros(-(-math.prod(s) // 128)) for _ in range(stored) for s in shapes]
+                state_scales = [scales if storage == torch.int8 else []] if spec.stored else []
                 triton_ops.KERNELS[op](lists(), lists(), *states, *steps, torch.ones(1),
-                                       *(h[name] for name in spec.hyper), *pipeline.args())
+                                       *(h[name] for name in spec.hyper), *pipeline.args(), *state_scales)
     return launches
 
 
@@ -96,7 +109,7 @@ def _compile_all(launches) -> None:
     from triton.backends.compiler import GPUTarget
 
     pointer = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-               torch.int64: "*i64"}
+               torch.int64: "*i64", torch.int8: "*i8"}
     seen = set()
     for kernel, args, kwargs in launches:
         values = dict(zip(kernel.arg_names, args), **kwargs)
@@ -124,7 +137,10 @@ def _compile_all(launches) -> None:
             assert not re.search(r"\bfma\.rn\.f32\b", ptx), f"{what}: an FMA was contracted"
         if constexprs.get("DTYPE") == triton.language.float32 and constexprs.get("ALIGNED"):
             assert re.search(r"ld\.global(\.\w+)*\.v4\.", ptx), f"{what}: float32 loads are not vectorized"
-        print("compiled", kernel.fn.__name__, flush=True)
+        int8 = constexprs.get("S_DTYPE") == triton.language.int8
+        if int8:
+            assert re.search(r"\bcvt\.rni\.f32\.f32\b", ptx), f"{what}: int8 codes are not rounded half to even"
+        print("compiled", kernel.fn.__name__, *(["int8"] if int8 else []), flush=True)
 
 
 if __name__ == "__main__":

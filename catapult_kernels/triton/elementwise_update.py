@@ -18,6 +18,16 @@ UpdateLaunch.advance_steps), after every program has read them. Nothing is read 
 the host: lr, grad_norm, grad_scale, skip and the steps are read by the kernels, so a
 step costs no host sync; a nonzero skip writes nothing at all, step counts included.
 
+Storage (csrc/state_storage.h): a param's states and Grokfast ema share one dtype S,
+which may differ from the param's (S_DTYPE, a launch per (dtype, S) group; None where
+S is the params' dtype: the kernel of before), int8 for every param of a call or none.
+int8 storage: each block of elements covers whole 128-element quantization blocks
+(BLOCK and CHUNK are multiples of 128: update_sizes), indexed [BLOCK // 128, 128], a
+row per quantization block, so that its codes and scale are decoded, updated and
+encoded in one pass (the absmax a reduction along the row), each scale written once by
+the program that owns its block. A state list's map is FOURTH_ROOT when its schema
+name ends in "_sqs" (second moments), else SQRT, as the emas'.
+
 Numerics: float32 math, compiled with enable_fp_fusion=False so that no a*b+c is
 contracted into an FMA: every operation rounds once, as written, so the compiled
 kernel, the interpreter and the CPU kernels (which do not contract either) agree bit
@@ -34,8 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_common import (GradPipeline, UpdateLaunch, add_regularizer_lists, check_control_args,
-                            check_update_lists, grad_pipeline_setup, pipeline_grad, program_block, store_as)
+from ..int8_blocks import FOURTH_ROOT, map_of
+from .kernel_common import (QBLOCK, TL_STORAGE_DTYPE, GradPipeline, UpdateLaunch, add_regularizer_lists,
+                            check_control_args, check_storage_lists, check_update_lists, grad_pipeline_setup,
+                            load_int8, pipeline_grad, program_block, store_as, store_int8)
 from .multi_tensor_table import is_fake, tensor_ptr
 from .op_registration import UpdateSchema, register_update_op, update_schema
 from .optimizers import MAX_FLAGS, MAX_SCALARS, MAX_STATES
@@ -44,33 +56,53 @@ __all__ = ["register_elementwise_ops", "optimizer_module"]
 
 
 @triton.jit
-def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult,
+def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, q0_ptr, q1_ptr, q2_ptr, q3_ptr,
+                  ema_q_ptr, row_len, start, idx, mask, qidx, qmask, mult,
                   grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                   ELEMENT: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
                   P_READ: tl.constexpr, S0_COL: tl.constexpr, S1_COL: tl.constexpr, S2_COL: tl.constexpr,
                   S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
-                  S3_READ: tl.constexpr, DTYPE: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr,
-                  MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr):
+                  S3_READ: tl.constexpr, DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, FOURTH_ROOTS: tl.constexpr,
+                  AGC: tl.constexpr, GROKFAST: tl.constexpr, MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr):
     # Loads and stores inline (constexpr branches), not in helper functions: the interpreter
-    # pays about a millisecond per nested jit call, and this runs once per block.
+    # pays about a millisecond per nested jit call, and this runs once per block. int8
+    # storage takes the codec's helpers (kernel_common), with idx of shape [quantization
+    # blocks, QBLOCK], qidx, qmask the blocks, q*_ptr the lists' scales at the chunk's first.
     g = pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
-                      grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, True, INTERPRETED)
+                      grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, True, INTERPRETED,
+                      S_DTYPE, ema_q_ptr, qidx, qmask)
     zero = tl.full(idx.shape, 0.0, tl.float32)  # a list the call does not read
     p = tl.load(p_ptr + idx, mask=mask).to(tl.float32) if P_READ else zero
-    s0 = tl.load(s0_ptr + idx, mask=mask).to(tl.float32) if S0_READ else zero
-    s1 = tl.load(s1_ptr + idx, mask=mask).to(tl.float32) if S1_READ else zero
-    s2 = tl.load(s2_ptr + idx, mask=mask).to(tl.float32) if S2_READ else zero
-    s3 = tl.load(s3_ptr + idx, mask=mask).to(tl.float32) if S3_READ else zero
+    if S_DTYPE == tl.int8:
+        s0 = load_int8(s0_ptr, q0_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 1) if S0_READ else zero
+        s1 = load_int8(s1_ptr, q1_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 2) if S1_READ else zero
+        s2 = load_int8(s2_ptr, q2_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 4) if S2_READ else zero
+        s3 = load_int8(s3_ptr, q3_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 8) if S3_READ else zero
+    else:
+        s0 = tl.load(s0_ptr + idx, mask=mask).to(tl.float32) if S0_READ else zero
+        s1 = tl.load(s1_ptr + idx, mask=mask).to(tl.float32) if S1_READ else zero
+        s2 = tl.load(s2_ptr + idx, mask=mask).to(tl.float32) if S2_READ else zero
+        s3 = tl.load(s3_ptr + idx, mask=mask).to(tl.float32) if S3_READ else zero
     p, s0, s1, s2, s3 = ELEMENT(p, g, s0, s1, s2, s3, c, F0, F1, F2, F3)
     store_as(p_ptr + idx, p, mask, DTYPE, INTERPRETED)
-    if S0_COL >= 0:
-        store_as(s0_ptr + idx, s0, mask, DTYPE, INTERPRETED)
-    if S1_COL >= 0:
-        store_as(s1_ptr + idx, s1, mask, DTYPE, INTERPRETED)
-    if S2_COL >= 0:
-        store_as(s2_ptr + idx, s2, mask, DTYPE, INTERPRETED)
-    if S3_COL >= 0:
-        store_as(s3_ptr + idx, s3, mask, DTYPE, INTERPRETED)
+    if S_DTYPE == tl.int8:
+        if S0_COL >= 0:
+            store_int8(s0_ptr, q0_ptr, s0, idx, mask, qidx, qmask, FOURTH_ROOTS & 1, INTERPRETED)
+        if S1_COL >= 0:
+            store_int8(s1_ptr, q1_ptr, s1, idx, mask, qidx, qmask, FOURTH_ROOTS & 2, INTERPRETED)
+        if S2_COL >= 0:
+            store_int8(s2_ptr, q2_ptr, s2, idx, mask, qidx, qmask, FOURTH_ROOTS & 4, INTERPRETED)
+        if S3_COL >= 0:
+            store_int8(s3_ptr, q3_ptr, s3, idx, mask, qidx, qmask, FOURTH_ROOTS & 8, INTERPRETED)
+    else:
+        if S0_COL >= 0:
+            store_as(s0_ptr + idx, s0, mask, S_DTYPE, INTERPRETED)
+        if S1_COL >= 0:
+            store_as(s1_ptr + idx, s1, mask, S_DTYPE, INTERPRETED)
+        if S2_COL >= 0:
+            store_as(s2_ptr + idx, s2, mask, S_DTYPE, INTERPRETED)
+        if S3_COL >= 0:
+            store_as(s3_ptr + idx, s3, mask, S_DTYPE, INTERPRETED)
 
 
 @triton.jit
@@ -80,27 +112,52 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
                    F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr, HAS_FACTORS: tl.constexpr,
                    P_READ: tl.constexpr, S0_COL: tl.constexpr, S1_COL: tl.constexpr, S2_COL: tl.constexpr,
                    S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
-                   S3_READ: tl.constexpr, STEP_COL: tl.constexpr,
+                   S3_READ: tl.constexpr, STEP_COL: tl.constexpr, S_DTYPE: tl.constexpr, SCALES_COL: tl.constexpr,
+                   FOURTH_ROOTS: tl.constexpr,
                    DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_SKIP: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr, INTERPRETED: tl.constexpr,
                    ALIGNED: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0.0:
             return  # a skipped step (GradScaler's inf, skip_nonfinite): write nothing
-    # address table columns: params, grads, the used states (S*_COL), [state_steps,] then
-    # the regularizers' (kernel_common)
+    # address table columns: params, grads, the used states (S*_COL), with int8 storage
+    # their block scales then the emas' (from SCALES_COL), [state_steps,] then the
+    # regularizers' (kernel_common)
+    STORAGE: tl.constexpr = DTYPE if S_DTYPE is None else S_DTYPE  # of the states and emas
+    INT8: tl.constexpr = STORAGE == tl.int8
     row, start, n = program_block(numels, blocks, CHUNK)
     p_ptr = tensor_ptr(addrs, row, L, 0, DTYPE, ALIGNED) + start
     g_ptr = tensor_ptr(addrs, row, L, 1, DTYPE, ALIGNED) + start
     # each state list's chunk (column S*_COL), or for a list the call does not use (-1) a
     # placeholder, p_ptr, never read nor written
-    s0_ptr = tensor_ptr(addrs, row, L, S0_COL, DTYPE, ALIGNED) + start if S0_COL >= 0 else p_ptr
-    s1_ptr = tensor_ptr(addrs, row, L, S1_COL, DTYPE, ALIGNED) + start if S1_COL >= 0 else p_ptr
-    s2_ptr = tensor_ptr(addrs, row, L, S2_COL, DTYPE, ALIGNED) + start if S2_COL >= 0 else p_ptr
-    s3_ptr = tensor_ptr(addrs, row, L, S3_COL, DTYPE, ALIGNED) + start if S3_COL >= 0 else p_ptr
+    s0_ptr = tensor_ptr(addrs, row, L, S0_COL, STORAGE, ALIGNED) + start if S0_COL >= 0 else p_ptr
+    s1_ptr = tensor_ptr(addrs, row, L, S1_COL, STORAGE, ALIGNED) + start if S1_COL >= 0 else p_ptr
+    s2_ptr = tensor_ptr(addrs, row, L, S2_COL, STORAGE, ALIGNED) + start if S2_COL >= 0 else p_ptr
+    s3_ptr = tensor_ptr(addrs, row, L, S3_COL, STORAGE, ALIGNED) + start if S3_COL >= 0 else p_ptr
     mult, ema_ptr, agc_ptr, row_len = grad_pipeline_setup(
         addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
-        DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L)
+        DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L, STORAGE)
+    if INT8:
+        # the scales of the state in column c are in column c + N_STORED, the emas' last
+        N_STORED: tl.constexpr = SCALES_COL - 2
+        q0_ptr = tensor_ptr(addrs, row, L, S0_COL + N_STORED, tl.float32, False) + start // QBLOCK \
+            if S0_COL >= 0 else lr_ptr
+        q1_ptr = tensor_ptr(addrs, row, L, S1_COL + N_STORED, tl.float32, False) + start // QBLOCK \
+            if S1_COL >= 0 else lr_ptr
+        q2_ptr = tensor_ptr(addrs, row, L, S2_COL + N_STORED, tl.float32, False) + start // QBLOCK \
+            if S2_COL >= 0 else lr_ptr
+        q3_ptr = tensor_ptr(addrs, row, L, S3_COL + N_STORED, tl.float32, False) + start // QBLOCK \
+            if S3_COL >= 0 else lr_ptr
+        ema_q_ptr = tensor_ptr(addrs, row, L, SCALES_COL + N_STORED, tl.float32, False) + start // QBLOCK \
+            if GROKFAST else lr_ptr
+        qoffs = tl.arange(0, BLOCK // QBLOCK)
+    else:
+        q0_ptr = None
+        q1_ptr = None
+        q2_ptr = None
+        q3_ptr = None
+        ema_q_ptr = None
+        qoffs = None
 
     lr = tl.load(lr_ptr)
     if STEP_COL >= 0:
@@ -116,22 +173,33 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
                   tl.cast(h3, tl.float32), tl.cast(h4, tl.float32), tl.cast(h5, tl.float32), F0, F1, F2, F3,
                   INTERPRETED)
 
-    offs = tl.arange(0, BLOCK)
+    if INT8:
+        # a block of elements as [quantization blocks, QBLOCK]: rows are whole blocks
+        offs = qoffs[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    else:
+        offs = tl.arange(0, BLOCK)
     rem = n - start
     if rem >= CHUNK:
         # a full chunk: no masks, so loads and stores vectorize
         for full_off in tl.range(0, CHUNK, BLOCK):
-            _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start,
-                          full_off + offs, None, mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
+            qidx = qoffs + full_off // QBLOCK if INT8 else None  # its quantization blocks (from the chunk's)
+            _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, q0_ptr, q1_ptr, q2_ptr,
+                          q3_ptr, ema_q_ptr, row_len, start, full_off + offs, None, qidx, None, mult,
+                          grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                           ELEMENT, F0, F1, F2, F3, P_READ, S0_COL, S1_COL, S2_COL, S3_COL,
-                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
+                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, STORAGE, FOURTH_ROOTS, AGC, GROKFAST, MAXIMIZE,
+                          INTERPRETED)
     else:
         for tail_off in tl.range(0, rem, BLOCK):
             idx = tail_off + offs
-            _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, row_len, start,
-                          idx, idx < rem, mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
+            qidx = qoffs + tail_off // QBLOCK if INT8 else None
+            _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, q0_ptr, q1_ptr, q2_ptr,
+                          q3_ptr, ema_q_ptr, row_len, start, idx, idx < rem, qidx,
+                          qidx * QBLOCK < rem if INT8 else None, mult,
+                          grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                           ELEMENT, F0, F1, F2, F3, P_READ, S0_COL, S1_COL, S2_COL, S3_COL,
-                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
+                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, STORAGE, FOURTH_ROOTS, AGC, GROKFAST, MAXIMIZE,
+                          INTERPRETED)
 
 
 def _check_per_param(op: str, name: str, t: Optional[torch.Tensor], n: int, device: torch.device) -> None:
@@ -160,8 +228,10 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
     state_steps = args[schema.lr_index - 1] if schema.has_step else None
     lr = args[schema.lr_index]
     n_pipeline = len(GradPipeline._fields)
-    hyper = dict(zip(schema.hyper, args[schema.lr_index + 1:len(args) - n_pipeline]))
-    pipeline = GradPipeline(*args[len(args) - n_pipeline:])
+    end = len(args) - schema.has_state_scales  # where the grad pipeline ends
+    hyper = dict(zip(schema.hyper, args[schema.lr_index + 1:end - n_pipeline]))
+    pipeline = GradPipeline(*args[end - n_pipeline:end])
+    state_scales = args[end] if schema.has_state_scales else ()
     device = params[0].device if params else lr.device
 
     run = optimizer.launch_args(hyper, len(params), device)
@@ -170,31 +240,42 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
         factors = hyper[run.per_param]
         _check_per_param(op, run.per_param, factors, len(params), device)
     others = [("grads", grads)]
+    stored = []  # the used states, then the emas: one storage dtype
     used = [i for i in range(len(states)) if run.uses >> i & 1]
     for i, (name, lst) in enumerate(zip(schema.states, states)):
         if i in used:
-            others.append((name, lst))
+            stored.append((name, lst))
         elif len(lst) != 0:
             raise RuntimeError(f"catapult: {op}: {name} must be empty: this call does not use it")
-    agc_rows = add_regularizer_lists(op, params, pipeline.agc_scales, pipeline.grokfast_emas, others, schema.first)
+    agc_rows = add_regularizer_lists(op, params, pipeline.agc_scales, pipeline.grokfast_emas, others, schema.first,
+                                     ema_lists=stored)
     check_update_lists(params, others, state_steps, schema.first)
     check_control_args(op, lr, pipeline, device)
+    storage = check_storage_lists(op, params, stored, state_scales, schema.first)
     if not params or is_fake(params[0], grads[0], lr):
         return  # nothing to do, or tracing with tensors that carry no data
 
+    n = len(params)
+    # int8: each stored list's scales, list-major in state_scales, one table column per list
+    scale_lists = [state_scales[k * n:(k + 1) * n] for k in range(len(stored))] if state_scales else []
     launch = UpdateLaunch(_update_kernel, params, [params, grads] + [states[i] for i in used], state_steps, lr,
-                          pipeline, agc_rows)
+                          pipeline, agc_rows, scale_lists, storage)
+    # per group: the storage, None where it is the params' dtype (today's kernel)
+    s_dtypes = {begin: None if s == t else TL_STORAGE_DTYPE[s] for (t, s), begin, _, _ in launch.plan.groups}
     cols = [2 + used.index(i) if i in used else -1 for i in range(MAX_STATES)]
     reads = [i in used and bool(run.reads >> i & 1) for i in range(MAX_STATES)]
+    fourth_roots = sum(1 << i for i in used if map_of(schema.states[i]) == FOURTH_ROOT)
     h = _pad(tuple(float(x) for x in run.scalars), MAX_SCALARS, 0.0, "scalars", op)
     f = _pad(tuple(run.flags), MAX_FLAGS, False, "flags", op)
     launch.launch(
-        _update_kernel, factors_ptr=factors if factors is not None else lr,  # lr: a placeholder, never read
+        _update_kernel, per_group=lambda begin: dict(S_DTYPE=s_dtypes[begin]),
+        factors_ptr=factors if factors is not None else lr,  # lr: a placeholder, never read
         h0=h[0], h1=h[1], h2=h[2], h3=h[3], h4=h[4], h5=h[5],
         CONSTANTS=optimizer.constants, ELEMENT=optimizer.element, F0=f[0], F1=f[1], F2=f[2], F3=f[3],
         HAS_FACTORS=factors is not None, P_READ=run.reads_params,
         S0_COL=cols[0], S1_COL=cols[1], S2_COL=cols[2], S3_COL=cols[3],
-        S0_READ=reads[0], S1_READ=reads[1], S2_READ=reads[2], S3_READ=reads[3])
+        S0_READ=reads[0], S1_READ=reads[1], S2_READ=reads[2], S3_READ=reads[3],
+        SCALES_COL=2 + len(used) if scale_lists else -1, FOURTH_ROOTS=fourth_roots)
     launch.advance_steps()
 
 

@@ -10,19 +10,30 @@ update kernel needs around it:
   defers it, written), then maximize);
 * ``powf``: the C library's powf (libdevice compiled; float64 under the interpreter);
 * ``store_as``: a float32 value stored as the tensor's dtype, rounded to nearest even
-  (also under the interpreter, which truncates to bfloat16).
+  (also under the interpreter, which truncates to bfloat16);
+* ``load_int8`` and ``store_int8``: a state stored as int8 blocks (csrc/state_storage.h,
+  the reference catapult_kernels/int8_blocks.py) decoded to float32, and float32 values
+  encoded with their blocks' scales, bit for bit as the C++ kernels; on elements indexed
+  [blocks, QBLOCK], one quantization block per row, so that a block's absmax is a
+  reduction along a row and its scale a value per row.
+
+A param's states and Grokfast EMA share one storage dtype S (kernels: S_DTYPE, one per
+launch), which may differ from its DTYPE, int8 for every param of a call or for none
+(``check_storage_lists``): float storage is loaded as float32 and stored with store_as,
+int8 storage goes through load_int8 and store_int8 with each stored list's block scales.
 
 The address table of an update kernel (``UpdateLaunch``) holds the op's element lists
-first, then state_steps when the op has them (column STEP_COL), then the regularizer
-lists that are on: the Grokfast emas, then the AGC factors, so the ema column is
-L - 1 - AGC and the AGC column L - 1.
+first, then the block scales of int8 storage, then state_steps when the op has them
+(column STEP_COL), then the regularizer lists that are on: the Grokfast emas, then the
+AGC factors, so the ema column is L - 1 - AGC and the AGC column L - 1.
 
-Host side: ``GradPipeline``, the grad pipeline's arguments (the last 9 of every update
-op's schema), the argument checks of csrc/multi_tensor_checks.h (``check_update_lists``,
-``add_regularizer_lists``, ``check_control_args``), the block-size rule of the
+Host side: ``GradPipeline``, the grad pipeline's arguments (the 9 after the op's own in
+every update op's schema), the argument checks of csrc/multi_tensor_checks.h and
+csrc/state_storage.h (``check_update_lists``, ``add_regularizer_lists``,
+``check_control_args``, ``check_storage_lists``), the block-size rule of the
 elementwise updates (``update_sizes``), and ``UpdateLaunch``: the plan, address table
-and grad pipeline arguments of one op's launches, one per dtype group, and the launch
-that advances the step counts after them.
+and grad pipeline arguments of one op's launches, one per (dtype, storage) group, and
+the launch that advances the step counts after them.
 """
 from __future__ import annotations
 
@@ -37,6 +48,11 @@ from triton.language.extra import libdevice
 from ..layout import SUPPORTED_DTYPES, is_dense, same_layout
 from .multi_tensor_table import TL_DTYPE, address_table, check_runnable, get_plan, is_interpreted, tensor_ptr
 
+QUANT_BLOCK = 128  # elements per int8 block (kQuantBlock, csrc/state_storage.h)
+QBLOCK = tl.constexpr(QUANT_BLOCK)  # the same, for the kernels
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # of the states and EMAs
+TL_STORAGE_DTYPE = {**TL_DTYPE, torch.int8: tl.int8}
+
 __all__ = [
     "GradPipeline",
     "program_block",
@@ -45,10 +61,17 @@ __all__ = [
     "pipeline_grad",
     "powf",
     "store_as",
+    "load_int8",
+    "store_int8",
+    "QUANT_BLOCK",
+    "QBLOCK",
+    "STORAGE_DTYPES",
+    "TL_STORAGE_DTYPE",
     "check_scalar",
     "check_control_args",
     "check_update_lists",
     "add_regularizer_lists",
+    "check_storage_lists",
     "nonzero_as_float32",
     "update_sizes",
     "UpdateLaunch",
@@ -88,16 +111,18 @@ def grad_multiplier(grad_norm_ptr, grad_scale_ptr, max_grad_norm, CLIP: tl.const
 @triton.jit
 def grad_pipeline_setup(addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
                         DTYPE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                        AGC: tl.constexpr, GROKFAST: tl.constexpr, ALIGNED: tl.constexpr, L: tl.constexpr):
+                        AGC: tl.constexpr, GROKFAST: tl.constexpr, ALIGNED: tl.constexpr, L: tl.constexpr,
+                        S_DTYPE: tl.constexpr = None):
     """The per-program part of the grad pipeline for tensor ``row``, chunk at ``start``:
     (mult, ema_ptr at the chunk, agc_ptr at the tensor's first factor, row_len). The
-    pointers of a regularizer that is off are placeholders, never read."""
+    pointers of a regularizer that is off are placeholders, never read. S_DTYPE: the
+    emas' storage (None: DTYPE)."""
     mult = grad_multiplier(grad_norm_ptr, grad_scale_ptr, max_grad_norm, CLIP, HAS_GRAD_SCALE)
     ema_ptr = grad_scale_ptr
     agc_ptr = grad_scale_ptr
     row_len = start
     if GROKFAST:
-        ema_ptr = tensor_ptr(addrs, row, L, L - 1 - AGC, DTYPE, ALIGNED) + start
+        ema_ptr = tensor_ptr(addrs, row, L, L - 1 - AGC, DTYPE if S_DTYPE is None else S_DTYPE, ALIGNED) + start
     if AGC:
         agc_ptr = tensor_ptr(addrs, row, L, L - 1, tl.float32, False)
         row_len = tl.load(row_lens + row)
@@ -108,22 +133,30 @@ def grad_pipeline_setup(addrs, row, start, row_lens, grad_norm_ptr, grad_scale_p
 def pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
                   grokfast_one_minus_alpha, grokfast_lamb, DTYPE: tl.constexpr, AGC: tl.constexpr,
                   GROKFAST: tl.constexpr, MAXIMIZE: tl.constexpr, STORE_EMA: tl.constexpr,
-                  INTERPRETED: tl.constexpr):
+                  INTERPRETED: tl.constexpr, S_DTYPE: tl.constexpr = None, ema_scales=None, qidx=None, qmask=None):
     """The grad pipeline (csrc/grad_pipeline.h) on the elements start + idx of one tensor
     (g_ptr and ema_ptr point at start): g = grad * (mult * agc_scale[row]), the Grokfast
     filter (ema = alpha * ema + (1 - alpha) * g, stored when STORE_EMA; g = g + lamb * ema),
-    then maximize: g = -g. Returns g in float32."""
+    then maximize: g = -g. Returns g in float32. The ema is stored as S_DTYPE (None: DTYPE);
+    int8 with its scales at ema_scales (at start's block), idx then of shape [blocks,
+    QBLOCK] as load_int8's, the blocks qidx, qmask."""
     g = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
     if AGC:
         g = g * (mult * tl.load(agc_ptr + (start + idx) // row_len, mask=mask))
     else:
         g = g * mult
     if GROKFAST:
-        ema = tl.load(ema_ptr + idx, mask=mask).to(tl.float32)
+        if S_DTYPE == tl.int8:
+            ema = load_int8(ema_ptr, ema_scales, idx, mask, qidx, qmask, False)  # the ema's map: SQRT
+        else:
+            ema = tl.load(ema_ptr + idx, mask=mask).to(tl.float32)
         ema = tl.cast(grokfast_alpha, tl.float32) * ema + tl.cast(grokfast_one_minus_alpha, tl.float32) * g
         g = g + tl.cast(grokfast_lamb, tl.float32) * ema
         if STORE_EMA:
-            store_as(ema_ptr + idx, ema, mask, DTYPE, INTERPRETED)
+            if S_DTYPE == tl.int8:
+                store_int8(ema_ptr, ema_scales, ema, idx, mask, qidx, qmask, False, INTERPRETED)
+            else:
+                store_as(ema_ptr + idx, ema, mask, DTYPE if S_DTYPE is None else S_DTYPE, INTERPRETED)
     if MAXIMIZE:
         g = -g
     return g
@@ -163,6 +196,57 @@ def store_as(ptr, x, mask, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
         tl.store(ptr, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def load_int8(ptr, scales, idx, mask, qidx, qmask, FOURTH_ROOT: tl.constexpr):
+    """The float32 values of the int8 codes at ptr + idx, idx of shape [blocks, QBLOCK]
+    (row b: quantization block qidx[b], at scales + qidx; mask and qmask as store_int8's):
+    q = c |c| (exact), then q * (scale / 127^2) (SQRT) or (q |q|) * ((scale / 127^2) / 127^2)
+    (FOURTH_ROOT), the factor per block, each step rounded once."""
+    c = tl.load(ptr + idx, mask=mask).to(tl.float32)
+    q = c * tl.abs(c)
+    factor = tl.div_rn(tl.load(scales + qidx, mask=qmask), 16129.0)
+    if FOURTH_ROOT:
+        q = q * tl.abs(q)
+        factor = tl.div_rn(factor, 16129.0)
+    return q * factor[:, None]
+
+
+@triton.jit
+def store_int8(ptr, scales, x, idx, mask, qidx, qmask, FOURTH_ROOT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """float32 x of shape [blocks, QBLOCK] (row b: the elements ptr + idx[b] of
+    quantization block qidx[b]; valid where mask, None: all) stored as int8 codes, and
+    each block's scale, its absmax over the valid elements (NaN if one is NaN), at
+    scales + qidx (where qmask: the blocks holding valid elements; None: all).
+    Codes rint(127 sqrt(|x| * (1 / amax))) (FOURTH_ROOT: sqrt of the sqrt) with x's sign,
+    the inverse per block, each step rounded once (|x| * (1 / amax) may exceed 1 by an
+    ulp: its code is still 127); all 0 in a block whose amax is 0, inf or NaN."""
+    # |x| by its bits: for non-negative floats the integer order is the float order, and a
+    # NaN's bits exceed inf's, so the integer max is the absmax with NaN propagated
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if mask is not None:
+        bits = tl.where(mask, bits, 0)  # the elements past the tensor's end count as 0
+    amax_bits = tl.max(bits, axis=1)
+    encodable = (amax_bits > 0) & (amax_bits < 0x7F800000)
+    amax_bits = tl.where(amax_bits > 0x7F800000, 0x7FC00000, amax_bits)  # one NaN: the C++ kernels' quiet NaN
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    # the divisor 1 where nothing is encoded: no 1 / 0
+    inverse = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.where(encodable, amax, 1.0))
+    f = tl.sqrt_rn(bits.to(tl.float32, bitcast=True) * inverse[:, None])
+    if FOURTH_ROOT:
+        f = tl.sqrt_rn(f)
+    y = f * 127.0  # in [0, 127] (127 and a few ulps)
+    if INTERPRETED:
+        # the interpreter has no libdevice: below 2^23, adding 2^23 rounds to an integer
+        # (ties to even) and subtracting it is exact
+        c = (y + 8388608.0) - 8388608.0
+    else:
+        c = libdevice.rint(y)
+    c = tl.where(x < 0.0, -c, c)
+    c = tl.where(encodable[:, None], c, 0.0)
+    tl.store(ptr + idx, c.to(tl.int8), mask=mask)
+    tl.store(scales + qidx, amax, mask=qmask)
 
 
 @triton.jit
@@ -293,18 +377,20 @@ def _check_update_lists_slow(params, others, state_steps, first) -> None:
 
 def add_regularizer_lists(op_name: str, params: Sequence[torch.Tensor], agc_scales: Sequence[torch.Tensor],
                           grokfast_emas: Sequence[torch.Tensor], others: list,
-                          first: str = "params") -> Optional[list]:
+                          first: str = "params", ema_lists: Optional[list] = None) -> Optional[list]:
     """add_regularizer_lists of csrc/multi_tensor_checks.h (same checks, same messages):
-    appends ("grokfast_emas", grokfast_emas) to ``others`` (for check_update_lists) when
-    Grokfast is on, checks agc_scales, and returns the AGC rows of each param (None
-    when AGC is off). As in check_update_lists, the common case compares whole lists;
-    the loop that names the first bad entry runs only when something is wrong."""
+    appends ("grokfast_emas", grokfast_emas) to ``others`` (for check_update_lists), or to
+    ``ema_lists`` when given (an op that stores its emas like its states:
+    check_storage_lists), when Grokfast is on, checks agc_scales, and returns the AGC rows
+    of each param (None when AGC is off). As in check_update_lists, the common case
+    compares whole lists; the loop that names the first bad entry runs only when
+    something is wrong."""
     n = len(params)
     if grokfast_emas and len(grokfast_emas) != n:
         raise RuntimeError(f"catapult: {op_name}: grokfast_emas has {len(grokfast_emas)} tensors but {first} has "
                            f"{n} (give none to switch Grokfast off)")
     if grokfast_emas:
-        others.append(("grokfast_emas", grokfast_emas))
+        (others if ema_lists is None else ema_lists).append(("grokfast_emas", grokfast_emas))
     if not agc_scales:
         return None
     if len(agc_scales) != n:
@@ -339,15 +425,99 @@ def _check_agc_scales_slow(op_name, params, agc_scales, rows, first) -> None:
                                "contiguous, as AGC needs")
 
 
+def check_storage_lists(op_name: str, params: Sequence[torch.Tensor], stored: Sequence,
+                        state_scales: Sequence[torch.Tensor], first: str = "params") -> Optional[list]:
+    """check_storage_lists of csrc/state_storage.h (same checks, same messages, same
+    order): ``stored`` (name, list) pairs, the states a call uses then the Grokfast emas,
+    entry i of each laid out like params[i] on its device, in one storage dtype per param
+    (STORAGE_DTYPES), int8 for every param or for none; with int8, state_scales holds,
+    list-major, one contiguous 1-D float32 tensor of ceil(numel / QUANT_BLOCK) block
+    scales per stored tensor, else it is empty. Returns each param's storage dtype (None
+    when nothing is stored). As in check_update_lists, the common case compares whole
+    lists; the loop that names the first bad entry runs only when something is wrong."""
+    n = len(params)
+    for name, lst in stored:
+        if len(lst) != n:
+            raise RuntimeError(f"catapult: {name} has {len(lst)} tensors but {first} has {n}")
+    storage = [t.dtype for t in stored[0][1]] if stored and n else None
+    int8 = storage is not None and storage[0] == torch.int8
+    if storage is not None:
+        devices_of = _device_indices if params[0].get_device() >= 0 else _devices
+        devs = devices_of(params)
+        shapes = [p.shape for p in params]
+        strides = [p.stride() for p in params]
+        kinds = set(storage)
+        ok = kinds <= set(STORAGE_DTYPES) and (kinds == {torch.int8} if int8 else torch.int8 not in kinds)
+        for _, lst in stored:
+            ok = ok and ([t.dtype for t in lst] == storage and devices_of(lst) == devs
+                         and [t.shape for t in lst] == shapes and [t.stride() for t in lst] == strides)
+        if not ok:
+            _check_stored_lists_slow(op_name, params, stored, int8, first)
+    if not int8:
+        if state_scales:
+            raise RuntimeError(f"catapult: {op_name}: state_scales must be empty: no state is stored as int8")
+        return storage
+    if len(state_scales) != len(stored) * n:
+        raise RuntimeError(f"catapult: {op_name}: state_scales has {len(state_scales)} tensors but int8 storage needs "
+                           f"{len(stored) * n} (one per param for each of {len(stored)} stored lists)")
+    blocks = [-(-p.numel() // QUANT_BLOCK) for p in params] * len(stored)
+    ok = (all([s.dtype == torch.float32 and s.dim() == 1 and s.is_contiguous() for s in state_scales])
+          and [s.numel() for s in state_scales] == blocks and devices_of(state_scales) == devs * len(stored))
+    if not ok:
+        _check_state_scales_slow(op_name, params, stored, state_scales, first)
+    return storage
+
+
+def _check_stored_lists_slow(op_name, params, stored, int8, first) -> None:
+    first_stored, first_list = stored[0]
+    for i, p in enumerate(params):
+        storage = first_list[i].dtype
+        for name, lst in stored:
+            t = lst[i]
+            if t.dtype not in STORAGE_DTYPES:
+                raise RuntimeError(f"catapult: {op_name}: {name}[{i}] has dtype {t.dtype}; state storage: float32, "
+                                   "bfloat16, float16 or int8")
+            if t.dtype != storage:
+                raise RuntimeError(f"catapult: {op_name}: {name}[{i}] has dtype {t.dtype} but {first_stored}[{i}] has "
+                                   f"{storage} (one storage dtype per param)")
+            if (storage == torch.int8) != int8:
+                raise RuntimeError(f"catapult: {op_name}: {name}[{i}] has dtype {storage} but {first_stored}[0] has "
+                                   f"{first_list[0].dtype} (int8 storage for every param of a call or for none)")
+            if t.device != p.device:
+                raise RuntimeError(f"catapult: {name}[{i}] is on {t.device} but {first} are on {p.device}")
+            if not same_layout(t, p):
+                raise RuntimeError(f"catapult: {name}[{i}] has shape {tuple(t.shape)} strides {tuple(t.stride())} "
+                                   f"but {first}[{i}] has shape {tuple(p.shape)} strides {tuple(p.stride())}")
+
+
+def _check_state_scales_slow(op_name, params, stored, state_scales, first) -> None:
+    n = len(params)
+    for j, s in enumerate(state_scales):
+        p = params[j % n]
+        if not (s.dtype == torch.float32 and s.dim() == 1 and s.is_contiguous()):
+            raise RuntimeError(f"catapult: {op_name}: state_scales[{j}] must be a contiguous 1-D float32 tensor, "
+                               f"got {s.dtype} of shape {tuple(s.shape)}")
+        blocks = -(-p.numel() // QUANT_BLOCK)
+        if s.numel() != blocks:
+            raise RuntimeError(f"catapult: {op_name}: state_scales[{j}] has {s.numel()} scales but "
+                               f"{stored[j // n][0]}[{j % n}] has {blocks} blocks of {QUANT_BLOCK}")
+        if s.device != p.device:
+            raise RuntimeError(f"catapult: {op_name}: state_scales[{j}] is on {s.device} but {first} are on "
+                               f"{p.device}")
+
+
 def nonzero_as_float32(x: float) -> bool:
     """float(x) rounded to float32 != 0, without a tensor: |x| <= 2**-150 rounds to
     zero (2**-150 is halfway to the least subnormal and ties to even); NaN is nonzero."""
     return not abs(x) <= 2.0 ** -150
 
 
-def update_sizes(dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK, CHUNK, num_warps) of an elementwise update kernel: elements per vector
-    step, elements per program, warps. A rule, not triton.autotune: autotuning runs a
+def update_sizes(dtype: torch.dtype, interpreted: bool, storage: Optional[torch.dtype] = None) -> tuple[int, int, int]:
+    """(BLOCK, CHUNK, num_warps) of an elementwise update kernel over params of ``dtype``
+    with states stored as ``storage`` (None: dtype): elements per vector step, elements
+    per program, warps. BLOCK is a multiple of QUANT_BLOCK and CHUNK of
+    BLOCK, so that a block of int8 storage is updated whole by one program in one vector
+    step (elementwise_update.py). A rule, not triton.autotune: autotuning runs a
     mutating kernel several times (it would need restore_value on every tensor of the
     lists, which live behind the address table), and the interpreter must run each
     config exactly once."""
@@ -359,9 +529,14 @@ def update_sizes(dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int]:
     # copy = 3.0 TB/s): float32 (1024, 4096, 4 warps) 97% of the copy roof; bfloat16
     # (512, 2048, 4) 97%. torch's fused AdamW: 79% and 46%. Any BLOCK 512-2048, CHUNK
     # 1-4x BLOCK was within 4%. SGD, Lion and LAMB use the same rule (not measured separately).
-    if dtype == torch.float32:
+    if dtype == torch.float32 and storage in (None, torch.float32):
         return 1024, 4096, 4   # 8 floats (two 16-byte vectors) per thread per tensor
-    return 512, 2048, 4        # 4 halves per thread per tensor
+    # 4 halves per thread per tensor. Lists of other widths (float32 params, bfloat16 or
+    # int8 states) too: loads of one element count per thread share a layout, where at
+    # 1024 the compiler converts between the two through shared memory (sm_90 PTX of
+    # AdamW, float32 params, int8 states: 4 KiB of shared memory and 20 barriers per
+    # block against none; not measured on a GPU)
+    return 512, 2048, 4
 
 
 class UpdateLaunch:
@@ -370,34 +545,41 @@ class UpdateLaunch:
     cached plan, with the AGC row lengths when AGC is on, and the address table), then
     ``advance_steps``. Every update kernel takes the same named arguments for the
     tables, the step control and the grad pipeline; ``launch`` passes them, with the op's own.
+    A group is the tensors of one (params' dtype, storage dtype) pair, the plan's group
+    key; ``storage`` gives each param's (check_storage_lists; None: the params' dtype).
 
-    The address table: ``lists`` (element lists, walked as flat arrays of the params'
-    dtype), then state_steps when given (float32 scalars, column STEP_COL; -1 without),
-    then grokfast_emas when Grokfast is on, then agc_scales when AGC is on (agc_rows:
-    add_regularizer_lists' result)."""
+    The address table: ``lists`` (element lists: params, grads, then the stored lists
+    the kernel walks as flat arrays of their dtype), then ``scale_lists`` (int8 storage's
+    block scales, float32), then state_steps when given (float32 scalars, column
+    STEP_COL; -1 without), then grokfast_emas when Grokfast is on, then agc_scales when
+    AGC is on (agc_rows: add_regularizer_lists' result)."""
 
-    def __init__(self, kernel, params, lists, state_steps, lr, pipeline: GradPipeline, agc_rows):
+    def __init__(self, kernel, params, lists, state_steps, lr, pipeline: GradPipeline, agc_rows, scale_lists=(),
+                 storage: Optional[Sequence[torch.dtype]] = None):
         device = params[0].device
         check_runnable(device, kernel)
         self.interpreted = is_interpreted(kernel)
         self.n_tensors = len(params)
-        keys = [p.dtype for p in params]
-        self.sizes = {dt: update_sizes(dt, self.interpreted) for dt in set(keys)}
+        dtypes = [p.dtype for p in params]
+        keys = list(zip(dtypes, dtypes if storage is None else storage))
+        self.sizes = {key: update_sizes(key[0], self.interpreted, key[1]) for key in set(keys)}
         self.plan = get_plan(device, [p.numel() for p in params], keys,
-                             {dt: s[1] for dt, s in self.sizes.items()}, agc_rows)
+                             {key: s[1] for key, s in self.sizes.items()}, agc_rows)
         agc, grokfast = agc_rows is not None, bool(pipeline.grokfast_emas)
         steps = [state_steps] if state_steps is not None else []
         regularizers = ([pipeline.grokfast_emas] if grokfast else []) + ([pipeline.agc_scales] if agc else [])
-        table_lists = list(lists) + steps + regularizers
+        table_lists = list(lists) + list(scale_lists) + steps + regularizers
         addrs, aligned = address_table(table_lists, device)
+        ema_col = len(lists) + len(scale_lists) + len(steps)
         clip = pipeline.max_grad_norm > 0.0
         skip, grad_scale = pipeline.skip, pipeline.grad_scale
         self.table = dict(
             addrs=addrs, numels=self.plan.numels, lr_ptr=lr,
             skip_ptr=skip if skip is not None else lr,  # lr: a placeholder, never read
             HAS_SKIP=skip is not None, INTERPRETED=self.interpreted,
-            ALIGNED=all(aligned[:len(lists)]) and (not grokfast or aligned[len(lists) + len(steps)]),
-            STEP_COL=len(lists) if steps else -1, L=len(table_lists))
+            # the scales are loaded one per quantization block: their alignment does not matter
+            ALIGNED=all(aligned[:len(lists)]) and (not grokfast or aligned[ema_col]),
+            STEP_COL=len(lists) + len(scale_lists) if steps else -1, L=len(table_lists))
         self.pipeline = dict(
             row_lens=self.plan.row_lens if agc else self.plan.numels,
             grad_norm_ptr=pipeline.grad_norm if clip else lr,
@@ -409,12 +591,13 @@ class UpdateLaunch:
             AGC=agc, GROKFAST=grokfast, MAXIMIZE=bool(pipeline.maximize))
 
     def launch(self, kernel, per_group: Optional[Callable[[int], dict]] = None, **op_args) -> None:
-        """kernel over every dtype group: the table and grad pipeline arguments, op_args,
-        and per_group(first block of the group)'s."""
-        for dt, begin, end, chunk in self.plan.groups:
+        """kernel over every group: the table and grad pipeline arguments, op_args, and
+        per_group(first block of the group)'s."""
+        for key, begin, end, chunk in self.plan.groups:
             if end == begin:
                 continue
-            block, _, warps = self.sizes[dt]
+            dt = key[0]
+            block, _, warps = self.sizes[key]
             wrap_triton(kernel)[(end - begin,)](
                 blocks=self.plan.group_blocks(begin), **self.table, **self.pipeline,
                 **op_args, **(per_group(begin) if per_group is not None else {}),
