@@ -34,7 +34,7 @@ constexpr float kCodeMaxSquared = 16129.0f;
 
 // The schema argument after the pipeline's: per int8 state list a call uses (in spec
 // order), then the Grokfast EMAs, one float32 tensor of block scales per param.
-constexpr const char* kStorageSchema = "Tensor[] state_scales";
+constexpr const char* kStorageSchema = "Tensor(y!)[] state_scales";  // written: int8 scales
 
 enum class QuantMap { kSqrt, kFourthRoot };
 

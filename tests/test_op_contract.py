@@ -32,7 +32,14 @@ def _pipeline():
 
 def _args(op: str) -> dict:
     """Every argument of catapult::<op> by name, every optional tensor given, skip 0:
-    on CPU tensors the op would write."""
+    on CPU tensors the op would write. States in the params' dtype: no state_scales."""
+    args = _own_args(op)
+    if op in ops.UPDATE_OPS and ops.UPDATE_OPS[op].stored:
+        args["state_scales"] = []
+    return args
+
+
+def _own_args(op: str) -> dict:
     steps = lambda: [torch.tensor(1.0) for _ in SHAPES]  # noqa: E731
     common = dict(params=_like_params(), grads=_like_params(0.25), lr=torch.tensor(0.1), **_pipeline())
     if op == "adamw_":

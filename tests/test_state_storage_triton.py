@@ -349,3 +349,25 @@ def test_scales_without_stored_lists_are_refused(backend):
     with pytest.raises(RuntimeError, match="state_scales must be empty: no state is stored as int8"):
         call(case, st, backend, state_scales=[torch.zeros(1, device=device)])
     assert_matches(st, before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck_with_int8_storage(backend):
+    """torch.library.opcheck with int8 states and scales: the schema marks state_scales as
+    written (torch.compile's functionalization must see the scales change), the fake kernel
+    and the dispatch agree."""
+    device = "cpu" if backend == "cpu" else DEVICE
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(130,), (3, 7)]
+    params = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    stored = {name: [int8_blocks.encode(torch.randn(s, generator=gen) ** (2 if name.endswith("_sqs") else 1),
+                                        int8_blocks.map_of(name)) for s in shapes]
+              for name in ("exp_avgs", "exp_avg_sqs")}
+    codes = [[c.to(device) for c, _ in stored[name]] for name in stored]
+    scales = [s.to(device) for name in stored for _, s in stored[name]]
+    steps = [torch.tensor(3.0, device=device) for _ in shapes]
+    args = (params, grads, *codes, [], steps, torch.tensor(1e-2, device=device), 0.9, 0.99, 1e-8, 0.01, True, False,
+            *ops.PipelineArgs().args(), scales)
+    op = torch.ops.catapult.adamw_ if backend == "cpu" else torch.ops.catapult.adamw_triton_
+    torch.library.opcheck(op, args)
