@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # torch's CUDA build brings the CUDA headers that nvcc needs to compile our kernels.
 TORCH ?= torch==2.14.1
 
-.PHONY: test bench demo build gpu-check clean FORCE
+.PHONY: test test-all bench demo build gpu-check clean FORCE
 
 .venv/.ready: requirements-dev.txt
 	python3 -m venv .venv
@@ -23,6 +23,10 @@ $(EXTENSION_STAMP): $(EXTENSION_INPUTS) $(if $(wildcard catapult_kernels/_C*.so)
 build: $(EXTENSION_STAMP)
 
 test: build
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Everything, the multi-process trainer tests too (marked slow; ~3 more minutes on 2 cores).
+test-all: build
 	$(PY) -m pytest -q tests
 
 bench: build

@@ -55,3 +55,9 @@ def saved(monkeypatch) -> list:
         return real(self, *args, **kwargs)
     monkeypatch.setattr(Figure, "savefig", keep)
     return figures
+
+
+def pytest_configure(config):
+    # `make test` (CI) runs `-m "not slow"`; `make test-all` runs these too: the trainer under
+    # torchrun and its multi-process sweeps, 10-30 s each on 2 cores.
+    config.addinivalue_line("markers", "slow: a multi-process trainer test (make test-all runs it)")

@@ -221,6 +221,7 @@ PLAN = {"ddp-k2": TINY + ["--batch-size", "9", "--grad-accum", "2", "--parallel"
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_accumulation_under_ddp_and_fsdp_equals_one_process_without_it(tmp_path):
     """One torchrun launch of this file (2 gloo ranks, ~8 s: torchrun's start and the imports),
     which trains PLAN's runs in turn: batch 9 is 5 + 4 on the ranks, each split 3 + 2 and 2 + 2."""

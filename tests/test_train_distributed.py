@@ -107,6 +107,7 @@ def _summary(folder: Path) -> dict:
     return {k: v for k, v in json.loads((folder / "summary.json").read_text()).items() if k not in UNTIMED}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_minibatches_split_unevenly_log_what_one_process_logs(launched, mode):
     tmp, runs, single = launched
@@ -117,12 +118,14 @@ def test_minibatches_split_unevenly_log_what_one_process_logs(launched, mode):
     assert any("sharpness" in r for r in _records(folder))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_full_batch_logs_what_one_process_logs(launched, mode):
     tmp, runs, single = launched
     _assert_same_metrics(tmp / f"full-{mode}", single["full"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_rank_0_alone_writes_and_prints(launched, mode):
     tmp, runs, single = launched
@@ -134,6 +137,7 @@ def test_rank_0_alone_writes_and_prints(launched, mode):
     assert "Traceback" not in result.stderr and "terminate called" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_resume_continues_bit_for_bit(launched, mode):
     tmp, runs, single = launched
@@ -143,6 +147,7 @@ def test_resume_continues_bit_for_bit(launched, mode):
     assert json.loads((resumed / "config.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_resume_needs_as_many_processes(launched, capsys):
     from catapult_kernels.train.cli import main
     tmp, runs, single = launched
@@ -156,6 +161,7 @@ def test_resume_needs_as_many_processes(launched, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_fit_takes_parallel(launched, tmp_path, mode):
     tmp, runs, single = launched

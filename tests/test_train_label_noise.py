@@ -98,6 +98,7 @@ def test_records_and_summary_measure_the_noise_memorized(tmp_path, batch_size):
         assert records[0]["noisy_train_acc"] < 0.5 and summary["noisy_memorize_step"] is not None
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_with_the_same_noise_and_steps(tmp_path):
     cfg = TrainConfig(**{**DIGITS, "batch_size": 40})
     straight = run(cfg, tmp_path / "straight", quiet=True)
@@ -179,6 +180,7 @@ PARALLEL_TASK = ["--task", "modular", "--modulus", "11", "--train-frac", "0.4", 
 PARALLEL_RUNS = {"full": PARALLEL_TASK, "minibatch": PARALLEL_TASK + ["--batch-size", "33"]}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_parallel_ddp_logs_the_noisy_and_clean_accuracies_of_one_process(tmp_path):
     """One torchrun launch of this file (2 gloo ranks, both runs in it): 8-20 s, nearly all of

@@ -26,6 +26,7 @@ def _read(path: Path) -> tuple[list[str], list[dict]]:
         return reader.fieldnames, list(reader)
 
 
+@pytest.mark.slow
 def test_probe_writes_one_table_with_a_row_per_cell_and_weight_decay(tmp_path):
     base = TrainConfig(**{**PROBE_CONFIG, "n_train": 100, "steps": 3, "log_every": 1, "adv_steps": 2,
                           "plots": False})
@@ -44,6 +45,7 @@ def test_probe_writes_one_table_with_a_row_per_cell_and_weight_decay(tmp_path):
 
 
 # ~8 s: four cells with their figures, then a resume that reruns none
+@pytest.mark.slow
 def test_probe_command_prints_the_bands_and_writes_table_and_figure(tmp_path, capsys):
     out = tmp_path / "probe"
     args = ["probe", "--widths", "8", "--lrs", "1/lambda0", "3/lambda0", "--seeds", "0",

@@ -27,6 +27,7 @@ def read_rows(folder) -> list[dict]:
 
 
 # ~10 s: two spawned workers import torch
+@pytest.mark.slow
 def test_jobs_2_writes_the_rows_of_jobs_1_in_one_table_and_one_figure(tmp_path):
     assert main(NO_PLOTS + ["--out", str(tmp_path / "one")]) == 0
     assert main(GRID + ["--jobs", "2", "--out", str(tmp_path / "two")]) == 0
@@ -37,6 +38,7 @@ def test_jobs_2_writes_the_rows_of_jobs_1_in_one_table_and_one_figure(tmp_path):
 
 
 # ~10 s: two spawned workers, then a resume in this process
+@pytest.mark.slow
 def test_a_failed_cell_is_reported_and_the_others_kept(tmp_path, capsys):
     out = tmp_path / "s"
     out.mkdir()
@@ -68,6 +70,7 @@ def metrics_lines(path) -> int:
 
 
 # ~15 s: a sweep with two workers in a subprocess, stopped, then resumed in two workers
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_every_running_cell_and_resume_finishes_the_sweep(tmp_path):
     out = tmp_path / "s"
     grid = ["sweep", "--widths", "8", "--lrs", "0.1", "0.2"] + OPTIONS + ["--no-plots"]
