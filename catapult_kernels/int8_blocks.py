@@ -14,6 +14,9 @@ largest for a linear code, 1.6e-5 for SQRT, 2.4e-10 for FOURTH_ROOT. A v decoded
 nonzero m turns the step into m / eps: on real AdamW moments (bench/int8_maps.py) linear or
 SQRT v made training NaN within tens of steps, FOURTH_ROOT v did not; SQRT m under it matches
 v's resolution (at Adam's first step m's SQRT code and v's FOURTH_ROOT code are the same).
+Even so a v of 1e-13 of its block's largest (after a catapult spike) rounded to 0 and a
+run diverged: a nonzero FOURTH_ROOT value takes code 1 at least (it then decodes larger,
+which makes the step smaller, the safe side).
 
 All arithmetic is float32 with each step rounded once (IEEE multiplication, division and
 sqrt, round half to even), so that a C++ or Triton kernel can reproduce it exactly. |x| *
@@ -68,6 +71,8 @@ def encode(x: torch.Tensor, map: Map) -> tuple[torch.Tensor, torch.Tensor]:
     u = magnitude * inverse[:, None]
     root = _sqrt(u) if map is SQRT else _sqrt(_sqrt(u))
     codes = torch.round(root * CODE_MAX)
+    if map is FOURTH_ROOT:  # a nonzero second moment never decodes to 0 (an Adam step m / eps)
+        codes = torch.where(magnitude > 0, codes.clamp_min(1.0), codes)
     codes = torch.where(blocks < 0, -codes, codes)
     codes = torch.where(encodable[:, None], codes, torch.zeros_like(codes)).to(torch.int8)
     return _unflatten(codes.view(-1)[:n], x, order), scales

@@ -12,7 +12,9 @@
 //     c = rint(127 * sqrt(sqrt(|x| * (1 / amax)))); q = c|c|; x = q|q| * (scale / 16129 / 16129)
 // Companding spends the codes where the values are small: a second moment decoded to 0
 // where its first moment is not would turn Adam's step into m / eps (measured in
-// bench/int8_maps.py). A block whose absmax is 0, inf or NaN has every code 0, so it
+// bench/int8_maps.py). For the same reason a nonzero FOURTH_ROOT value never takes code 0
+// but at least 1 (a v under 2.4e-10 of its block's largest decodes larger, which makes the
+// step smaller, not m / eps: a run diverged that way after a catapult spike). A block whose absmax is 0, inf or NaN has every code 0, so it
 // decodes to 0 (a fresh state) or NaN everywhere (a non-finite state is not hidden).
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -56,7 +58,8 @@ template <QuantMap M, typename F>
 CATAPULT_HD F encode_code(const F& x, const F& inverse) {
   F f = lane_sqrt(lane_abs(x) * inverse);
   if constexpr (M == QuantMap::kFourthRoot) f = lane_sqrt(f);
-  const F c = lane_rint(f * F(kCodeMax));
+  F c = lane_rint(f * F(kCodeMax));
+  if constexpr (M == QuantMap::kFourthRoot) c = select(lane_abs(x) > F(0.0f), clamp_min(c, F(1.0f)), c);
   return select(x < F(0.0f), F(0.0f) - c, c);
 }
 

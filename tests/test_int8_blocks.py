@@ -66,6 +66,8 @@ def numpy_encode(x: np.ndarray, power: int):
         for _ in range(power):
             f = np.float32(np.sqrt(f.astype(np.float64)))
         c = np.round(np.float32(f.astype(np.float64) * 127.0))  # numpy rounds half to even
+        if power == 2:
+            c = np.where(np.abs(block) > 0, np.maximum(c, 1), c)
         codes += list(np.where(block < 0, -c, c).astype(np.int8))
     return np.array(codes, dtype=np.int8), np.array(scales, dtype=np.float32)
 
@@ -260,3 +262,16 @@ def test_bad_inputs_raise_one_line():
         with pytest.raises(ValueError, match=words) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_a_nonzero_second_moment_never_decodes_to_zero():
+    """FOURTH_ROOT: a value under 2.4e-10 of its block's largest would round to code 0 and
+    decode to 0, and an Adam step over it to m / eps; it takes code 1 (decoding larger, the
+    safe side). SQRT rounds a tiny first moment to 0 as it is (a zero update)."""
+    x = f32([9839.0, 5.9e-10, -5.9e-10, 0.0])
+    codes, scales = ib.encode(x, ib.FOURTH_ROOT)
+    assert codes.tolist() == [127, 1, -1, 0]
+    decoded = ib.decode(codes, scales, ib.FOURTH_ROOT)
+    assert decoded[1] > x[1] and decoded[3] == 0
+    codes, _ = ib.encode(x, ib.SQRT)
+    assert codes.tolist() == [127, 0, 0, 0]

@@ -371,3 +371,26 @@ def test_opcheck_with_int8_storage(backend):
             *ops.PipelineArgs().args(), scales)
     op = torch.ops.catapult.adamw_ if backend == "cpu" else torch.ops.catapult.adamw_triton_
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_tiny_second_moment_keeps_a_nonzero_code(backend):
+    """A v 1e-16 of its block's largest: FOURTH_ROOT code 1, not 0 (whose decoded 0 would make
+    the next Adam step m / eps), on both backends, as int8_blocks.encode."""
+    device = "cpu" if backend == "cpu" else DEVICE
+    g = torch.tensor([1e4, 1e-4, -1e-4, 0.0] * 40)  # 160 elements: a full block and a partial one
+    hyper = dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=True, amsgrad=False)
+    lr = torch.tensor(1e-3)
+    p_ref, m_ref, v_ref = torch.ones(160), torch.zeros(160), torch.zeros(160)
+    ops.update_("adamw_", [p_ref], [g], [[m_ref], [v_ref], []], [torch.zeros(())], lr, backend="cpu", **hyper)
+    want_m, want_m_scales = int8_blocks.encode(m_ref, int8_blocks.SQRT)
+    want_v, want_v_scales = int8_blocks.encode(v_ref, int8_blocks.FOURTH_ROOT)
+    assert want_v[1] == 1 and want_v[3] == 0
+
+    p = torch.ones(160, device=device)
+    m, v = torch.zeros(160, dtype=torch.int8, device=device), torch.zeros(160, dtype=torch.int8, device=device)
+    scales = [torch.zeros(2, device=device) for _ in range(2)]
+    ops.update_("adamw_", [p], [g.to(device)], [[m], [v], []], [torch.zeros((), device=device)], lr.to(device),
+                backend=backend, state_scales=scales, **hyper)
+    for got, want in ((p, p_ref), (m, want_m), (v, want_v), (scales[0], want_m_scales), (scales[1], want_v_scales)):
+        assert_bitwise_equal("adamw_ int8", got.cpu(), want)

@@ -221,7 +221,8 @@ def store_int8(ptr, scales, x, idx, mask, qidx, qmask, FOURTH_ROOT: tl.constexpr
     scales + qidx (where qmask: the blocks holding valid elements; None: all).
     Codes rint(127 sqrt(|x| * (1 / amax))) (FOURTH_ROOT: sqrt of the sqrt) with x's sign,
     the inverse per block, each step rounded once (|x| * (1 / amax) may exceed 1 by an
-    ulp: its code is still 127); all 0 in a block whose amax is 0, inf or NaN."""
+    ulp: its code is still 127); a nonzero FOURTH_ROOT value's code at least 1; all 0 in a
+    block whose amax is 0, inf or NaN."""
     # |x| by its bits: for non-negative floats the integer order is the float order, and a
     # NaN's bits exceed inf's, so the integer max is the absmax with NaN propagated
     bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -243,6 +244,8 @@ def store_int8(ptr, scales, x, idx, mask, qidx, qmask, FOURTH_ROOT: tl.constexpr
         c = (y + 8388608.0) - 8388608.0
     else:
         c = libdevice.rint(y)
+    if FOURTH_ROOT:
+        c = tl.where(bits > 0, tl.maximum(c, 1.0), c)  # a nonzero value never code 0 (state_storage.h)
     c = tl.where(x < 0.0, -c, c)
     c = tl.where(encodable[:, None], c, 0.0)
     tl.store(ptr + idx, c.to(tl.int8), mask=mask)
