@@ -382,3 +382,11 @@ def test_never_written_int8_state_goes_with_its_scales():
     _run(opt, params, [1])
     _run(fresh, fresh_params, [1])
     _assert_same_snapshot(_snapshot(opt, params), _snapshot(fresh, fresh_params))
+
+
+def test_backend_cuda_refuses_storage_its_kernels_lack():
+    """The CUDA C++ kernels walk every list in the params' dtype: other storage is refused when
+    the group enters, not at the first step (backend='auto' sends it to Triton on CUDA)."""
+    with pytest.raises(ValueError, match="backend='cuda' does not take state_dtype=torch.int8"):
+        AdamW([nn.Parameter(torch.zeros(3))], backend="cuda", state_dtype=torch.int8)
+    AdamW([nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))], backend="cuda", state_dtype=torch.bfloat16)

@@ -277,6 +277,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError("state_dtype=torch.int8 does not take DTensor params (FSDP2, tensor parallel): "
                                  "its blocks of 128 would not follow the shards; use torch.bfloat16 or "
                                  "torch.float32 storage")
+            stored_otherwise = [p.dtype for p in group["params"] if storage_dtype(self.state_dtype, p) != p.dtype]
+            if self.backend == "cuda" and stored_otherwise:
+                raise ValueError(f"backend='cuda' does not take state_dtype={self.state_dtype} with "
+                                 f"{stored_otherwise[0]} params yet (its kernels walk every list in one dtype); "
+                                 "use backend='auto' or 'triton', which runs them on the Triton kernels")
             for i, p in enumerate(group["params"]):
                 if p.is_complex():
                     raise ValueError(f"complex params are not supported (a param of dtype {p.dtype})")
