@@ -121,10 +121,24 @@ def test_lamb_refuses_state_dtype(state_dtype):
     LAMB([nn.Parameter(torch.randn(4, 3))], state_dtype=None)
 
 
-@pytest.mark.parametrize("state_dtype", STATE_DTYPES, ids=str)
-def test_flat_refuses_state_dtype(state_dtype):
-    with pytest.raises(ValueError, match="flat=True does not take state_dtype"):
-        AdamW([nn.Parameter(torch.randn(4, 3))], flat=True, state_dtype=state_dtype)
+def test_flat_refuses_int8_states():
+    with pytest.raises(ValueError, match="flat=True does not take state_dtype=torch.int8"):
+        AdamW([nn.Parameter(torch.randn(4, 3))], flat=True, state_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flat_takes_float_storage_and_steps_as_per_param(state_dtype, param_dtype):
+    """flat=True lays the states out in one buffer of the storage dtype: the same bits as
+    per param, with Grokfast's EMA, over steps that make the state flat."""
+    flat_params, params = _params(param_dtype), _params(param_dtype)
+    flat = AdamW(flat_params, lr=1e-2, grokfast=GF, flat=True, state_dtype=state_dtype, backend="cpu")
+    per_param = AdamW(params, lr=1e-2, grokfast=GF, state_dtype=state_dtype, backend="cpu")
+    for t in range(4):
+        _run(flat, flat_params, [t])
+        _run(per_param, params, [t])
+    assert flat._flat_sets and flat._flat_sets[0].state["exp_avg"].dtype is state_dtype  # flat after step 1
+    _assert_same_snapshot(_snapshot(flat, flat_params), _snapshot(per_param, params))
 
 
 def test_state_dtype_survives_copies():

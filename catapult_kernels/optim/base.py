@@ -127,7 +127,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     backend: 'auto', 'cpu', 'cuda' or 'triton'.
     flat: lay out the params (and grads, then state) of each group with one (device, dtype)
         in one buffer, so that a step over them is one kernel call (flat.py); p.data
-        becomes a view of it. Groups with agc stay per param. Not with a state_dtype.
+        becomes a view of it. Groups with agc stay per param. Not with int8 states.
     state_dtype: how every state tensor (Grokfast EMA included) is stored (state_storage.py):
         None (the param's dtype, as torch), torch.float32, torch.bfloat16, or torch.int8
         (int8 codes under the state's key plus float32 scales under `<key>_scales`, one per
@@ -169,9 +169,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                  backend: str = "auto", flat: bool = False, state_dtype: Optional[torch.dtype] = None):
         ops.check_backend_name(backend)
         check_state_dtype(state_dtype)
-        if flat and state_dtype is not None:
-            raise ValueError(f"flat=True does not take state_dtype={state_dtype}: int8 blocks would cross params "
-                             "in the flat buffer; leave flat off, or state_dtype None")
+        if flat and state_dtype is torch.int8:
+            raise ValueError("flat=True does not take state_dtype=torch.int8: its blocks would cross params in "
+                             "the flat buffer; leave flat off, or store states as torch.bfloat16")
         if flat and not self._flattenable:
             raise ValueError(f"{type(self).__name__} does not take flat=True: its update needs each param's own norm")
         if flat and agc is not None:
@@ -629,9 +629,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for p, state in zip(flat_set.params, states):
             if not state or any(state.get(k) is None for k in keys):
                 return False
+            stored_as = storage_dtype(self.state_dtype, p)
             for k in tensor_keys:
                 t = state[k]
-                if not isinstance(t, torch.Tensor) or t.dtype is not p.dtype or t.device != p.device \
+                if not isinstance(t, torch.Tensor) or t.dtype is not stored_as or t.device != p.device \
                         or not same_layout(t, p):
                     return False
         device = flat_set.param.device
@@ -643,7 +644,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return False
         flat_set.state = {}
         for k in tensor_keys:
-            flat_set.state[k] = torch.empty_like(flat_set.param)
+            flat_set.state[k] = torch.empty_like(flat_set.param, dtype=storage_dtype(self.state_dtype, flat_set.param))
             views = flat_set.views(flat_set.state[k])
             torch._foreach_copy_(views, [state[k] for state in states])
             for state, view in zip(states, views):
