@@ -1,6 +1,7 @@
 """bench/state_dtype.py runs: the tiniest case, one rep and one training step of a tiny MLP
 into a tmp dir, so that the benchmark cannot rot; a peer missing from --peers is recorded
-as such. A few seconds, mostly the imports of the benchmark and its one subprocess."""
+as such. About 10 s on 2 quiet cores, mostly the imports of the benchmark and of its one
+subprocess (torch, and torch.optim's first step importing dynamo)."""
 from __future__ import annotations
 
 import importlib.util
