@@ -45,10 +45,11 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
+from ..int8_blocks import BLOCK as QUANT_BLOCK  # elements per int8 block (kQuantBlock, csrc/state_storage.h)
+from ..int8_blocks import num_blocks
 from ..layout import SUPPORTED_DTYPES, is_dense, same_layout
 from .multi_tensor_table import TL_DTYPE, address_table, check_runnable, get_plan, is_interpreted, tensor_ptr
 
-QUANT_BLOCK = 128  # elements per int8 block (kQuantBlock, csrc/state_storage.h)
 QBLOCK = tl.constexpr(QUANT_BLOCK)  # the same, for the kernels
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # of the states and EMAs
 TL_STORAGE_DTYPE = {**TL_DTYPE, torch.int8: tl.int8}
@@ -463,7 +464,7 @@ def check_storage_lists(op_name: str, params: Sequence[torch.Tensor], stored: Se
     if len(state_scales) != len(stored) * n:
         raise RuntimeError(f"catapult: {op_name}: state_scales has {len(state_scales)} tensors but int8 storage needs "
                            f"{len(stored) * n} (one per param for each of {len(stored)} stored lists)")
-    blocks = [-(-p.numel() // QUANT_BLOCK) for p in params] * len(stored)
+    blocks = [num_blocks(p.numel()) for p in params] * len(stored)
     ok = (all([s.dtype == torch.float32 and s.dim() == 1 and s.is_contiguous() for s in state_scales])
           and [s.numel() for s in state_scales] == blocks and devices_of(state_scales) == devs * len(stored))
     if not ok:
@@ -500,7 +501,7 @@ def _check_state_scales_slow(op_name, params, stored, state_scales, first) -> No
         if not (s.dtype == torch.float32 and s.dim() == 1 and s.is_contiguous()):
             raise RuntimeError(f"catapult: {op_name}: state_scales[{j}] must be a contiguous 1-D float32 tensor, "
                                f"got {s.dtype} of shape {tuple(s.shape)}")
-        blocks = -(-p.numel() // QUANT_BLOCK)
+        blocks = num_blocks(p.numel())
         if s.numel() != blocks:
             raise RuntimeError(f"catapult: {op_name}: state_scales[{j}] has {s.numel()} scales but "
                                f"{stored[j // n][0]}[{j % n}] has {blocks} blocks of {QUANT_BLOCK}")
