@@ -16,16 +16,18 @@ except ImportError as e:  # not built
     _C_ERROR = e
 
 # The grad pipeline's arguments: the last arguments of every update op (csrc/update_op.h),
-# followed in the generic elementwise ones by STORAGE_ARGS (csrc/state_storage.h).
+# followed in the generic elementwise ones by STORAGE_ARGS (csrc/state_storage.h: the int8
+# states' block scales; csrc/master_weights.h: the 16-bit params' master weights).
 PIPELINE_ARGS = ("grad_norm", "max_grad_norm", "grad_scale", "skip", "agc_scales", "grokfast_emas",
                  "grokfast_alpha", "grokfast_lamb", "maximize")
-STORAGE_ARGS = ("state_scales",)
+STORAGE_ARGS = ("state_scales", "master_weights")
 
 
 class UpdateOp(NamedTuple):
     """An update op as its schema describes it: its state lists (read and written, in
     order), whether it takes step counts, its own arguments after lr, and whether its
-    states may be stored in another dtype than the params' (int8 too: STORAGE_ARGS)."""
+    states may be stored in another dtype than the params' (int8 too) and its params
+    carry master weights (STORAGE_ARGS)."""
     name: str
     states: tuple
     has_step: bool

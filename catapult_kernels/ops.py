@@ -168,13 +168,16 @@ def update_op(op: str) -> UpdateOp:
 def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             states: Sequence[Sequence[torch.Tensor]], state_steps: Optional[Sequence[torch.Tensor]],
             lr: torch.Tensor, pipeline: PipelineArgs = NO_PIPELINE, backend: str = "auto", *,
-            state_scales: Sequence[torch.Tensor] = (), **hyper) -> None:
+            state_scales: Sequence[torch.Tensor] = (), master_weights: Sequence[torch.Tensor] = (),
+            **hyper) -> None:
     """One fused step of update op `op` (UPDATE_OPS) in place: states holds one list per
     state list of the op, in its order (an unused one empty); state_steps the step counts
     (None for an op without), which the op advances; hyper the op's own arguments by name.
     The states a call uses and its Grokfast EMAs share one storage dtype, the params' or
     another (float32, bfloat16, float16, int8); with int8, state_scales holds their block
-    scales (csrc/state_storage.h). The contract of each op is beside its math
+    scales (csrc/state_storage.h). master_weights: per param of 16-bit params, its float32
+    copy, int8 correction or stochastic rounding counter (csrc/master_weights.h; the
+    reference is master_weights.py). The contract of each op is beside its math
     (csrc/optimizers/<name>.h, csrc/ops.cpp)."""
     spec = update_op(op)
     if len(states) != len(spec.states):
@@ -185,11 +188,12 @@ def update_(op: str, params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         raise ValueError(f"{op} takes the arguments {', '.join(spec.hyper)}; got {', '.join(hyper) or 'none'}")
     device = params[0].device if params else torch.device("cpu")
     steps = () if state_steps is None else (list(state_steps),)
-    storage = (list(state_scales),) if spec.stored else ()
-    if state_scales and not spec.stored:
-        raise ValueError(f"{op} keeps its states in the params' dtype: it takes no state_scales")
-    if backend == "auto" and device.type == "cuda" and params and _stored_otherwise(params[0], states, pipeline):
-        backend = "triton"  # the CUDA kernels walk every list in one dtype
+    storage = (list(state_scales), list(master_weights)) if spec.stored else ()
+    if (state_scales or master_weights) and not spec.stored:
+        raise ValueError(f"{op} keeps its states in the params' dtype: it takes no state_scales or master_weights")
+    if backend == "auto" and device.type == "cuda" and params and (
+            master_weights or _stored_otherwise(params[0], states, pipeline)):
+        backend = "triton"  # the CUDA kernels walk every list in one dtype and have no master weights
     kernel(op, resolve_backend(backend, device))(
         list(params), list(grads), *(list(s) for s in states), *steps, lr, *(hyper[h] for h in spec.hyper),
         *pipeline.args(), *storage)

@@ -22,10 +22,11 @@
 // steps): the op counts the step itself, writing t back unless the step is skipped.
 // The op's schema, built here from the spec:
 //   kName(Tensor(a!)[] params, Tensor[] grads, <Tensor(x!)[] state>..., [Tensor(s!)[] state_steps,]
-//         Tensor lr, <kHyper>, <kPipelineSchema>, <kStorageSchema>) -> ()
+//         Tensor lr, <kHyper>, <kPipelineSchema>, <kStorageSchema>, <kMasterSchema>) -> ()
 // A state list that a call does not use (uses) must be empty. The states a call uses and
 // its Grokfast EMAs are stored in one dtype, which may differ from the params'
-// (state_storage.h); the element function sees them as float32 either way.
+// (state_storage.h); the element function sees them as float32 either way. 16-bit params
+// may carry master weights (master_weights.h): then p is their float32 value.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/stack.h>
@@ -42,6 +43,7 @@
 
 #include "grad_pipeline.h"
 #include "multi_tensor_checks.h"
+#include "master_weights.h"
 #include "state_storage.h"
 
 namespace catapult {
@@ -81,7 +83,7 @@ std::string update_schema() {
   if (Spec::kHasStep) s += "Tensor(s!)[] state_steps, ";
   s += "Tensor lr, ";
   if (std::string(Spec::kHyper).size() > 0) s += std::string(Spec::kHyper) + ", ";
-  return s + kPipelineSchema + ", " + kStorageSchema + ") -> ()";
+  return s + kPipelineSchema + ", " + kStorageSchema + ", " + kMasterSchema + ") -> ()";
 }
 
 // The pipeline's arguments for the kernels, from the op's (pointers into its tensors).
@@ -128,7 +130,7 @@ struct Hyper {
 
 // One call's arguments, read from the dispatcher's stack.
 struct UpdateArgs {
-  std::vector<at::Tensor> params, grads, state_steps, agc_scales, grokfast_emas, state_scales;
+  std::vector<at::Tensor> params, grads, state_steps, agc_scales, grokfast_emas, state_scales, master_weights;
   std::vector<std::vector<at::Tensor>> states;
   at::Tensor lr;
   std::vector<c10::IValue> hyper;
@@ -154,7 +156,7 @@ template <class Spec>
 UpdateArgs pop_update_args(torch::jit::Stack& stack, size_t n_args) {
   constexpr int kFixed = 2 + num_states<Spec>() + (Spec::kHasStep ? 1 : 0) + 1;
   const int n = static_cast<int>(n_args);
-  TORCH_CHECK(n >= kFixed + kPipelineArgCount + 1, "catapult: ", Spec::kName, ": too few arguments");
+  TORCH_CHECK(n >= kFixed + kPipelineArgCount + 2, "catapult: ", Spec::kName, ": too few arguments");
   const c10::IValue* v = &stack[stack.size() - n];
   UpdateArgs a;
   int i = 0;
@@ -163,7 +165,7 @@ UpdateArgs pop_update_args(torch::jit::Stack& stack, size_t n_args) {
   for (int s = 0; s < num_states<Spec>(); ++s) a.states.push_back(v[i++].toTensorVector());
   if (Spec::kHasStep) a.state_steps = v[i++].toTensorVector();
   a.lr = v[i++].toTensor();
-  for (; i < n - kPipelineArgCount - 1; ++i) a.hyper.push_back(v[i]);
+  for (; i < n - kPipelineArgCount - 2; ++i) a.hyper.push_back(v[i]);
   a.grad_norm = optional_tensor(v[i++]);
   a.max_grad_norm = v[i++].toDouble();
   a.grad_scale = optional_tensor(v[i++]);
@@ -174,6 +176,7 @@ UpdateArgs pop_update_args(torch::jit::Stack& stack, size_t n_args) {
   a.grokfast_lamb = v[i++].toDouble();
   a.maximize = v[i++].toBool();
   a.state_scales = v[i++].toTensorVector();
+  a.master_weights = v[i++].toTensorVector();
   torch::jit::drop(stack, n);
   return a;
 }
@@ -181,9 +184,14 @@ UpdateArgs pop_update_args(torch::jit::Stack& stack, size_t n_args) {
 // Everything a call is checked for, on every backend, before anything is written:
 // the lists it uses (used: bit i for kStates[i]) and their storage, the regularizer
 // lists, the step counts and the control scalars. `device` is where the kernel runs.
-// Returns whether the states and EMAs are stored as int8 (check_storage_lists).
+// Returns how the states and master weights are stored.
+struct CallStorage {
+  bool int8;          // the states and EMAs (check_storage_lists)
+  MasterKind master;  // check_master_weights
+};
+
 template <class Spec>
-bool check_update_args(const UpdateArgs& a, unsigned used, const at::Device& device) {
+CallStorage check_update_args(const UpdateArgs& a, unsigned used, const at::Device& device) {
   NamedLists lists{{"grads", a.grads}};
   NamedLists stored;
   for (int s = 0; s < num_states<Spec>(); ++s) {
@@ -202,7 +210,8 @@ bool check_update_args(const UpdateArgs& a, unsigned used, const at::Device& dev
   }
   check_step_control(Spec::kName, a.params, a.lr, a.grad_norm, a.max_grad_norm, a.grad_scale, a.skip,
                      device, params_name<Spec>());
-  return check_storage_lists(Spec::kName, a.params, stored, a.state_scales, params_name<Spec>());
+  const bool int8 = check_storage_lists(Spec::kName, a.params, stored, a.state_scales, params_name<Spec>());
+  return {int8, check_master_weights(Spec::kName, a.params, a.master_weights, params_name<Spec>())};
 }
 
 // Calls f(std::integral_constant<int, V>) for the runtime variant v of [0, N).

@@ -4,9 +4,10 @@
 // tensor (one fork per step, however many tensors) running the grad pipeline and the
 // spec's element function on vectors (at::vec, two per block) and on a scalar tail.
 // Both lane types run the same function, so they round alike. States stored otherwise
-// than the params (another dtype, int8 blocks: state_storage.h) take the stored path:
-// per group of kGroup elements, everything is read into float32 buffers, the pipeline
-// and the element function run there on vectors, and everything is written back.
+// than the params (another dtype, int8 blocks: state_storage.h), and params with master
+// weights (master_weights.h), take the stored path: per group of kGroup elements,
+// everything is read into float32 buffers, the pipeline and the element function run
+// there on vectors, and everything is written back.
 //
 // CATAPULT_REGISTER_CPU(Spec) defines the op's schema and registers this kernel; each
 // spec's registration is a file setup.py generates (csrc/optimizers/*.h -> one each).
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
+#include "cpu/master_io.h"
 #include "cpu/storage_io.h"
 
 #include "update_op.h"
@@ -36,6 +38,7 @@ struct Entry {
   at::ScalarType storage;        // of the states and the ema (the params' when none)
   float* scales[kMaxStates];     // int8 storage: each used state's block scales
   float* ema_scales;
+  Master master;
   AgcRows agc;
   typename Spec::Constants c;
 };
@@ -87,7 +90,8 @@ void update_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const 
   }
 }
 
-// The stored path over n elements of one tensor from offset b (a multiple of kGroup).
+// The stored path over n elements of one tensor from offset b (a multiple of kGroup):
+// states stored otherwise than the params, or params with master weights.
 template <class Spec, int V, typename T>
 void update_stored_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const Pipeline& pl) {
   constexpr int K = num_states<Spec>();
@@ -114,7 +118,7 @@ void update_stored_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult,
       pipeline_block<true, float>(gb, e.ema != nullptr ? eb : nullptr, i, one, pl, g0, g1);
       store_block(gb + i, g0, g1);
     }
-    load_group(p + j0, m, pb);
+    load_params(e.master, p, j0, m, pb);
     for (int k = 0; k < kSlots; ++k) {
       if (kRead >> k & 1u) {
         load_stored(e.storage, quant_map_of(Spec::kStates[k]), s[k], j0, m, sb[k]);
@@ -130,7 +134,7 @@ void update_stored_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult,
       pv.store(pb + i);
       for (int k = 0; k < kSlots; ++k) sv[k].store(sb[k] + i);
     }
-    store_group(pb, m, p + j0);
+    store_params(e.master, pb, j0, m, p);
     for (int k = 0; k < K; ++k) {
       if (kUse >> k & 1u) store_stored(e.storage, quant_map_of(Spec::kStates[k]), s[k], j0, m, sb[k]);
     }
@@ -144,7 +148,7 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const at::Device cpu(at::kCPU);
   const typename Spec::Params h = Spec::params(a.hyper_args(Spec::kName, cpu));
   const int variant = Spec::variant(h);
-  check_update_args<Spec>(a, Spec::uses(variant), cpu);
+  const MasterKind master = check_update_args<Spec>(a, Spec::uses(variant), cpu).master;
   const PipelineArgs pipe = a.pipeline();
   if (pipe.skipped()) return;  // nothing at all is written, step counts included
   const float mult = pipe.multiplier();
@@ -161,10 +165,20 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       t = *step + 1.0f;
       *step = t;
     }
+    Master w{master};
+    if (master == MasterKind::kStochastic) {  // this step's counter, advanced as the step count
+      int64_t* counter = a.master_weights[i].data_ptr<int64_t>();
+      const auto bits = static_cast<uint64_t>(*counter);
+      w.lo = static_cast<uint32_t>(bits);
+      w.hi = static_cast<uint32_t>(bits >> 32);
+      *counter = static_cast<int64_t>(bits + 1);
+    } else if (master != MasterKind::kNone) {
+      w.data = a.master_weights[i].data_ptr();
+    }
     const at::Tensor& p = a.params[i];
     if (p.numel() == 0) continue;
     Entry<Spec> e{p.data_ptr(), a.grads[i].const_data_ptr(), {}, nullptr, p.scalar_type(), p.scalar_type(), {}, nullptr,
-                  agc_rows_of(a.agc_scales, i, p), Spec::constants(h, lr, t, static_cast<int64_t>(i))};
+                  w, agc_rows_of(a.agc_scales, i, p), Spec::constants(h, lr, t, static_cast<int64_t>(i))};
     // int8 storage: state_scales holds each stored list's scales, list-major
     const size_t n = a.params.size();
     size_t stored = 0;
@@ -189,7 +203,9 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       const Entry<Spec>& e = entries[c.entry];
       dispatch_float_type(e.dtype, [&](auto tag) {
         using T = decltype(tag);
-        if (e.storage != e.dtype) return update_stored_range<Spec, V, T>(e, c.begin, c.size, mult, pl);
+        if (e.storage != e.dtype || e.master.kind != MasterKind::kNone) {
+          return update_stored_range<Spec, V, T>(e, c.begin, c.size, mult, pl);
+        }
         for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
           update_range<Spec, V, T>(e, b, n, m, pl);
         });

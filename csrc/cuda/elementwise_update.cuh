@@ -127,6 +127,8 @@ void update_cuda(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const int variant = Spec::variant(h);
   check_update_args<Spec>(a, Spec::uses(variant), device);  // before anything is launched
   if (a.params.empty()) return;
+  TORCH_CHECK(a.master_weights.empty(), "catapult: ", Spec::kName,
+              " (CUDA): master_weights are not built for CUDA yet; use backend='triton'");
   // multi_tensor_apply walks every list in one dtype: other storage runs on Triton for now.
   for (size_t i = 0; i < a.params.size(); ++i) {
     for (const auto& list : a.states) {

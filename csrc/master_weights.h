@@ -1,0 +1,157 @@
+// Master weights of 16-bit params (bfloat16, float16), on every backend: the update ops'
+// last argument, master_weights (the reference is catapult_kernels/master_weights.py; the
+// Triton kernels mirror it). Per param it holds one of (one kind for every param of a call):
+//   float32, laid out like the param ("fp32"): a float32 copy. The element function
+//     reads it as p; the new value x goes there and, rounded to nearest even, into the param.
+//   int8, laid out like the param ("ecc"): a correction c per element, 8 bits below the
+//     param's last: the value is P + c * q, P the param as float32 and q = 2^(e - M - 8),
+//     e = max(P's exponent, kEccMinExponent), M the format's explicit mantissa bits (bf16 7,
+//     fp16 10). Stored: P = x rounded to nearest even, c = rint((x - P) / q) clamped to
+//     [-127, 127] (x - P and the scalings are exact); c = 0 where P is not finite. So P + c * q
+//     keeps x to 16 significant bits (within q / 2), but where c would be 128 (x within q / 2
+//     below the midpoint above P): there within q.
+//   int64 with one element ("stochastic", bfloat16 params only): the counter of the
+//     param's random stream. x is rounded stochastically: its float32 bits plus the low 16
+//     bits of r = mix32(mix32(i ^ lo) ^ hi), then cut to the upper 16 (unbiased: it rounds
+//     up with probability (x - down) / (up - down)); i the element's index in memory order,
+//     lo and hi the counter's halves. The op advances the counter by one after the step
+//     (not when it is skipped), so a step is reproducible from its counter. NaN rounds to
+//     nearest.
+// Empty: the param is read and written itself, rounded to nearest even (torch's way).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "multi_tensor_checks.h"
+
+namespace catapult {
+
+constexpr const char* kMasterSchema = "Tensor(w!)[] master_weights";
+
+enum class MasterKind { kNone, kFloat, kEcc, kStochastic };
+
+// The smallest exponent e of the ecc quantum per format: bf16's is raised from -126 so that
+// 1 / q stays a normal float32 (values under 2^-111 get a coarser correction).
+constexpr int kEccMinExponentBf16 = -111;
+constexpr int kEccMinExponentHalf = -14;
+
+inline uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+inline float bits_float(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+// 2^k for k in [-126, 127].
+inline float pow2(int k) { return bits_float(static_cast<uint32_t>(k + 127) << 23); }
+
+// The exponent of the ecc quantum q of a finite param value P: e - M - 8.
+inline int ecc_quantum_exponent(float P, int mantissa_bits, int min_exponent) {
+  const int e = static_cast<int>((float_bits(P) >> 23) & 0xFFu) - 127;
+  return (e > min_exponent ? e : min_exponent) - mantissa_bits - 8;
+}
+
+// The correction code of x whose 16-bit rounding is P (as float32).
+inline int8_t ecc_code(float x, float P, int mantissa_bits, int min_exponent) {
+  if (!std::isfinite(P)) return 0;
+  const int k = ecc_quantum_exponent(P, mantissa_bits, min_exponent);
+  float c = std::nearbyint((x - P) * pow2(-k));
+  c = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
+  return static_cast<int8_t>(c);
+}
+
+// The value P + c * q of a param value P and its code.
+inline float ecc_value(float P, int8_t code, int mantissa_bits, int min_exponent) {
+  if (!std::isfinite(P)) return P;
+  return P + static_cast<float>(code) * pow2(ecc_quantum_exponent(P, mantissa_bits, min_exponent));
+}
+
+// A 32-bit mixer (a bijection with full avalanche; constants of hash-prospector's lowbias32).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// x rounded stochastically to bfloat16 (as float32) with the random bits of element i
+// under a counter whose halves are lo, hi.
+inline float stochastic_round_bf16(float x, uint64_t i, uint32_t lo, uint32_t hi) {
+  if (std::isnan(x)) return x;  // cut like the others (the kernels' store rounds NaN to a NaN)
+  const uint32_t r = mix32(mix32(static_cast<uint32_t>(i) ^ lo) ^ hi);
+  return bits_float((float_bits(x) + (r & 0xFFFFu)) & 0xFFFF0000u);
+}
+
+inline const char* master_kind_name(MasterKind k) {
+  switch (k) {
+    case MasterKind::kFloat:
+      return "float32 copies";
+    case MasterKind::kEcc:
+      return "int8 corrections (ecc)";
+    case MasterKind::kStochastic:
+      return "stochastic rounding counters";
+    default:
+      return "none";
+  }
+}
+
+// The checks of a call's master_weights before anything is written; returns their kind.
+inline MasterKind check_master_weights(const char* op, at::TensorList params, at::TensorList masters,
+                                       const char* first = "params") {
+  if (masters.empty()) return MasterKind::kNone;
+  const size_t n = params.size();
+  TORCH_CHECK(masters.size() == n, "catapult: ", op, ": master_weights has ", masters.size(), " tensors but ", first,
+              " has ", n);
+  const at::ScalarType kind_dtype = masters[0].scalar_type();
+  MasterKind kind;
+  switch (kind_dtype) {
+    case at::kFloat:
+      kind = MasterKind::kFloat;
+      break;
+    case at::kChar:
+      kind = MasterKind::kEcc;
+      break;
+    case at::kLong:
+      kind = MasterKind::kStochastic;
+      break;
+    default:
+      TORCH_CHECK(false, "catapult: ", op, ": master_weights[0] has dtype ", kind_dtype,
+                  "; master weights: float32 (copies), int8 (ecc corrections) or one-element int64 "
+                  "(stochastic rounding counters)");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& m = masters[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(m.scalar_type() == kind_dtype, "catapult: ", op, ": master_weights[", i, "] has dtype ",
+                m.scalar_type(), " but master_weights[0] has ", kind_dtype, " (one kind per call)");
+    const bool bf16 = p.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16 || (p.scalar_type() == at::kHalf && kind != MasterKind::kStochastic), "catapult: ", op,
+                ": master_weights as ", master_kind_name(kind), " need ",
+                kind == MasterKind::kStochastic ? "bfloat16" : "bfloat16 or float16", " ", first, "; ", first, "[",
+                i, "] is ", p.scalar_type());
+    TORCH_CHECK(m.device() == p.device(), "catapult: ", op, ": master_weights[", i, "] is on ", m.device(), " but ",
+                first, " are on ", p.device());
+    if (kind == MasterKind::kStochastic) {
+      TORCH_CHECK(m.numel() == 1, "catapult: ", op, ": master_weights[", i,
+                  "] (a stochastic rounding counter) must have one element, got shape ", m.sizes());
+    } else {
+      TORCH_CHECK(same_layout(m, p), "catapult: ", op, ": master_weights[", i, "] has shape ", m.sizes(),
+                  " strides ", m.strides(), " but ", first, "[", i, "] has shape ", p.sizes(), " strides ",
+                  p.strides());
+    }
+  }
+  return kind;
+}
+
+}  // namespace catapult
