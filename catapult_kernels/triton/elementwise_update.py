@@ -228,10 +228,13 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
     state_steps = args[schema.lr_index - 1] if schema.has_step else None
     lr = args[schema.lr_index]
     n_pipeline = len(GradPipeline._fields)
-    end = len(args) - schema.has_state_scales  # where the grad pipeline ends
+    end = len(args) - len(schema.storage_args)  # where the grad pipeline ends
     hyper = dict(zip(schema.hyper, args[schema.lr_index + 1:end - n_pipeline]))
     pipeline = GradPipeline(*args[end - n_pipeline:end])
-    state_scales = args[end] if schema.has_state_scales else ()
+    storage_args = dict(zip(schema.storage_args, args[end:]))
+    state_scales = storage_args.get("state_scales", ())
+    if storage_args.get("master_weights", ()):
+        raise RuntimeError(f"catapult: {op}: master_weights are not built in the Triton kernel yet")
     device = params[0].device if params else lr.device
 
     run = optimizer.launch_args(hyper, len(params), device)

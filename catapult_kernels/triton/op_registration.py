@@ -2,11 +2,13 @@
 
 An update op is a C++ op whose schema ends with the grad pipeline's 9 arguments
 (kPipelineSchema, csrc/update_op.h; ``GradPipeline`` here), then, for the generic
-elementwise ops, the int8 storage's block scales (kStorageSchema, csrc/state_storage.h;
-lamb_ has none):
+elementwise ops, the storage arguments op_contract.STORAGE_ARGS: the int8 storage's block
+scales (kStorageSchema, csrc/state_storage.h) and the params' master weights
+(kMasterSchema, csrc/master_weights.h); lamb_ has none:
 
     <name>(Tensor(a!)[] params, Tensor[] grads, <Tensor(x!)[] state>..., [Tensor(s!)[] state_steps,]
-           Tensor lr, <its own arguments>, <the grad pipeline>[, Tensor[] state_scales]) -> ()
+           Tensor lr, <its own arguments>, <the grad pipeline>[, Tensor(y!)[] state_scales,
+           Tensor(w!)[] master_weights]) -> ()
 
 ``register_update_op(name, body)`` registers catapult::<base>_triton_ (``adamw_`` ->
 ``adamw_triton_``) as a torch.library.triton_op with the C++ op's schema (its name
@@ -25,13 +27,11 @@ from typing import Callable, Optional
 import torch
 from torch.library import triton_op
 
-from ..op_contract import device_checked_fake
+from ..op_contract import STORAGE_ARGS, device_checked_fake
 from .kernel_common import GradPipeline
 from .multi_tensor_table import can_bypass_dispatcher, keep_whole_under_functionalization, set_wrap_triton_enabled
 
-__all__ = ["STATE_SCALES", "UpdateSchema", "update_schema", "register_update_op"]
-
-STATE_SCALES = "state_scales"  # the argument after the grad pipeline (kStorageSchema)
+__all__ = ["UpdateSchema", "update_schema", "register_update_op"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class UpdateSchema:
     has_step: bool                # state_steps right before lr
     lr_index: int
     hyper: tuple[str, ...]        # the op's own arguments, between lr and the grad pipeline
-    has_state_scales: bool        # state_scales after the grad pipeline (the last argument)
+    storage_args: tuple[str, ...]  # after the grad pipeline: STORAGE_ARGS (generic ops) or none (lamb_)
     mutated: tuple[str, ...]      # the arguments its alias annotations say it writes
     mutated_lists: tuple[int, ...]   # their positions (all are lists)
     tensor_lists: tuple[int, ...]    # positions of the Tensor[] arguments
@@ -57,8 +57,8 @@ def update_schema(schema: torch.FunctionSchema) -> Optional[UpdateSchema]:
     """The UpdateSchema of a C++ op's schema, or None when it is not an update op's."""
     args = schema.arguments
     names = [a.name for a in args]
-    has_state_scales = bool(names) and names[-1] == STATE_SCALES
-    end = len(names) - has_state_scales  # where the grad pipeline ends
+    stored = len(names) >= len(STORAGE_ARGS) and tuple(names[-len(STORAGE_ARGS):]) == STORAGE_ARGS
+    end = len(names) - len(STORAGE_ARGS) * stored  # where the grad pipeline ends
     if tuple(names[end - len(GradPipeline._fields):end]) != GradPipeline._fields or "lr" not in names[2:]:
         return None
     lr = names.index("lr")
@@ -70,7 +70,7 @@ def update_schema(schema: torch.FunctionSchema) -> Optional[UpdateSchema]:
     return UpdateSchema(
         name=name, triton_name=name.rstrip("_") + "_triton_", signature=text[text.index("("):], first=names[0],
         states=tuple(names[2:lr - has_step]), has_step=has_step, lr_index=lr,
-        hyper=tuple(names[lr + 1:end - len(GradPipeline._fields)]), has_state_scales=has_state_scales,
+        hyper=tuple(names[lr + 1:end - len(GradPipeline._fields)]), storage_args=STORAGE_ARGS if stored else (),
         mutated=tuple(names[i] for i in mutated), mutated_lists=tuple(mutated),
         tensor_lists=tuple(i for i, k in enumerate(kinds) if k == "List[Tensor]"),
         tensors=tuple(i for i, k in enumerate(kinds) if k in ("Tensor", "Optional[Tensor]")))
@@ -83,7 +83,7 @@ def register_update_op(name: str, body: Callable, namespace: str = "catapult") -
     schema = update_schema(getattr(getattr(torch.ops, namespace), name).default._schema)
     if schema is None:
         raise RuntimeError(f"catapult: {namespace}::{name} is not an update op (its schema does not end with "
-                           f"the grad pipeline's arguments {', '.join(GradPipeline._fields)}[, {STATE_SCALES}])")
+                           f"the grad pipeline's arguments {', '.join(GradPipeline._fields)}[, {', '.join(STORAGE_ARGS)}])")
     op = triton_op(f"{namespace}::{schema.triton_name}", mutates_args=schema.mutated,
                    schema=schema.signature)(body)
     op.register_fake(device_checked_fake(schema.triton_name))
