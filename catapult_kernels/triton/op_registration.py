@@ -82,8 +82,9 @@ def register_update_op(name: str, body: Callable, namespace: str = "catapult") -
     returns its eager entry point (module docstring)."""
     schema = update_schema(getattr(getattr(torch.ops, namespace), name).default._schema)
     if schema is None:
-        raise RuntimeError(f"catapult: {namespace}::{name} is not an update op (its schema does not end with "
-                           f"the grad pipeline's arguments {', '.join(GradPipeline._fields)}[, {', '.join(STORAGE_ARGS)}])")
+        raise RuntimeError(f"catapult: {namespace}::{name} is not an update op (its schema does not end with the "
+                           f"grad pipeline's arguments {', '.join(GradPipeline._fields)}"
+                           f"[, {', '.join(STORAGE_ARGS)}])")
     op = triton_op(f"{namespace}::{schema.triton_name}", mutates_args=schema.mutated,
                    schema=schema.signature)(body)
     op.register_fake(device_checked_fake(schema.triton_name))
