@@ -118,7 +118,7 @@ def stochastic_round(x: torch.Tensor, counter: int) -> torch.Tensor:
 def initial_counter(seed: int, index: int) -> int:
     """The counter (as a signed int64 value) a param starts from: its stream's high half is
     mix32(seed) + index (the param's place in the optimizer), its low half 0."""
-    hi = (mix32(seed & MASK32) + index) & MASK32  # in Python ints: no tensor (torch.compile traces it)
+    hi = (mix32(seed & MASK32) + index) & MASK32  # mix32 of a Python int: exact, no tensor made
     value = hi << 32
     return value - (1 << 64) if value >= 1 << 63 else value
 

@@ -14,7 +14,9 @@ class Adam(FusedOptimizer):
     `max_exp_avg_sq`): weight decay is coupled L2 (g += wd * p) unless
     decoupled_weight_decay, as in torch. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype: how the
-    moments are stored, e.g. torch.int8 for about 2 bytes per param instead of 8)."""
+    moments are stored, e.g. torch.int8 for about 2 bytes per param instead of 8;
+    master_weights of bfloat16 / float16 params: "fp32" exact for 4 more bytes per param,
+    "ecc" ~16 significant bits for 1, "stochastic" unbiased rounding for 0; rounding_seed)."""
 
     _op = "adamw_"
 
@@ -22,13 +24,15 @@ class Adam(FusedOptimizer):
                  amsgrad=False, *, foreach: Optional[bool] = None, maximize=False, capturable=False,
                  differentiable=False, fused: Optional[bool] = None, decoupled_weight_decay=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
-                 agc: Optional[float] = None, backend="auto", flat=False, state_dtype: Optional[torch.dtype] = None):
+                 agc: Optional[float] = None, backend="auto", flat=False, state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype,
+                         master_weights=master_weights, rounding_seed=rounding_seed)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)
@@ -52,9 +56,10 @@ class AdamW(Adam):
                  amsgrad=False, *, maximize=False, foreach: Optional[bool] = None, capturable=False,
                  differentiable=False, fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
                  skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
                          skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend, flat=flat,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, master_weights=master_weights, rounding_seed=rounding_seed)

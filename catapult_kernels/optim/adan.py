@@ -18,18 +18,20 @@ class Adan(FusedOptimizer):
     or with no_prox p <- p (1 - lr wd) - lr update. State keys `step`, `exp_avg`,
     `exp_avg_diff`, `exp_avg_sq`, `pre_grad`. Plus the options of FusedOptimizer
     (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype: how the four
-    state tensors are stored)."""
+    state tensors are stored, master_weights, rounding_seed)."""
 
     _op = "adan_"
 
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02, *,
                  no_prox=False, maximize=False, max_grad_norm: Optional[float] = None, skip_nonfinite=False,
                  grokfast=None, agc: Optional[float] = None, backend="auto", flat=False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
                         maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype,
+                         master_weights=master_weights, rounding_seed=rounding_seed)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

@@ -16,17 +16,19 @@ class ADOPT(FusedOptimizer):
     (1 - beta1) * ghat; p <- p - lr * m; v <- beta2 * v + (1 - beta2) * g^2. State keys
     `step`, `exp_avg`, `exp_avg_sq`. Defaults as the paper's code. Plus the options of
     FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype:
-    how the moments are stored)."""
+    how the moments are stored, master_weights, rounding_seed)."""
 
     _op = "adopt_"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, *, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
                  agc: Optional[float] = None, backend="auto", flat=False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype,
+                         master_weights=master_weights, rounding_seed=rounding_seed)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

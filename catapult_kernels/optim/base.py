@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .. import master_weights as masters
 from .. import ops
 from ..distributed.sharding import Sharding, is_dtensor, local, local_grad
 from ..distributed.zero import zero_process_group
@@ -133,6 +134,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         (int8 codes under the state's key plus float32 scales under `<key>_scales`, one per
         128 elements: about 2.06 bytes per element for AdamW's two moments against 8 in
         float32). The math runs in float32 either way. `state_bytes()` says what it costs.
+    master_weights: how bfloat16 / float16 params keep the bits that rounding each update
+        into 16 bits would lose (master_weights.py; the state is made on a param's first step):
+        None: none, the update is rounded to nearest into the param (torch's way; small
+            updates relative to the weights may round away, and training stalls).
+        "fp32": a float32 copy under state key `master` (4 bytes per param): exact, the
+            steps of float32 params; the param is the copy rounded to nearest.
+        "ecc": an int8 correction per element under `master_ecc` (1 byte per param): param
+            plus correction keep the value to ~16 significant bits (bfloat16 alone keeps 8,
+            float16 11), so updates down to ~1/256 of the param's last bit add up; most of
+            "fp32"'s benefit for a quarter of its bytes.
+        "stochastic" (bfloat16 only): the new value is rounded up or down at random,
+            unbiased, so small updates survive on average; no extra bytes, just a 0-d
+            counter per param (`rounding_counter`) whose stream makes each step, and a
+            resumed run, reproducible bit for bit. Noisier than "ecc".
+        float32 params refuse a mode, as LAMB, flat=True, DTensor params and backend='cuda'
+        (use 'auto' or 'triton') do. State dicts keep the keys as stored and load across
+        modes (torch's too) through the master value; torch_state_dict drops them.
+    rounding_seed: the seed of the "stochastic" streams (each param has its own, from its
+        index in the optimizer).
     The pipeline order (unscale, global clip, AGC, Grokfast, weight decay, update) is in
     regularizers.py. After a step, `grad_norm` holds the pre-clip global norm (a 0-d device
     tensor) when it was computed (max_grad_norm or skip_nonfinite), and `skipped_steps`
@@ -156,7 +176,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # plus "s" (exp_avg -> exp_avgs); a state key the group does not keep gets an empty list.
     _op = ""
     # Attributes that pickle, copy.deepcopy and torch.save(optimizer) keep besides torch's.
-    _options = ("backend", "max_grad_norm", "skip_nonfinite", "flat", "state_dtype", "_report")
+    _options = ("backend", "max_grad_norm", "skip_nonfinite", "flat", "state_dtype", "master_weights",
+                "rounding_seed", "_report")
     # Whether flat=True may lay the params out in one buffer: not where the update needs a
     # norm per param (LAMB, LARS).
     _flattenable = True
@@ -166,9 +187,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, *, max_grad_norm: Optional[float] = None,
                  skip_nonfinite: bool = False, grokfast=None, agc: Optional[float] = None,
-                 backend: str = "auto", flat: bool = False, state_dtype: Optional[torch.dtype] = None):
+                 backend: str = "auto", flat: bool = False, state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         ops.check_backend_name(backend)
         check_state_dtype(state_dtype)
+        masters.check_mode(master_weights)
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+            raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (an int)")
+        if master_weights is not None and flat:
+            raise ValueError(f"flat=True does not take master_weights={master_weights!r} (not built); leave flat off")
+        if master_weights is not None and backend == "cuda":
+            raise ValueError(f"backend='cuda' does not take master_weights={master_weights!r} (its kernels have no "
+                             "master weights); use backend='auto' or 'triton', which runs them on the Triton kernels")
         if flat and state_dtype is torch.int8:
             raise ValueError("flat=True does not take state_dtype=torch.int8: its blocks would cross params in "
                              "the flat buffer; leave flat off, or store states as torch.bfloat16")
@@ -188,6 +218,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.flat = bool(flat)
         self.state_dtype = state_dtype  # before the groups: add_param_group reads it
+        self.master_weights = master_weights  # likewise
+        self.rounding_seed = rounding_seed
         self._flat_sets: list[FlatSet] = []  # the params laid out flat (flat.py)
         self._plan_flat: tuple = ()  # the flat sets that the step of the plan left out
         # What step() reports. A dict mutated in place, not attributes set on self:
@@ -216,6 +248,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("flat", False)
         self.__dict__.setdefault("state_dtype", None)
+        self.__dict__.setdefault("master_weights", None)
+        self.__dict__.setdefault("rounding_seed", 0)
         self.__dict__.setdefault("_report", {"grad_norm": None, "skipped_steps": None})
         self.__dict__.setdefault("_zero_group", None)
         self._unwritten = {}
@@ -273,6 +307,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self.flat and any(map(is_dtensor, group["params"])):
                 raise ValueError("flat=True does not take DTensor params (FSDP2, tensor parallel): their "
                                  "shards are laid out by torch; leave flat off")
+            if self.master_weights is not None and any(map(is_dtensor, group["params"])):
+                raise ValueError(f"master_weights={self.master_weights!r} does not take DTensor params (FSDP2, "
+                                 "tensor parallel) yet; leave master_weights None")
+            for dtype in dict.fromkeys(p.dtype for p in group["params"]):
+                masters.check_param_dtype(self.master_weights, dtype, f"param group {len(self.param_groups) - 1}")
             if self.state_dtype is torch.int8 and any(map(is_dtensor, group["params"])):
                 raise ValueError("state_dtype=torch.int8 does not take DTensor params (FSDP2, tensor parallel): "
                                  "its blocks of 128 would not follow the shards; use torch.bfloat16 or "
@@ -352,7 +391,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         optimizer keeps for it (a state_dict of another optimizer is refused, naming the key).
         Each state tensor comes in this optimizer's storage (state_dtype) on its param's
         device: a state stored otherwise (torch's float states too) is converted
-        (state_storage.stored: int8 codes keep their bits, floats are encoded into int8 or cast)."""
+        (state_storage.stored: int8 codes keep their bits, floats are encoded into int8 or cast).
+        Master weights of this optimizer's kind load bit-exact; a state with another kind or
+        none (torch's) is converted through the value it gives its param
+        (master_weights.converted_state): load the model's params first."""
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", None)
         groups = [{**self.defaults, **g} for g in state_dict["param_groups"]]
@@ -361,7 +403,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._check_group(group)
             needed = set(self._state_keys(group)) | ({"step"} if self._has_step(group) else set())
             tensor_keys = needed - {"step"} | {EMA}
-            known = needed | {EMA} | set(map(scales_key, tensor_keys))
+            known = needed | {EMA} | set(map(scales_key, tensor_keys)) | set(masters.STATE_KEYS.values())
             for idx in group["params"]:
                 state = state_dict["state"].get(idx)
                 if not state:
@@ -381,14 +423,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         # reaches it): the stored ones are converted here and given to it without them.
         params = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
                           itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+        index = {idx: i for i, idx in enumerate(params)}  # the stochastic streams' numbering
+        master_keys = set(masters.STATE_KEYS.values())
         converted, rest = {}, {}
         for idx, state in state_dict["state"].items():
             keys = stored_keys.get(idx, ()) if idx in params else ()
+            if idx in params and state and self.master_weights is not None:
+                problem = masters.loaded_problem(state, params[idx])
+                if problem:
+                    raise ValueError(f"state of param {idx}: {problem}")
+                converted[params[idx]] = masters.converted_state(state, self.master_weights, params[idx],
+                                                                 self.rounding_seed, index[idx])
             if keys:
                 p = params[idx]
-                converted[p] = {k: v for key in keys for k, v in stored(state, key, p, self.state_dtype).items()}
+                converted.setdefault(p, {}).update(
+                    {k: v for key in keys for k, v in stored(state, key, p, self.state_dtype).items()})
                 keys = set(keys) | set(map(scales_key, keys))
-            rest[idx] = {k: v for k, v in state.items() if k not in keys}
+            rest[idx] = {k: v for k, v in state.items() if k not in keys and k not in master_keys}
         super().load_state_dict({**state_dict, "state": rest})
         for p, tensors in converted.items():
             self.state[p].update(tensors)
@@ -416,7 +467,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> float:
         """Bytes of optimizer state per element of the params that have state: every state
         tensor (int8 scales included, 0-d step counts not). AdamW: 8.0 with float32 states,
-        4.0 with bfloat16, 2.0625 with int8."""
+        4.0 with bfloat16, 2.0625 with int8; master_weights adds 4 ("fp32"), 1 ("ecc") or 0
+        ("stochastic": its 0-d counters are not counted)."""
         return bytes_per_element(self.state)
 
     # ---- the step -------------------------------------------------------------------
@@ -699,6 +751,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         own_keys = self._state_keys(group) if self._sets_new_state else ()
         grokfast = group["grokfast"] is not None
         unwritten, no_flags = self._unwritten, {}
+        master_key = self._master_key()
         bucket.fresh, bucket.ema_fresh, bucket.states = [], [], []
         sharded = bucket.shardings is not None
         for p, slot, kernel_p in zip(bucket.keys, bucket.slots, bucket.params):
@@ -713,6 +766,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]  # also for plain SGD, which keeps no state of its own
                 if EMA not in state:  # a DTensor's is a DTensor placed like it
                     zeros(state, EMA, p if is_dtensor(p) else kernel_p, self.state_dtype)
+            if master_key is not None:
+                state = self.state[p]  # plain SGD too
+                if master_key not in state:
+                    state[master_key] = masters.new_state(self.master_weights, p, self.rounding_seed,
+                                                          self._param_index(slot))
             bucket.states.append(state)
         # .get: a missing int8 scales tensor is named by _check_states
         bucket.columns = {key: [local(s[key]) if sharded else s.get(key) for s in bucket.states]
@@ -724,7 +782,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         (a transposed weight) takes them in a pre-scaled copy of its grad instead (its factors
         become None): the kernels find an element's row from its offset."""
         mult = grad_multiplier(control.grad_norm, self.max_grad_norm or 0.0, control.grad_scale, bucket.device)
-        bucket.agc_scales = agc_scales(bucket.params, bucket.grads, bucket.group["agc"], mult,
+        weights = self._weights(bucket, range(len(bucket.params)))  # AGC's |w|: the values the update takes
+        bucket.agc_scales = agc_scales(weights, bucket.grads, bucket.group["agc"], mult,
                                        reduce_units=self._unit_reduction(bucket))
         for i in bucket.rows_apart:
             g = bucket.grads[i]
@@ -877,6 +936,41 @@ class FusedOptimizer(torch.optim.Optimizer):
                 problem = scales is not None and scales_problem(t, scales[i], p.device)
                 if problem:
                     raise RuntimeError(f"state[{scales_key(key)!r}] of a param {problem}")
+        key = self._master_key()
+        if key is not None:
+            for p, t in zip(bucket.params, bucket.columns[key]):
+                problem = masters.state_problem(key, t, p)
+                if problem:
+                    raise RuntimeError(f"state[{key!r}] of a param {problem}")
+
+    def _master_key(self) -> Optional[str]:
+        """The state key of the params' master weights, None without."""
+        return masters.STATE_KEYS.get(self.master_weights)
+
+    def _param_index(self, slot: tuple) -> int:
+        """The index of the param at slot (group index, index in the group) in the
+        state_dict's numbering."""
+        gi, pi = slot
+        return sum(len(g["params"]) for g in self.param_groups[:gi]) + pi
+
+    def _masters(self, bucket: Bucket, part: Optional[Part] = None) -> list:
+        """The master_weights argument of a kernel call over `part` (None: the whole bucket)."""
+        key = self._master_key()
+        if key is None:
+            return []
+        column = bucket.columns[key]
+        return column if part is None else part.take(column)
+
+    def _weights(self, bucket: Bucket, idx: list) -> list:
+        """The values the update takes for the params listed in idx (their norms are
+        LARS's and AGC's): the float32 masters, the params decoded with their corrections
+        ("ecc"), else the params."""
+        params = [bucket.params[i] for i in idx]
+        if self.master_weights == "fp32":
+            return [bucket.columns["master"][i] for i in idx]
+        if self.master_weights == "ecc":
+            return [masters.ecc_decode(p, bucket.columns["master_ecc"][i]) for p, i in zip(params, idx)]
+        return params
 
     def _param_like_state_keys(self, group: dict) -> tuple:
         """The state tensors shaped like the param, for this group's options."""
@@ -888,6 +982,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         keys = self._param_like_state_keys(group)
         if self.state_dtype is torch.int8:
             keys += tuple(map(scales_key, keys))
+        if self.master_weights is not None:
+            keys += (self._master_key(),)
         return keys + (("step",) if self._has_step(group) else ())
 
     def _state_keys(self, group: dict) -> tuple:
@@ -931,7 +1027,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             pipeline = self._pipeline_args(bucket, part, control)
             ops.update_(name, part.take(bucket.params), part.take(bucket.grads), lists,
                         part.take(bucket.columns["step"]) if op.has_step else None, lr, pipeline, self.backend,
-                        state_scales=self._state_scales(bucket, part, used, pipeline), **self._hyper(group, part))
+                        state_scales=self._state_scales(bucket, part, used, pipeline),
+                        master_weights=self._masters(bucket, part), **self._hyper(group, part))
 
     def _state_scales(self, bucket: Bucket, part: Part, keys, pipeline: ops.PipelineArgs) -> list:
         """The state_scales of a kernel call over `part` whose state lists hold `keys` (in the

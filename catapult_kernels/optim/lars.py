@@ -22,7 +22,7 @@ class LARS(SGD):
     update sees (after clipping, AGC and Grokfast). exclude_1d leaves 1-D params (biases,
     norm scales) out of the adaptation and the weight decay: they take plain momentum SGD.
     State key `momentum_buffer`. Plus the options of FusedOptimizer (state_dtype: how the
-    momentum buffer is stored)."""
+    momentum buffer is stored; master_weights: |w| is then the master value's norm)."""
 
     _flattenable = False  # the trust ratios need each param's own norms
 
@@ -30,14 +30,15 @@ class LARS(SGD):
                  trust_coefficient=0.001, exclude_1d=True, maximize=False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
                  agc: Optional[float] = None, backend="auto", flat=False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, trust_coefficient=trust_coefficient,
                         exclude_1d=exclude_1d)
         # SGD's checks, state and kernel call, with LARS's own defaults
         FusedOptimizer.__init__(self, params, defaults, max_grad_norm=max_grad_norm,
                                 skip_nonfinite=skip_nonfinite, grokfast=grokfast, agc=agc, backend=backend, flat=flat,
-                                state_dtype=state_dtype)
+                                state_dtype=state_dtype, master_weights=master_weights, rounding_seed=rounding_seed)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)
@@ -73,7 +74,7 @@ class LARS(SGD):
         unscale and clip)."""
         group = bucket.group
         wd, tc = float(group["weight_decay"]), float(group["trust_coefficient"])
-        params, grads = [bucket.params[i] for i in idx], [bucket.grads[i] for i in idx]
+        params, grads = self._weights(bucket, idx), [bucket.grads[i] for i in idx]  # |w| of what the update takes
         norms = ops.multi_tensor_norm(params + grads, 2.0, True, self.backend)[1]
         if bucket.shardings is not None:  # DTensor shards: each norm over the whole tensor
             from ..distributed.norms import reduce_squares

@@ -79,7 +79,7 @@ class Muon(FusedOptimizer):
     rest, instead of refused. Plus the options of FusedOptimizer (max_grad_norm over every
     group, skip_nonfinite, grokfast, agc, backend), each applied to the grads before the
     momentum; state_dtype: how every group's state (momentum, AdamW's moments, the Grokfast
-    EMA) is stored.
+    EMA) is stored; master_weights and rounding_seed: how 16-bit params keep their updates.
 
     Distributed (distributed/muon.py): DTensor params (FSDP2, tensor parallel) are made whole
     for Newton-Schulz, each matrix orthogonalized once, by one rank, the matrices dealt round
@@ -94,7 +94,8 @@ class Muon(FusedOptimizer):
                  ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=5, adjust_lr_fn: Optional[str] = None, *,
                  maximize=False, max_grad_norm: Optional[float] = None, skip_nonfinite=False, grokfast=None,
                  agc: Optional[float] = None, backend="auto", flat=False, ns_group=None,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         if ns_group is not None and not isinstance(ns_group, torch.distributed.ProcessGroup):
             raise ValueError(f"Invalid ns_group: {ns_group!r} (a torch.distributed process group, or None)")
         self.ns_group = ns_group
@@ -102,7 +103,8 @@ class Muon(FusedOptimizer):
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, maximize=maximize, use_muon=True, flatten=False)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype,
+                         master_weights=master_weights, rounding_seed=rounding_seed)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -179,7 +181,8 @@ class Muon(FusedOptimizer):
         ratios = _ratios(tuple(lr_ratio(matrix_shape(k.shape, flatten), group["adjust_lr_fn"]) for k in bucket.keys),
                          bucket.device)
         ops.update_("muon_update_", bucket.params, updates, [], None, lr, ops.PipelineArgs(skip=control.skip),
-                    self.backend, weight_decay=float(group["weight_decay"]), lr_ratios=ratios)
+                    self.backend, master_weights=self._masters(bucket), weight_decay=float(group["weight_decay"]),
+                    lr_ratios=ratios)
 
 
 def muon_param_groups(model: torch.nn.Module, exclude: tuple = ("embed", "head", "lm_head", "unembed"),

@@ -14,7 +14,8 @@ from .base import Bucket, FusedOptimizer, Part, StepControl
 class SGD(FusedOptimizer):
     """torch.optim.SGD's arguments and state key (`momentum_buffer`), plus the options of
     FusedOptimizer (max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype:
-    how the momentum buffer is stored).
+    how the momentum buffer is stored, master_weights and rounding_seed: how 16-bit params
+    keep their updates; plain SGD too).
 
     A momentum buffer starts as the first step's grad, as in torch, also when the steps
     before were skipped (GradScaler overflow, skip_nonfinite)."""
@@ -26,12 +27,14 @@ class SGD(FusedOptimizer):
                  *, maximize=False, foreach: Optional[bool] = None, differentiable=False,
                  fused: Optional[bool] = None, max_grad_norm: Optional[float] = None,
                  skip_nonfinite=False, grokfast=None, agc: Optional[float] = None, backend="auto", flat=False,
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: Optional[torch.dtype] = None,
+                 master_weights: Optional[str] = None, rounding_seed: int = 0):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype,
+                         master_weights=master_weights, rounding_seed=rounding_seed)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)
@@ -82,4 +85,5 @@ class SGD(FusedOptimizer):
             args = (pipeline or self._pipeline_args)(bucket, part, control)
             scales = self._state_scales(bucket, part, ("momentum_buffer",) if momentum != 0 else (), args)
             ops.update_("sgd_", part.take(bucket.params), part.take(bucket.grads), [buffers], None, lr, args,
-                        self.backend, state_scales=scales, **self._hyper(group, part, weight_decay, trust))
+                        self.backend, state_scales=scales, master_weights=self._masters(bucket, part),
+                        **self._hyper(group, part, weight_decay, trust))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .. import int8_blocks
+from ..master_weights import STATE_KEYS as MASTER_KEYS
 
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
 SCALES = "_scales"  # the suffix of an int8 state's scales key
@@ -87,12 +88,15 @@ def stored(state: dict, key: str, p: torch.Tensor, state_dtype: Optional[torch.d
 def torch_state_dict(state_dict: dict) -> dict:
     """A state_dict of a catapult_kernels optimizer as torch.optim's optimizers load it: each
     int8 state decoded to float32 (the values the kernels compute with) and its `_scales` key
-    dropped; float states as saved (torch casts them to the params' dtype on load). E.g.
+    dropped; float states as saved (torch casts them to the params' dtype on load); master
+    weights dropped (torch's params are their own values). E.g.
     torch.optim.AdamW(...).load_state_dict(torch_state_dict(AdamW(..., state_dtype=torch.int8).state_dict()))."""
+    masters = set(MASTER_KEYS.values())
     state = {}
     for idx, param_state in state_dict["state"].items():
-        quantized = [k for k, v in param_state.items() if isinstance(v, torch.Tensor) and v.dtype is torch.int8]
-        dropped = set(map(scales_key, quantized))
+        quantized = [k for k, v in param_state.items()
+                     if isinstance(v, torch.Tensor) and v.dtype is torch.int8 and k not in masters]
+        dropped = set(map(scales_key, quantized)) | masters
         state[idx] = {k: int8_blocks.decode(v, param_state[scales_key(k)], codec_map(k)) if k in quantized else v
                       for k, v in param_state.items() if k not in dropped}
     return {**state_dict, "state": state}
@@ -100,7 +104,7 @@ def torch_state_dict(state_dict: dict) -> dict:
 
 def bytes_per_element(state: dict) -> float:
     """Bytes of state per element of the params that have state: every state tensor (scales
-    included; 0-d step counters not), over those params' elements."""
+    and master weights included; 0-d step and rounding counters not), over those params' elements."""
     total = elements = 0
     for p, param_state in state.items():
         if not (param_state and isinstance(p, torch.Tensor)):  # torch keeps a loaded state of no param by its id
