@@ -9,7 +9,11 @@ step the reference takes our decoded values, so that every step is checked from 
 import copy
 import io
 import math
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -71,7 +75,7 @@ def _run(opt, params: list, steps) -> None:
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+        a.detach().contiguous().view(-1).view(torch.uint8), b.detach().contiguous().view(-1).view(torch.uint8))
 
 
 def _snapshot(opt, params: list) -> list:
@@ -139,6 +143,42 @@ def test_steps_match_float32_params_encoded(name, mode, dtype):
                 q.copy_(value)
     if mode != "stochastic":
         assert moved > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transposed_and_strided_params(mode):
+    """A transposed weight (dense, its masters laid out like it, its random bits in memory
+    order) and a strided view (updated through a dense copy, its masters dense): as the
+    float32 reference over contiguous params, encoded."""
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(33, 40, generator=g).bfloat16().t()),
+              nn.Parameter(torch.randn(10, 20, generator=g).bfloat16()[:, ::2])]
+    ref_params = [nn.Parameter(p.detach().float().contiguous()) for p in params]
+    opt = AdamW(params, lr=1e-2, backend="cpu", master_weights=mode, rounding_seed=SEED)
+    ref = AdamW(ref_params, lr=1e-2, backend="cpu", state_dtype=torch.bfloat16)
+    for t in range(3):
+        counters = [int(opt.state[p]["rounding_counter"]) if t else mw.initial_counter(SEED, i)
+                    for i, p in enumerate(params)] if mode == "stochastic" else None
+        _give_grads(params, t)
+        for p, q in zip(params, ref_params):
+            q.grad = p.grad.float().contiguous()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            state, x = opt.state[p], q.detach()
+            if mode != "stochastic":  # laid out like what the kernel updates: p, or its dense copy
+                assert state[mw.STATE_KEYS[mode]].stride() == (p.stride() if i == 0 else x.stride())
+            if mode == "fp32":
+                assert _same_bits(state["master"], x) and _same_bits(p, x.bfloat16())
+            elif mode == "ecc":
+                expected_p, expected_code = mw.ecc_encode(x, torch.bfloat16)
+                assert _same_bits(p, expected_p) and _same_bits(state["master_ecc"], expected_code)
+            else:  # the transposed weight's memory order is its transpose's row order
+                rounded = (mw.stochastic_round(x.t(), counters[i]).t() if i == 0
+                           else mw.stochastic_round(x, counters[i]))
+                assert _same_bits(p, rounded)
+            with torch.no_grad():
+                q.copy_(_decoded(mode, p, state))
 
 
 def test_stochastic_rounding_is_unbiased_where_round_to_nearest_stalls():
@@ -295,6 +335,34 @@ def test_lamb_flat_and_backend_cuda_refuse_master_weights(mode):
     with pytest.raises(ValueError, match="backend='cuda' does not take master_weights"):
         AdamW(bf16(), backend="cuda", master_weights=mode)
     LAMB(bf16(), master_weights=None)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_dtensor_params_refuse_master_weights(tmp_path):
+    """In a subprocess: a one-rank process group, a bfloat16 DTensor param."""
+    script = textwrap.dedent(f"""
+        import os
+        import torch, torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        from catapult_kernels.optim import AdamW
+        dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4).bfloat16(), mesh, [Shard(0)]))
+        try:
+            AdamW([p], master_weights="ecc")
+            print("taken", flush=True)
+        except ValueError as e:
+            print(e, flush=True)
+        AdamW([p])
+        dist.destroy_process_group()
+        os._exit(0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and "master_weights='ecc' does not take DTensor params" in result.stdout, \
+        result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("bad", [1.5, "0", True, None], ids=repr)
