@@ -22,7 +22,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -54,27 +53,6 @@ inline float bits_float(uint32_t b) {
 // 2^k for k in [-126, 127].
 inline float pow2(int k) { return bits_float(static_cast<uint32_t>(k + 127) << 23); }
 
-// The exponent of the ecc quantum q of a finite param value P: e - M - 8.
-inline int ecc_quantum_exponent(float P, int mantissa_bits, int min_exponent) {
-  const int e = static_cast<int>((float_bits(P) >> 23) & 0xFFu) - 127;
-  return (e > min_exponent ? e : min_exponent) - mantissa_bits - 8;
-}
-
-// The correction code of x whose 16-bit rounding is P (as float32).
-inline int8_t ecc_code(float x, float P, int mantissa_bits, int min_exponent) {
-  if (!std::isfinite(P)) return 0;
-  const int k = ecc_quantum_exponent(P, mantissa_bits, min_exponent);
-  float c = std::nearbyint((x - P) * pow2(-k));
-  c = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
-  return static_cast<int8_t>(c);
-}
-
-// The value P + c * q of a param value P and its code.
-inline float ecc_value(float P, int8_t code, int mantissa_bits, int min_exponent) {
-  if (!std::isfinite(P)) return P;
-  return P + static_cast<float>(code) * pow2(ecc_quantum_exponent(P, mantissa_bits, min_exponent));
-}
-
 // A 32-bit mixer (a bijection with full avalanche; constants of hash-prospector's lowbias32).
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -85,12 +63,13 @@ inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// x rounded stochastically to bfloat16 (as float32) with the random bits of element i
-// under a counter whose halves are lo, hi.
-inline float stochastic_round_bf16(float x, uint64_t i, uint32_t lo, uint32_t hi) {
-  if (std::isnan(x)) return x;  // cut like the others (the kernels' store rounds NaN to a NaN)
-  const uint32_t r = mix32(mix32(static_cast<uint32_t>(i) ^ lo) ^ hi);
-  return bits_float((float_bits(x) + (r & 0xFFFFu)) & 0xFFFF0000u);
+// The 16 random bits that round element i stochastically under a counter of halves lo, hi.
+inline uint32_t rounding_bits(uint32_t i, uint32_t lo, uint32_t hi) { return mix32(mix32(i ^ lo) ^ hi) & 0xFFFFu; }
+
+// x rounded stochastically to bfloat16 (as float32) with its random bits r; NaN stays.
+inline float stochastic_round_bf16(float x, uint32_t r) {
+  const float cut = bits_float((float_bits(x) + r) & 0xFFFF0000u);
+  return x != x ? x : cut;  // NaN: its bits plus r may carry into the sign
 }
 
 inline const char* master_kind_name(MasterKind k) {

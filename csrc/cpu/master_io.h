@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -32,40 +33,61 @@ constexpr int ecc_min_exponent() {
   return std::is_same_v<T, at::BFloat16> ? kEccMinExponentBf16 : kEccMinExponentHalf;
 }
 
+// The ecc quantum of param values P on lanes: q = 2^e * 2^-(M + 8) with 2^e = P's exponent
+// bits alone (an exact power of two), at least 2^kMin; inf where P is not finite.
+template <typename T>
+struct EccLanes {
+  static constexpr int kShift = mantissa_bits<T>() + 8;
+  const Vec exponent_bits{bits_float(0x7F800000u)};
+  const Vec smallest{pow2(ecc_min_exponent<T>())};
+  const Vec shift{pow2(kShift)}, unshift{pow2(-kShift)};
+  const Vec infinity{bits_float(0x7F800000u)};
+
+  Vec binade(const Vec& P) const { return at::vec::maximum(P & exponent_bits, smallest); }
+  // rint((x - P) / q) in [-127, 127]; 0 where P is not finite (x - P and the scalings exact)
+  Vec code(const Vec& x, const Vec& P) const {
+    const Vec e = binade(P);
+    const Vec c = at::vec::clamp(((x - P) * (shift / e)).round(), Vec(-127.0f), Vec(127.0f));
+    return Vec::blendv(c, Vec(0.0f), e == infinity);
+  }
+  // P + c * q; P where it is not finite
+  Vec value(const Vec& P, const Vec& c) const {
+    const Vec e = binade(P);
+    return Vec::blendv(P + c * (e * unshift), P, e == infinity);
+  }
+};
+
 // buf[0, kGroup): the float32 values of the m params at element `begin`, then zeros.
 template <typename T>
 inline void load_params(const Master& w, const T* p, int64_t begin, int64_t m, float* buf) {
   if (w.kind == MasterKind::kFloat) return load_group(static_cast<const float*>(w.data) + begin, m, buf);
   load_group(p + begin, m, buf);
   if (w.kind != MasterKind::kEcc) return;
+  alignas(64) float c[kGroup];
   const int8_t* codes = static_cast<const int8_t*>(w.data) + begin;
-  for (int64_t j = 0; j < m; ++j) buf[j] = ecc_value(buf[j], codes[j], mantissa_bits<T>(), ecc_min_exponent<T>());
+  for (int64_t j = 0; j < m; ++j) c[j] = static_cast<float>(codes[j]);
+  std::fill(c + m, c + kGroup, 0.0f);
+  const EccLanes<T> ecc;
+  for (int64_t i = 0; i < kGroup; i += Vec::size()) ecc.value(Vec::loadu(buf + i), Vec::loadu(c + i)).store(buf + i);
 }
 
 // The m new values in buf into the params at element `begin` and their master weights.
 template <typename T>
 inline void store_params(const Master& w, float* buf, int64_t begin, int64_t m, T* p) {
-  switch (w.kind) {
-    case MasterKind::kFloat:
-      store_group(buf, m, static_cast<float*>(w.data) + begin);
-      return store_group(buf, m, p + begin);
-    case MasterKind::kEcc: {
-      int8_t* codes = static_cast<int8_t*>(w.data) + begin;
-      for (int64_t j = 0; j < m; ++j) {
-        const T rounded = static_cast<T>(buf[j]);
-        codes[j] = ecc_code(buf[j], static_cast<float>(rounded), mantissa_bits<T>(), ecc_min_exponent<T>());
-        p[begin + j] = rounded;
-      }
-      return;
-    }
-    case MasterKind::kStochastic:
-      for (int64_t j = 0; j < m; ++j) {
-        p[begin + j] = static_cast<T>(stochastic_round_bf16(buf[j], static_cast<uint64_t>(begin + j), w.lo, w.hi));
-      }
-      return;
-    default:
-      return store_group(buf, m, p + begin);
+  if (w.kind == MasterKind::kFloat) store_group(buf, m, static_cast<float*>(w.data) + begin);
+  if (w.kind == MasterKind::kStochastic) {
+    alignas(64) uint32_t r[kGroup];
+    for (int64_t j = 0; j < kGroup; ++j) r[j] = rounding_bits(static_cast<uint32_t>(begin + j), w.lo, w.hi);
+    for (int64_t j = 0; j < kGroup; ++j) buf[j] = stochastic_round_bf16(buf[j], r[j]);  // exact in bf16 now
   }
+  store_group(buf, m, p + begin);  // rounded to nearest even (stochastic: already exact)
+  if (w.kind != MasterKind::kEcc) return;
+  alignas(64) float P[kGroup], c[kGroup];
+  load_group(p + begin, m, P);
+  const EccLanes<T> ecc;
+  for (int64_t i = 0; i < kGroup; i += Vec::size()) ecc.code(Vec::loadu(buf + i), Vec::loadu(P + i)).store(c + i);
+  int8_t* codes = static_cast<int8_t*>(w.data) + begin;
+  for (int64_t j = 0; j < m; ++j) codes[j] = static_cast<int8_t>(static_cast<int>(c[j]));
 }
 
 }  // namespace catapult::cpu
