@@ -109,6 +109,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
              "which catapult's optimizers take in their kernels); the sharpness stays float32")
     _choices(g, "--dtype", C.PARAM_DTYPES, "the params' dtype (bf16: rounded to nearest, the loss and metrics in "
              "float32 as under --amp)")
+    _choices(g, "--master-weights", C.MASTER_WEIGHTS, "with --dtype bf16, catapult's optimizers: fp32 (a float32 "
+             "copy, 4 bytes per param), ecc (an int8 correction: 16 significant bits, 1 byte) or stochastic "
+             "(unbiased rounding seeded by --seed, 0 bytes); default: round to nearest")
     _add(g, "--steps", "optimizer steps", type=int)
     _add(g, "--seed", "seed of data, init and batch order", type=int)
     _add(g, "--device", "cpu, cuda, cuda:1, ... (with --parallel: cpu or cuda, one GPU per rank)")

@@ -34,6 +34,7 @@ PARALLEL = ("none", "ddp", "fsdp")  # data parallel under torchrun (parallel.py)
 AMPS = ("none", "bf16", "fp16")  # autocast of the forward pass (mixed_precision.py)
 PARAM_DTYPES = ("fp32", "bf16")  # the params' dtype (param_dtype.py)
 STATE_DTYPES = ("fp32", "bf16", "int8")  # the optimizer state's storage (int8: blocks of 128 with a float32 scale)
+MASTER_WEIGHTS = ("fp32", "ecc", "stochastic")  # how catapult's optimizers update 16-bit params (master_weights.py)
 ADV_EVALS = ("none", "fgsm", "pgd")  # robust val accuracy under an L-inf attack (adversarial.py)
 
 _K_OVER_LAMBDA0 = re.compile(r"^\s*([^/\s]+)\s*/\s*lambda0\s*$")
@@ -132,6 +133,7 @@ class TrainConfig:
     parallel: str = "none"
     amp: str = "none"
     dtype: str = "fp32"  # the params'
+    master_weights: Optional[str] = None  # --dtype bf16: a float32 copy, an int8 correction or stochastic rounding
     grad_accum: int = 1  # micro-batches per optimizer step, splitting each batch
     world_size: int = 1  # the processes the run trains on: recorded by run(), not an option
     # diagnostics and output
@@ -241,6 +243,7 @@ class TrainConfig:
         if self.dtype != "fp32" and self.amp != "none":
             raise ValueError(f"--amp autocasts a float32 model; with --dtype {self.dtype} the forward already runs in "
                              f"{self.dtype}: leave --amp out")
+        self._check_master_weights()
         if self.state_dtype is None:
             return
         _choice("state_dtype", self.state_dtype, STATE_DTYPES)
@@ -253,6 +256,21 @@ class TrainConfig:
         if self.state_dtype == "int8" and self.parallel == "fsdp":
             raise ValueError("--state-dtype int8 blocks span a whole param, not FSDP's shards: use --parallel ddp, "
                              "or --state-dtype fp32 or bf16")
+
+    def _check_master_weights(self) -> None:
+        if self.master_weights is None:
+            return
+        _choice("master_weights", self.master_weights, MASTER_WEIGHTS)
+        if self.dtype == "fp32":
+            raise ValueError("--master-weights keeps the value of 16-bit params beyond their bits: use it with "
+                             "--dtype bf16")
+        if self.impl == "torch":
+            raise ValueError("--master-weights is an option of catapult's optimizers: use --impl catapult")
+        if self.optimizer == "lamb":
+            raise ValueError("--master-weights: lamb runs its own two-pass kernels, without master weights; "
+                             "leave --master-weights out")
+        if self.parallel == "fsdp":
+            raise ValueError("--master-weights is not built for FSDP's sharded params (DTensor): use --parallel ddp")
 
     def _check_cyclic(self) -> None:
         """--schedule cyclic sets the lr itself: level x 2/lambda0, so --lr must be that unit."""

@@ -92,4 +92,5 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, lr: float) -> torch
         return _class(cfg)(groups, lr=lr, **kwargs)  # the trainer clips for it
     grokfast = dict(alpha=cfg.grokfast_alpha, lamb=cfg.grokfast_lamb) if cfg.grokfast == "ema" else None
     return _class(cfg)(groups, lr=lr, max_grad_norm=cfg.max_grad_norm, grokfast=grokfast, agc=cfg.agc,
-                       state_dtype=STATE_DTYPES[cfg.state_dtype], **kwargs)
+                       state_dtype=STATE_DTYPES[cfg.state_dtype], master_weights=cfg.master_weights,
+                       rounding_seed=cfg.seed, **kwargs)
