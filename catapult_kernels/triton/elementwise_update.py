@@ -28,6 +28,14 @@ encoded in one pass (the absmax a reduction along the row), each scale written o
 the program that owns its block. A state list's map is FOURTH_ROOT when its schema
 name ends in "_sqs" (second moments), else SQRT, as the emas'.
 
+Master weights of 16-bit params (csrc/master_weights.h; M_DTYPE, one kind per call;
+None: the kernel of before): float32 copies (the element function's p, written back
+beside the param rounded to nearest even), int8 corrections (p = ecc_value(param, code);
+then param, code = its rounding and ecc_code), or int64 stochastic rounding counters
+(bfloat16: the param rounded by stochastic_round_bf16 with element i = its offset from
+the param's first element in memory, and the counter every program of the call read;
+advance_steps then adds one to each counter, as to the step counts).
+
 Numerics: float32 math, compiled with enable_fp_fusion=False so that no a*b+c is
 contracted into an FMA: every operation rounds once, as written, so the compiled
 kernel, the interpreter and the CPU kernels (which do not contract either) agree bit
@@ -45,9 +53,10 @@ import triton
 import triton.language as tl
 
 from ..int8_blocks import FOURTH_ROOT, map_of
-from .kernel_common import (QBLOCK, TL_STORAGE_DTYPE, GradPipeline, UpdateLaunch, add_regularizer_lists,
-                            check_control_args, check_storage_lists, check_update_lists, grad_pipeline_setup,
-                            load_int8, pipeline_grad, program_block, store_as, store_int8)
+from .kernel_common import (QBLOCK, TL_MASTER_DTYPE, TL_STORAGE_DTYPE, GradPipeline, UpdateLaunch,
+                            add_regularizer_lists, check_control_args, check_master_weights, check_storage_lists,
+                            check_update_lists, ecc_code, ecc_value, grad_pipeline_setup, load_int8, pipeline_grad,
+                            program_block, round_as, stochastic_round_bf16, store_as, store_int8, to_float32)
 from .multi_tensor_table import is_fake, tensor_ptr
 from .op_registration import UpdateSchema, register_update_op, update_schema
 from .optimizers import MAX_FLAGS, MAX_SCALARS, MAX_STATES
@@ -57,33 +66,51 @@ __all__ = ["register_elementwise_ops", "optimizer_module"]
 
 @triton.jit
 def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, q0_ptr, q1_ptr, q2_ptr, q3_ptr,
-                  ema_q_ptr, row_len, start, idx, mask, qidx, qmask, mult,
+                  ema_q_ptr, m_ptr, lo, hi, row_len, start, idx, mask, qidx, qmask, mult,
                   grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                   ELEMENT: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
                   P_READ: tl.constexpr, S0_COL: tl.constexpr, S1_COL: tl.constexpr, S2_COL: tl.constexpr,
                   S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
-                  S3_READ: tl.constexpr, DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, FOURTH_ROOTS: tl.constexpr,
-                  AGC: tl.constexpr, GROKFAST: tl.constexpr, MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr):
+                  S3_READ: tl.constexpr, DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                  FOURTH_ROOTS: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  INTERPRETED: tl.constexpr):
     # Loads and stores inline (constexpr branches), not in helper functions: the interpreter
-    # pays about a millisecond per nested jit call, and this runs once per block. int8
+    # pays for each nested jit call, and this runs once per block (to_float32, which mends
+    # its widening of bfloat16, costs ~5% of an interpreted test run). int8
     # storage takes the codec's helpers (kernel_common), with idx of shape [quantization
-    # blocks, QBLOCK], qidx, qmask the blocks, q*_ptr the lists' scales at the chunk's first.
+    # blocks, QBLOCK], qidx, qmask the blocks, q*_ptr the lists' scales at the chunk's first;
+    # master weights (M_DTYPE) theirs: m_ptr at the chunk's first copy or correction, lo
+    # and hi the halves of a stochastic rounding counter.
     g = pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
                       grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, True, INTERPRETED,
                       S_DTYPE, ema_q_ptr, qidx, qmask)
     zero = tl.full(idx.shape, 0.0, tl.float32)  # a list the call does not read
-    p = tl.load(p_ptr + idx, mask=mask).to(tl.float32) if P_READ else zero
+    if M_DTYPE == tl.float32:
+        p = tl.load(m_ptr + idx, mask=mask) if P_READ else zero  # the float32 copy
+    elif M_DTYPE == tl.int8:
+        p = ecc_value(to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED), tl.load(m_ptr + idx, mask=mask),
+                      DTYPE) if P_READ else zero
+    else:
+        p = to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED) if P_READ else zero
     if S_DTYPE == tl.int8:
         s0 = load_int8(s0_ptr, q0_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 1) if S0_READ else zero
         s1 = load_int8(s1_ptr, q1_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 2) if S1_READ else zero
         s2 = load_int8(s2_ptr, q2_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 4) if S2_READ else zero
         s3 = load_int8(s3_ptr, q3_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 8) if S3_READ else zero
     else:
-        s0 = tl.load(s0_ptr + idx, mask=mask).to(tl.float32) if S0_READ else zero
-        s1 = tl.load(s1_ptr + idx, mask=mask).to(tl.float32) if S1_READ else zero
-        s2 = tl.load(s2_ptr + idx, mask=mask).to(tl.float32) if S2_READ else zero
-        s3 = tl.load(s3_ptr + idx, mask=mask).to(tl.float32) if S3_READ else zero
+        s0 = to_float32(tl.load(s0_ptr + idx, mask=mask), INTERPRETED) if S0_READ else zero
+        s1 = to_float32(tl.load(s1_ptr + idx, mask=mask), INTERPRETED) if S1_READ else zero
+        s2 = to_float32(tl.load(s2_ptr + idx, mask=mask), INTERPRETED) if S2_READ else zero
+        s3 = to_float32(tl.load(s3_ptr + idx, mask=mask), INTERPRETED) if S3_READ else zero
     p, s0, s1, s2, s3 = ELEMENT(p, g, s0, s1, s2, s3, c, F0, F1, F2, F3)
+    if M_DTYPE == tl.float32:
+        tl.store(m_ptr + idx, p, mask=mask)
+    elif M_DTYPE == tl.int8:
+        rounded = round_as(p, DTYPE, INTERPRETED)
+        tl.store(m_ptr + idx, ecc_code(p, rounded, DTYPE), mask=mask)
+        p = rounded  # stored exactly
+    elif M_DTYPE == tl.int64:
+        p = stochastic_round_bf16(p, (start + idx).to(tl.uint32), lo, hi)  # exact in bfloat16
     store_as(p_ptr + idx, p, mask, DTYPE, INTERPRETED)
     if S_DTYPE == tl.int8:
         if S0_COL >= 0:
@@ -113,7 +140,7 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
                    P_READ: tl.constexpr, S0_COL: tl.constexpr, S1_COL: tl.constexpr, S2_COL: tl.constexpr,
                    S3_COL: tl.constexpr, S0_READ: tl.constexpr, S1_READ: tl.constexpr, S2_READ: tl.constexpr,
                    S3_READ: tl.constexpr, STEP_COL: tl.constexpr, S_DTYPE: tl.constexpr, SCALES_COL: tl.constexpr,
-                   FOURTH_ROOTS: tl.constexpr,
+                   FOURTH_ROOTS: tl.constexpr, M_DTYPE: tl.constexpr, MASTER_COL: tl.constexpr,
                    DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    HAS_SKIP: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr, INTERPRETED: tl.constexpr,
                    ALIGNED: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
@@ -121,8 +148,8 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
         if tl.load(skip_ptr) != 0.0:
             return  # a skipped step (GradScaler's inf, skip_nonfinite): write nothing
     # address table columns: params, grads, the used states (S*_COL), with int8 storage
-    # their block scales then the emas' (from SCALES_COL), [state_steps,] then the
-    # regularizers' (kernel_common)
+    # their block scales then the emas' (from SCALES_COL), [master weights (MASTER_COL),]
+    # [state_steps,] then the regularizers' (kernel_common)
     STORAGE: tl.constexpr = DTYPE if S_DTYPE is None else S_DTYPE  # of the states and emas
     INT8: tl.constexpr = STORAGE == tl.int8
     row, start, n = program_block(numels, blocks, CHUNK)
@@ -159,6 +186,18 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
         ema_q_ptr = None
         qoffs = None
 
+    # master weights: the chunk's first copy or correction, or a stochastic rounding
+    # counter's halves; placeholders (p_ptr, None) without
+    m_ptr = p_ptr
+    lo = None
+    hi = None
+    if M_DTYPE == tl.int64:
+        counter = tl.load(tensor_ptr(addrs, row, L, MASTER_COL, tl.int64, False))
+        lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    elif M_DTYPE is not None:
+        m_ptr = tensor_ptr(addrs, row, L, MASTER_COL, M_DTYPE, ALIGNED) + start
+
     lr = tl.load(lr_ptr)
     if STEP_COL >= 0:
         t = tl.load(tensor_ptr(addrs, row, L, STEP_COL, tl.float32, False)) + 1.0
@@ -184,22 +223,22 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
         for full_off in tl.range(0, CHUNK, BLOCK):
             qidx = qoffs + full_off // QBLOCK if INT8 else None  # its quantization blocks (from the chunk's)
             _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, q0_ptr, q1_ptr, q2_ptr,
-                          q3_ptr, ema_q_ptr, row_len, start, full_off + offs, None, qidx, None, mult,
+                          q3_ptr, ema_q_ptr, m_ptr, lo, hi, row_len, start, full_off + offs, None, qidx, None, mult,
                           grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                           ELEMENT, F0, F1, F2, F3, P_READ, S0_COL, S1_COL, S2_COL, S3_COL,
-                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, STORAGE, FOURTH_ROOTS, AGC, GROKFAST, MAXIMIZE,
-                          INTERPRETED)
+                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, STORAGE, M_DTYPE, FOURTH_ROOTS, AGC, GROKFAST,
+                          MAXIMIZE, INTERPRETED)
     else:
         for tail_off in tl.range(0, rem, BLOCK):
             idx = tail_off + offs
             qidx = qoffs + tail_off // QBLOCK if INT8 else None
             _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr, q0_ptr, q1_ptr, q2_ptr,
-                          q3_ptr, ema_q_ptr, row_len, start, idx, idx < rem, qidx,
+                          q3_ptr, ema_q_ptr, m_ptr, lo, hi, row_len, start, idx, idx < rem, qidx,
                           qidx * QBLOCK < rem if INT8 else None, mult,
                           grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, c,
                           ELEMENT, F0, F1, F2, F3, P_READ, S0_COL, S1_COL, S2_COL, S3_COL,
-                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, STORAGE, FOURTH_ROOTS, AGC, GROKFAST, MAXIMIZE,
-                          INTERPRETED)
+                          S0_READ, S1_READ, S2_READ, S3_READ, DTYPE, STORAGE, M_DTYPE, FOURTH_ROOTS, AGC, GROKFAST,
+                          MAXIMIZE, INTERPRETED)
 
 
 def _check_per_param(op: str, name: str, t: Optional[torch.Tensor], n: int, device: torch.device) -> None:
@@ -233,8 +272,7 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
     pipeline = GradPipeline(*args[end - n_pipeline:end])
     storage_args = dict(zip(schema.storage_args, args[end:]))
     state_scales = storage_args.get("state_scales", ())
-    if storage_args.get("master_weights", ()):
-        raise RuntimeError(f"catapult: {op}: master_weights are not built in the Triton kernel yet")
+    masters = storage_args.get("master_weights", ())
     device = params[0].device if params else lr.device
 
     run = optimizer.launch_args(hyper, len(params), device)
@@ -255,6 +293,7 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
     check_update_lists(params, others, state_steps, schema.first)
     check_control_args(op, lr, pipeline, device)
     storage = check_storage_lists(op, params, stored, state_scales, schema.first)
+    master = check_master_weights(op, params, masters, schema.first)
     if not params or is_fake(params[0], grads[0], lr):
         return  # nothing to do, or tracing with tensors that carry no data
 
@@ -262,7 +301,7 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
     # int8: each stored list's scales, list-major in state_scales, one table column per list
     scale_lists = [state_scales[k * n:(k + 1) * n] for k in range(len(stored))] if state_scales else []
     launch = UpdateLaunch(_update_kernel, params, [params, grads] + [states[i] for i in used], state_steps, lr,
-                          pipeline, agc_rows, scale_lists, storage)
+                          pipeline, agc_rows, scale_lists, storage, masters)
     # per group: the storage, None where it is the params' dtype (today's kernel)
     s_dtypes = {begin: None if s == t else TL_STORAGE_DTYPE[s] for (t, s), begin, _, _ in launch.plan.groups}
     cols = [2 + used.index(i) if i in used else -1 for i in range(MAX_STATES)]
@@ -278,7 +317,8 @@ def _update(schema: UpdateSchema, optimizer: ModuleType, args: tuple) -> None:
         HAS_FACTORS=factors is not None, P_READ=run.reads_params,
         S0_COL=cols[0], S1_COL=cols[1], S2_COL=cols[2], S3_COL=cols[3],
         S0_READ=reads[0], S1_READ=reads[1], S2_READ=reads[2], S3_READ=reads[3],
-        SCALES_COL=2 + len(used) if scale_lists else -1, FOURTH_ROOTS=fourth_roots)
+        SCALES_COL=2 + len(used) if scale_lists else -1, FOURTH_ROOTS=fourth_roots,
+        M_DTYPE=TL_MASTER_DTYPE[master] if master is not None else None, MASTER_COL=launch.master_col)
     launch.advance_steps()
 
 

@@ -9,13 +9,19 @@ update kernel needs around it:
   (mult * agc_scale[row]), the Grokfast filter (its ema read and, unless a caller
   defers it, written), then maximize);
 * ``powf``: the C library's powf (libdevice compiled; float64 under the interpreter);
+* ``to_float32``: a loaded block widened to float32 (also under the interpreter, which
+  widens bfloat16 subnormals wrongly);
 * ``store_as``: a float32 value stored as the tensor's dtype, rounded to nearest even
   (also under the interpreter, which truncates to bfloat16);
 * ``load_int8`` and ``store_int8``: a state stored as int8 blocks (csrc/state_storage.h,
   the reference catapult_kernels/int8_blocks.py) decoded to float32, and float32 values
   encoded with their blocks' scales, bit for bit as the C++ kernels; on elements indexed
   [blocks, QBLOCK], one quantization block per row, so that a block's absmax is a
-  reduction along a row and its scale a value per row.
+  reduction along a row and its scale a value per row;
+* the master weights of 16-bit params (csrc/master_weights.h, the reference
+  catapult_kernels/master_weights.py), bit for bit as the C++ kernels: ``round_as`` (a
+  float32 value rounded to nearest even into a dtype, kept as float32), ``ecc_value`` and
+  ``ecc_code`` (int8 corrections), ``stochastic_round_bf16`` (with ``mix32``).
 
 A param's states and Grokfast EMA share one storage dtype S (kernels: S_DTYPE, one per
 launch), which may differ from its DTYPE, int8 for every param of a call or for none
@@ -23,17 +29,19 @@ launch), which may differ from its DTYPE, int8 for every param of a call or for 
 int8 storage goes through load_int8 and store_int8 with each stored list's block scales.
 
 The address table of an update kernel (``UpdateLaunch``) holds the op's element lists
-first, then the block scales of int8 storage, then state_steps when the op has them
-(column STEP_COL), then the regularizer lists that are on: the Grokfast emas, then the
-AGC factors, so the ema column is L - 1 - AGC and the AGC column L - 1.
+first, then the block scales of int8 storage, then the master weights when a call has
+them (column MASTER_COL), then state_steps when the op has them (column STEP_COL), then
+the regularizer lists that are on: the Grokfast emas, then the AGC factors, so the ema
+column is L - 1 - AGC and the AGC column L - 1.
 
 Host side: ``GradPipeline``, the grad pipeline's arguments (the 9 after the op's own in
 every update op's schema), the argument checks of csrc/multi_tensor_checks.h and
 csrc/state_storage.h (``check_update_lists``, ``add_regularizer_lists``,
-``check_control_args``, ``check_storage_lists``), the block-size rule of the
-elementwise updates (``update_sizes``), and ``UpdateLaunch``: the plan, address table
-and grad pipeline arguments of one op's launches, one per (dtype, storage) group, and
-the launch that advances the step counts after them.
+``check_control_args``, ``check_storage_lists``, ``check_master_weights``), the
+block-size rule of the elementwise updates (``update_sizes``), and ``UpdateLaunch``: the
+plan, address table and grad pipeline arguments of one op's launches, one per (dtype,
+storage) group, and the launch that advances the step counts and stochastic rounding
+counters after them.
 """
 from __future__ import annotations
 
@@ -48,11 +56,21 @@ from triton.language.extra import libdevice
 from ..int8_blocks import BLOCK as QUANT_BLOCK  # elements per int8 block (kQuantBlock, csrc/state_storage.h)
 from ..int8_blocks import num_blocks
 from ..layout import SUPPORTED_DTYPES, is_dense, same_layout
+from ..master_weights import ECC_MIN_EXPONENT, MANTISSA_BITS
 from .multi_tensor_table import TL_DTYPE, address_table, check_runnable, get_plan, is_interpreted, tensor_ptr
 
 QBLOCK = tl.constexpr(QUANT_BLOCK)  # the same, for the kernels
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # of the states and EMAs
 TL_STORAGE_DTYPE = {**TL_DTYPE, torch.int8: tl.int8}
+# a call's master weights by their dtype: float32 copies, int8 corrections (ecc),
+# int64 stochastic rounding counters (csrc/master_weights.h's MasterKind)
+MASTER_KINDS = {torch.float32: "float32 copies", torch.int8: "int8 corrections (ecc)",
+                torch.int64: "stochastic rounding counters"}
+TL_MASTER_DTYPE = {torch.float32: tl.float32, torch.int8: tl.int8, torch.int64: tl.int64}
+ECC_MIN_EXPONENT_BF16 = tl.constexpr(ECC_MIN_EXPONENT[torch.bfloat16])
+ECC_MIN_EXPONENT_HALF = tl.constexpr(ECC_MIN_EXPONENT[torch.float16])
+MANTISSA_BITS_BF16 = tl.constexpr(MANTISSA_BITS[torch.bfloat16])
+MANTISSA_BITS_HALF = tl.constexpr(MANTISSA_BITS[torch.float16])
 
 __all__ = [
     "GradPipeline",
@@ -61,18 +79,27 @@ __all__ = [
     "grad_pipeline_setup",
     "pipeline_grad",
     "powf",
+    "to_float32",
     "store_as",
     "load_int8",
     "store_int8",
+    "round_as",
+    "ecc_value",
+    "ecc_code",
+    "mix32",
+    "stochastic_round_bf16",
     "QUANT_BLOCK",
     "QBLOCK",
     "STORAGE_DTYPES",
     "TL_STORAGE_DTYPE",
+    "MASTER_KINDS",
+    "TL_MASTER_DTYPE",
     "check_scalar",
     "check_control_args",
     "check_update_lists",
     "add_regularizer_lists",
     "check_storage_lists",
+    "check_master_weights",
     "nonzero_as_float32",
     "update_sizes",
     "UpdateLaunch",
@@ -141,7 +168,7 @@ def pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grok
     then maximize: g = -g. Returns g in float32. The ema is stored as S_DTYPE (None: DTYPE);
     int8 with its scales at ema_scales (at start's block), idx then of shape [blocks,
     QBLOCK] as load_int8's, the blocks qidx, qmask."""
-    g = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+    g = to_float32(tl.load(g_ptr + idx, mask=mask), INTERPRETED)
     if AGC:
         g = g * (mult * tl.load(agc_ptr + (start + idx) // row_len, mask=mask))
     else:
@@ -150,7 +177,7 @@ def pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grok
         if S_DTYPE == tl.int8:
             ema = load_int8(ema_ptr, ema_scales, idx, mask, qidx, qmask, False)  # the ema's map: SQRT
         else:
-            ema = tl.load(ema_ptr + idx, mask=mask).to(tl.float32)
+            ema = to_float32(tl.load(ema_ptr + idx, mask=mask), INTERPRETED)
         ema = tl.cast(grokfast_alpha, tl.float32) * ema + tl.cast(grokfast_one_minus_alpha, tl.float32) * g
         g = g + tl.cast(grokfast_lamb, tl.float32) * ema
         if STORE_EMA:
@@ -183,6 +210,17 @@ def fma(a, b, c, INTERPRETED: tl.constexpr):
         return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
     else:
         return tl.fma(a, b, c)
+
+
+@triton.jit
+def to_float32(x, INTERPRETED: tl.constexpr):
+    """x (a loaded block of float32, bfloat16 or float16) as float32, exactly."""
+    if INTERPRETED and x.dtype == tl.bfloat16:
+        # The interpreter (triton 3.8) widens bfloat16 subnormals wrongly (0x8001 to -0.0):
+        # widen by the bits, as the hardware does
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -254,16 +292,89 @@ def store_int8(ptr, scales, x, idx, mask, qidx, qmask, FOURTH_ROOT: tl.constexpr
 
 
 @triton.jit
-def _advance_steps_kernel(addrs, n, skip_ptr, HAS_SKIP: tl.constexpr, STEP_COL: tl.constexpr, L: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """state_steps[i] += 1 for the n rows of an address table (column STEP_COL), unless skipped."""
+def round_as(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """float32 x rounded to nearest even into DTYPE, as float32 (store_as's rounding)."""
+    if INTERPRETED and DTYPE == tl.bfloat16:
+        # the interpreter truncates to bfloat16: round by hand as store_as does
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _ecc_quantum_exponent(P, DTYPE: tl.constexpr):
+    """e - M - 8 of float32 param values P (int32), e = max(P's exponent, the format's
+    smallest), M its explicit mantissa bits (master_weights.h's ecc_quantum_exponent)."""
+    M: tl.constexpr = MANTISSA_BITS_BF16 if DTYPE == tl.bfloat16 else MANTISSA_BITS_HALF
+    MIN_E: tl.constexpr = ECC_MIN_EXPONENT_BF16 if DTYPE == tl.bfloat16 else ECC_MIN_EXPONENT_HALF
+    e = ((P.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    return tl.maximum(e, MIN_E) - M - 8
+
+
+@triton.jit
+def ecc_value(P, code, DTYPE: tl.constexpr):
+    """P + code * q of float32 param values P of DTYPE and their int8 corrections (P where
+    P is not finite): master_weights.h's ecc_value."""
+    finite = (P.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+    q = ((_ecc_quantum_exponent(P, DTYPE) + 127) << 23).to(tl.float32, bitcast=True)  # 2^k, exact
+    return tl.where(finite, P + code.to(tl.float32) * q, P)
+
+
+@triton.jit
+def ecc_code(x, P, DTYPE: tl.constexpr):
+    """The int8 corrections of float32 values x whose rounding into DTYPE is P (float32):
+    rint((x - P) / q) clamped to [-127, 127], 0 where P is not finite (master_weights.h's
+    ecc_code; x - P and the scaling by 1 / q are exact)."""
+    finite = (P.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+    inverse_q = ((127 - _ecc_quantum_exponent(P, DTYPE)) << 23).to(tl.float32, bitcast=True)
+    y = (x - P) * inverse_q  # |y| <= 128
+    # rint, ties to even, on both backends: below 2^22 in magnitude, adding 1.5 * 2^23 lands
+    # where the spacing is 1 (the sum rounds to an integer) and subtracting it is exact
+    c = (y + 12582912.0) - 12582912.0
+    c = tl.minimum(tl.maximum(c, -127.0), 127.0)
+    return tl.where(finite, c, 0.0).to(tl.int8)
+
+
+@triton.jit
+def mix32(x):
+    """master_weights.h's 32-bit mixer on uint32 (products wrap modulo 2^32)."""
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x ^= x >> 15
+    x *= 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def stochastic_round_bf16(x, i, lo, hi):
+    """float32 x of the elements i (uint32: their memory-order index in the param) rounded
+    stochastically to bfloat16 (as float32) under a counter whose halves are lo, hi
+    (uint32): x's bits plus the low 16 of mix32(mix32(i ^ lo) ^ hi), cut to the upper 16;
+    NaN as it is (master_weights.h's stochastic_round_bf16)."""
+    r = mix32(mix32(i ^ lo) ^ hi)
+    cut = ((x.to(tl.uint32, bitcast=True) + (r & 0xFFFF)) >> 16) << 16
+    return tl.where(x != x, x, cut.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _advance_steps_kernel(addrs, n, skip_ptr, HAS_SKIP: tl.constexpr, STEP_COL: tl.constexpr,
+                          COUNTER_COL: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr):
+    """state_steps[i] += 1 (column STEP_COL) and the stochastic rounding counters += 1
+    (column COUNTER_COL), each where its column is not -1, for the n rows of an address
+    table, unless skipped."""
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0.0:
             return  # a skipped step is not counted
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < n
-    steps = tl.load(addrs + rows * L + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
-    tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+    if STEP_COL >= 0:
+        steps = tl.load(addrs + rows * L + STEP_COL, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+        tl.store(steps, tl.load(steps, mask=mask) + 1.0, mask=mask)
+    if COUNTER_COL >= 0:
+        counters = tl.load(addrs + rows * L + COUNTER_COL, mask=mask, other=0).to(tl.pointer_type(tl.int64))
+        tl.store(counters, tl.load(counters, mask=mask) + 1, mask=mask)
 
 
 # -------------------------------------------------------------------- host side
@@ -510,6 +621,77 @@ def _check_state_scales_slow(op_name, params, stored, state_scales, first) -> No
                                f"{p.device}")
 
 
+# torch dtypes as C++ prints their ScalarType, for messages that match the C++ checks
+_SCALAR_TYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                      torch.bfloat16: "BFloat16", torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short",
+                      torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
+                      torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def _scalar_type_name(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _sizes(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"  # as C++ prints an IntArrayRef
+
+
+def check_master_weights(op_name: str, params: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
+                         first: str = "params") -> Optional[torch.dtype]:
+    """check_master_weights of csrc/master_weights.h (same checks, same messages, same
+    order): none, or one per param of one kind (MASTER_KINDS, by masters[0]'s dtype):
+    float32 copies or int8 corrections laid out like their params, or one-element int64
+    counters; bfloat16 or float16 params (stochastic rounding: bfloat16), on the params'
+    devices. Returns the kind's dtype, None without master weights. As in
+    check_update_lists, the common case compares whole lists; the loop that names the
+    first bad entry runs only when something is wrong."""
+    if not masters:
+        return None
+    n = len(params)
+    if len(masters) != n:
+        raise RuntimeError(f"catapult: {op_name}: master_weights has {len(masters)} tensors but {first} has {n}")
+    kind = masters[0].dtype
+    if kind not in MASTER_KINDS:
+        raise RuntimeError(f"catapult: {op_name}: master_weights[0] has dtype {_scalar_type_name(kind)}; master "
+                           "weights: float32 (copies), int8 (ecc corrections) or one-element int64 (stochastic "
+                           "rounding counters)")
+    allowed = {torch.bfloat16} if kind == torch.int64 else {torch.bfloat16, torch.float16}
+    devices_of = _device_indices if params[0].get_device() >= 0 else _devices
+    ok = ([m.dtype for m in masters] == [kind] * n and {p.dtype for p in params} <= allowed
+          and devices_of(masters) == devices_of(params))
+    if kind == torch.int64:
+        ok = ok and all([m.numel() == 1 for m in masters])
+    else:
+        ok = ok and ([m.shape for m in masters] == [p.shape for p in params]
+                     and [m.stride() for m in masters] == [p.stride() for p in params])
+    if not ok:
+        _check_master_weights_slow(op_name, params, masters, allowed, first)
+    return kind
+
+
+def _check_master_weights_slow(op_name, params, masters, allowed, first) -> None:
+    kind = masters[0].dtype
+    for i, (m, p) in enumerate(zip(masters, params)):
+        if m.dtype != kind:
+            raise RuntimeError(f"catapult: {op_name}: master_weights[{i}] has dtype {_scalar_type_name(m.dtype)} but "
+                               f"master_weights[0] has {_scalar_type_name(kind)} (one kind per call)")
+        if p.dtype not in allowed:
+            need = "bfloat16" if kind == torch.int64 else "bfloat16 or float16"
+            raise RuntimeError(f"catapult: {op_name}: master_weights as {MASTER_KINDS[kind]} need {need} {first}; "
+                               f"{first}[{i}] is {_scalar_type_name(p.dtype)}")
+        if m.device != p.device:
+            raise RuntimeError(f"catapult: {op_name}: master_weights[{i}] is on {m.device} but {first} are on "
+                               f"{p.device}")
+        if kind == torch.int64:
+            if m.numel() != 1:
+                raise RuntimeError(f"catapult: {op_name}: master_weights[{i}] (a stochastic rounding counter) must "
+                                   f"have one element, got shape {_sizes(m.shape)}")
+        elif not same_layout(m, p):
+            raise RuntimeError(f"catapult: {op_name}: master_weights[{i}] has shape {_sizes(m.shape)} strides "
+                               f"{_sizes(m.stride())} but {first}[{i}] has shape {_sizes(p.shape)} strides "
+                               f"{_sizes(p.stride())}")
+
+
 def nonzero_as_float32(x: float) -> bool:
     """float(x) rounded to float32 != 0, without a tensor: |x| <= 2**-150 rounds to
     zero (2**-150 is halfway to the least subnormal and ties to even); NaN is nonzero."""
@@ -554,12 +736,14 @@ class UpdateLaunch:
 
     The address table: ``lists`` (element lists: params, grads, then the stored lists
     the kernel walks as flat arrays of their dtype), then ``scale_lists`` (int8 storage's
-    block scales, float32), then state_steps when given (float32 scalars, column
+    block scales, float32), then ``masters`` when given (master weights: float32 copies
+    or int8 corrections walked as flat arrays like the params, or int64 counters; column
+    ``master_col``, -1 without), then state_steps when given (float32 scalars, column
     STEP_COL; -1 without), then grokfast_emas when Grokfast is on, then agc_scales when
     AGC is on (agc_rows: add_regularizer_lists' result)."""
 
     def __init__(self, kernel, params, lists, state_steps, lr, pipeline: GradPipeline, agc_rows, scale_lists=(),
-                 storage: Optional[Sequence[torch.dtype]] = None):
+                 storage: Optional[Sequence[torch.dtype]] = None, masters: Sequence[torch.Tensor] = ()):
         device = params[0].device
         check_runnable(device, kernel)
         self.interpreted = is_interpreted(kernel)
@@ -572,18 +756,23 @@ class UpdateLaunch:
         agc, grokfast = agc_rows is not None, bool(pipeline.grokfast_emas)
         steps = [state_steps] if state_steps is not None else []
         regularizers = ([pipeline.grokfast_emas] if grokfast else []) + ([pipeline.agc_scales] if agc else [])
-        table_lists = list(lists) + list(scale_lists) + steps + regularizers
+        master = [masters] if masters else []
+        table_lists = list(lists) + list(scale_lists) + master + steps + regularizers
         addrs, aligned = address_table(table_lists, device)
-        ema_col = len(lists) + len(scale_lists) + len(steps)
+        self.master_col = len(lists) + len(scale_lists) if master else -1
+        self.counters = bool(master) and masters[0].dtype == torch.int64  # stochastic rounding's
+        ema_col = len(lists) + len(scale_lists) + len(master) + len(steps)
         clip = pipeline.max_grad_norm > 0.0
         skip, grad_scale = pipeline.skip, pipeline.grad_scale
         self.table = dict(
             addrs=addrs, numels=self.plan.numels, lr_ptr=lr,
             skip_ptr=skip if skip is not None else lr,  # lr: a placeholder, never read
             HAS_SKIP=skip is not None, INTERPRETED=self.interpreted,
-            # the scales are loaded one per quantization block: their alignment does not matter
-            ALIGNED=all(aligned[:len(lists)]) and (not grokfast or aligned[ema_col]),
-            STEP_COL=len(lists) + len(scale_lists) if steps else -1, L=len(table_lists))
+            # the scales are loaded one per quantization block, a counter one per program:
+            # their alignment does not matter
+            ALIGNED=(all(aligned[:len(lists)]) and (not grokfast or aligned[ema_col])
+                     and (not master or self.counters or aligned[self.master_col])),
+            STEP_COL=len(lists) + len(scale_lists) + len(master) if steps else -1, L=len(table_lists))
         self.pipeline = dict(
             row_lens=self.plan.row_lens if agc else self.plan.numels,
             grad_norm_ptr=pipeline.grad_norm if clip else lr,
@@ -608,12 +797,13 @@ class UpdateLaunch:
                 DTYPE=TL_DTYPE[dt], BLOCK=block, CHUNK=chunk, num_warps=warps, enable_fp_fusion=False)
 
     def advance_steps(self) -> None:
-        """state_steps[i] += 1 for every tensor (numel 0 too), unless skipped. Called after
-        the update launches: in its own launch, so that every program of those has read
-        the count from before the step."""
-        if self.table["STEP_COL"] < 0:
+        """state_steps[i] += 1 and the stochastic rounding counters += 1 for every tensor
+        (numel 0 too), unless skipped. Called after the update launches: in its own launch,
+        so that every program of those has read the counts from before the step."""
+        counter_col = self.master_col if self.counters else -1
+        if self.table["STEP_COL"] < 0 and counter_col < 0:
             return
         block = 256 if self.interpreted else 1024
         wrap_triton(_advance_steps_kernel)[(triton.cdiv(self.n_tensors, block),)](
             self.table["addrs"], self.n_tensors, self.table["skip_ptr"], HAS_SKIP=self.table["HAS_SKIP"],
-            STEP_COL=self.table["STEP_COL"], L=self.table["L"], BLOCK=block, num_warps=4)
+            STEP_COL=self.table["STEP_COL"], COUNTER_COL=counter_col, L=self.table["L"], BLOCK=block, num_warps=4)
