@@ -145,17 +145,4 @@ inline void add_regularizer_lists(const char* op, at::TensorList params, at::Ten
   }
 }
 
-// Everything catapult::lamb_ checks, on every backend, before it writes anything.
-inline void check_lamb_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                            const at::Tensor& lr, const std::optional<at::Tensor>& grad_norm,
-                            double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& skip, at::TensorList agc_scales,
-                            at::TensorList grokfast_emas, const at::Device& device) {
-  NamedLists lists{{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
-  add_regularizer_lists("lamb_", params, agc_scales, grokfast_emas, lists);
-  check_update_lists(params, lists, state_steps);
-  check_step_control("lamb_", params, lr, grad_norm, max_grad_norm, grad_scale, skip, device);
-}
-
 }  // namespace catapult

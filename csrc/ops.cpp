@@ -59,6 +59,6 @@ TORCH_LIBRARY(catapult, m) {
                      "Tensor(c!)[] exp_avg_sqs, Tensor(s!)[] state_steps, Tensor lr, float beta1, "
                      "float beta2, float eps, float weight_decay, bool bias_correction, "
                      "float max_weight_norm, ") +
-         catapult::kPipelineSchema + ") -> ()")
+         catapult::kPipelineSchema + ", " + catapult::kStorageSchema + ", " + catapult::kMasterSchema + ") -> ()")
             .c_str());
 }

@@ -76,4 +76,4 @@ def test_opcheck(backend_device, pipeline_on):
                                     grad_scale=torch.tensor(2.0, device=device), skip=torch.tensor(0.0, device=device),
                                     agc_scales=agc, grokfast_emas=emas, grokfast_alpha=0.9, maximize=True)
     op = torch.ops.catapult.grad_pipeline_triton_ if backend == "triton" else torch.ops.catapult.grad_pipeline_
-    torch.library.opcheck(op, (out, grads, torch.tensor(0.1, device=device), *pipeline.args(), []))
+    torch.library.opcheck(op, (out, grads, torch.tensor(0.1, device=device), *pipeline.args(), [], []))

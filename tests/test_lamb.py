@@ -345,7 +345,7 @@ def test_opcheck(backend_device):
         scalars = ((torch.tensor(3.0, device=device), 1.0, torch.tensor(2.0, device=device),
                     torch.tensor(0.0, device=device)) if control else (None, 0.0, None, None))
         args = (params, grads, m, v, steps, torch.tensor(1e-3, device=device), 0.9, 0.999, 1e-6, 0.01,
-                bias_correction, max_weight_norm, *scalars, agc, emas, 0.98, 2.0, False)
+                bias_correction, max_weight_norm, *scalars, agc, emas, 0.98, 2.0, False, [], [])
         torch.library.opcheck(op, args)
 
 

@@ -368,7 +368,7 @@ def test_opcheck_with_int8_storage(backend):
     scales = [s.to(device) for name in stored for _, s in stored[name]]
     steps = [torch.tensor(3.0, device=device) for _ in shapes]
     args = (params, grads, *codes, [], steps, torch.tensor(1e-2, device=device), 0.9, 0.99, 1e-8, 0.01, True, False,
-            *ops.PipelineArgs().args(), scales)
+            *ops.PipelineArgs().args(), scales, [])
     op = torch.ops.catapult.adamw_ if backend == "cpu" else torch.ops.catapult.adamw_triton_
     torch.library.opcheck(op, args)
 

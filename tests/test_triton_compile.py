@@ -97,7 +97,7 @@ def _record_launches() -> list:
                                         grokfast_emas=lists(storage or dtype), maximize=True)
                 stored = sum(1 for s in states if s) + 1  # the used states and the emas
                 scales = [torch.zeros(-(-math.prod(s) // 128)) for _ in range(stored) for s in shapes]
-                state_scales = [scales if storage == torch.int8 else []] if spec.stored else []
+                state_scales = [scales if storage == torch.int8 else [], []] if spec.stored else []
                 triton_ops.KERNELS[op](lists(), lists(), *states, *steps, torch.ones(1),
                                        *(h[name] for name in spec.hyper), *pipeline.args(), *state_scales)
     return launches

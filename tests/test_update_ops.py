@@ -1142,7 +1142,7 @@ def test_opcheck(backend_device, spec, control, regularizers):
         pipeline.update(agc=make_agc(st["param"]), emas=st["ema"])
     params, grads, states, steps, lr, hyper = op_inputs(spec, st, lr=1e-3)
     args = (params, grads, *states, *([steps] if spec.has_step else []), lr, *hyper.values(),
-            *pipeline_args(spec, **pipeline).args(), *([[]] if ops.update_op(spec.op).stored else []))
+            *pipeline_args(spec, **pipeline).args(), *([[], []] if ops.update_op(spec.op).stored else []))
     torch.library.opcheck(_op_handle(spec, backend), args)
 
 

@@ -23,9 +23,9 @@ class LAMB(FusedOptimizer):
     trust = |w| / |r| per tensor (|w| clamped to max_weight_norm when given; 1 where
     either norm is 0). bias_correction on by default, as in the paper's Algorithm 2.
     State keys `step`, `exp_avg`, `exp_avg_sq`. Plus the options of FusedOptimizer
-    (max_grad_norm, skip_nonfinite, grokfast, agc, backend). state_dtype and master_weights:
-    None only, for now (its own two-pass kernels store the moments in the params' dtype and
-    round the update to nearest into them)."""
+    (max_grad_norm, skip_nonfinite, grokfast, agc, backend, state_dtype, master_weights):
+    with states stored otherwise than the params or master weights, pass 1 writes nothing
+    and pass 2 recomputes r from the same old state, so the trust ratio measures the r applied."""
 
     _op = "lamb_"
     _flattenable = False  # the trust ratios need each param's own norms
@@ -36,16 +36,11 @@ class LAMB(FusedOptimizer):
                  agc: Optional[float] = None, backend="auto", flat=False,
                  state_dtype: Optional[torch.dtype] = None, master_weights: Optional[str] = None,
                  rounding_seed: int = 0):
-        if state_dtype is not None:
-            raise ValueError(f"LAMB does not take state_dtype yet (got {state_dtype}): its two-pass kernels keep "
-                             "the moments in the params' dtype; leave state_dtype None")
-        if master_weights is not None:
-            raise ValueError(f"LAMB does not take master_weights yet (got {master_weights!r}): its two-pass kernels "
-                             "have no master weights; leave master_weights None")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         max_weight_norm=max_weight_norm, maximize=maximize)
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite,
-                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, rounding_seed=rounding_seed)
+                         grokfast=grokfast, agc=agc, backend=backend, flat=flat, state_dtype=state_dtype,
+                         master_weights=master_weights, rounding_seed=rounding_seed)
 
     def _check_group(self, group: dict, full: bool = True) -> None:
         super()._check_group(group, full)

@@ -170,10 +170,14 @@ def _lamb_trust_kernel(r_partials, p_partials, segments, trust_out, skip_ptr, ma
 
 
 def _lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
-          max_weight_norm, *pipeline_args) -> None:
+          max_weight_norm, *pipeline_and_storage) -> None:
     """The body of catapult::lamb_triton_: checks (check_lamb_args), then pass 1 per dtype
     group, the trust ratios, pass 2 per dtype group, and the step counts."""
+    *pipeline_args, state_scales, master_weights = pipeline_and_storage
     pipeline = GradPipeline(*pipeline_args)
+    if len(state_scales) or len(master_weights):
+        raise RuntimeError("catapult: lamb_triton_: int8 states and master weights are not built for the Triton "
+                           "LAMB kernel yet")
     others = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
     agc_rows = add_regularizer_lists("lamb_triton_", params, pipeline.agc_scales, pipeline.grokfast_emas, others)
     check_update_lists(params, others, state_steps)

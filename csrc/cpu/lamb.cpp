@@ -8,7 +8,9 @@
 // rounded moments is not the r the trust ratio measured (v = 1e-8 is 0 in float16,
 // which makes r = m_hat / eps): there pass 1 writes nothing, and pass 2 runs the
 // pipeline and lamb_moments again from the old state, then writes p, m, v (and the
-// ema). The same design as csrc/cuda/lamb.cu.
+// ema). The same design as csrc/cuda/lamb.cu. States stored otherwise than the params
+// (state_storage.h) and params with master weights (master_weights.h) take the stored
+// path, the 16-bit design through float32 buffers of kGroup elements (stored_range).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -19,8 +21,10 @@
 
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
 
+#include "cpu/master_io.h"
 #include "cpu/square_sum.h"
-#include "update_op.h"
+#include "cpu/storage_io.h"
+#include "lamb_args.h"
 #include "lamb_math.h"
 
 namespace {
@@ -34,6 +38,11 @@ struct Entry {
   void* v;
   void* ema;  // null without Grokfast
   at::ScalarType dtype;
+  at::ScalarType storage;  // of m, v and the ema (the params' when none)
+  float* m_scales;         // int8 storage: the block scales of m, v and the ema
+  float* v_scales;
+  float* ema_scales;
+  Master master;
   AgcRows agc;
   catapult::LAMBStep step;
   float lr_trust;  // lr * trust ratio, set between the passes
@@ -54,6 +63,9 @@ struct Sums {
     return catapult::cpu::needs_double_sum(r) || catapult::cpu::needs_double_sum(p);
   }
 };
+
+// Whether a tensor takes the stored path.
+bool stored(const Entry& e) { return e.storage != e.dtype || e.master.kind != catapult::MasterKind::kNone; }
 
 // The moments over n elements of one tensor from offset b. Pass 1 (kApply false): r^2
 // and p^2 added to sums in Acc's lanes, and m, v (and the ema) stored when
@@ -166,6 +178,58 @@ void stored_direction_sums(const Entry& e, int64_t b, int64_t n, Sums& sums) {
   }
 }
 
+// The stored path over n elements of one tensor from offset b (a multiple of kGroup):
+// pass 1 (kApply false) adds r^2 and p^2 to sums (in double: padding adds zeros) and
+// writes nothing; pass 2 computes the same r from the same old state and writes p, m, v
+// and the ema.
+template <typename T, bool kApply>
+void stored_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipeline& pl, Sums& sums) {
+  T* p = static_cast<T*>(e.p);
+  const T* g = static_cast<const T*>(e.g);
+  const StoredList m{e.m, e.m_scales}, v{e.v, e.v_scales}, ema{e.ema, e.ema_scales};
+  constexpr catapult::QuantMap kV = catapult::quant_map_of("exp_avg_sqs");
+  alignas(64) float pb[kGroup], gb[kGroup], eb[kGroup], mb[kGroup], vb[kGroup];
+  const Vec one(1.0f), lr_trust(e.lr_trust);
+  SquareSum rr, pp;
+  for (int64_t j0 = b; j0 < b + n; j0 += kGroup) {
+    const int64_t k = std::min(kGroup, b + n - j0);
+    load_group(g + j0, k, gb);  // the grad times its multiplier, as pipeline_block computes it
+    for (int64_t j = 0; j < k; ++j) gb[j] *= e.agc.scale == nullptr ? mult : mult * e.agc.scale[(j0 + j) / e.agc.row_len];
+    if (e.ema != nullptr) load_stored(e.storage, catapult::QuantMap::kSqrt, ema, j0, k, eb);
+    for (int64_t i = 0; i < kGroup; i += kBlock) {
+      Vec g0, g1;
+      pipeline_block<kApply, float>(gb, e.ema != nullptr ? eb : nullptr, i, one, pl, g0, g1);
+      store_block(gb + i, g0, g1);
+    }
+    load_params(e.master, p, j0, k, pb);
+    load_stored(e.storage, catapult::QuantMap::kSqrt, m, j0, k, mb);
+    load_stored(e.storage, kV, v, j0, k, vb);
+    for (int64_t i = 0; i < kGroup; i += Vec::size()) {
+      const Vec pv = Vec::loadu(pb + i);
+      Vec mv = Vec::loadu(mb + i), vv = Vec::loadu(vb + i);
+      const Vec r = catapult::lamb_moments(pv, Vec::loadu(gb + i), mv, vv, e.step);
+      if constexpr (kApply) {
+        (pv - lr_trust * r).store(pb + i);
+        mv.store(mb + i);
+        vv.store(vb + i);
+      } else {
+        rr.add(r);
+        pp.add(pv);
+      }
+    }
+    if constexpr (kApply) {
+      store_params(e.master, pb, j0, k, p);
+      store_stored(e.storage, catapult::QuantMap::kSqrt, m, j0, k, mb);
+      store_stored(e.storage, kV, v, j0, k, vb);
+      if (e.ema != nullptr) store_stored(e.storage, catapult::QuantMap::kSqrt, ema, j0, k, eb);
+    }
+  }
+  if constexpr (!kApply) {
+    sums.r += rr.total();
+    sums.p += pp.total();
+  }
+}
+
 void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList state_steps, const at::Tensor& lr,
               double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
@@ -173,10 +237,12 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& skip, at::TensorList agc_scales,
               at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb,
-              bool maximize) {
-  catapult::check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm,
-                            max_grad_norm, grad_scale, skip, agc_scales, grokfast_emas,
-                            at::Device(at::kCPU));
+              bool maximize, at::TensorList state_scales, at::TensorList master_weights) {
+  const catapult::MasterKind master =
+      catapult::check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm, max_grad_norm,
+                                grad_scale, skip, agc_scales, grokfast_emas, state_scales, master_weights,
+                                at::Device(at::kCPU))
+          .master;
   const catapult::PipelineArgs pipe = catapult::pipeline_args(grad_norm, max_grad_norm, grad_scale, skip,
                                                               grokfast_alpha, grokfast_lamb, maximize);
   if (pipe.skipped()) return;  // nothing at all is written, step counts included
@@ -188,16 +254,32 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   std::vector<Chunk> chunks;
   std::vector<int64_t> first_chunk;  // per entry, its first chunk (its chunks are consecutive)
   entries.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
+  const size_t n_params = params.size();
+  for (size_t i = 0; i < n_params; ++i) {
     float* step_count = state_steps[i].data_ptr<float>();  // the op counts the step
     const float step = *step_count + 1.0f;
     *step_count = step;
+    Master w{master};
+    if (master == catapult::MasterKind::kStochastic) {  // this step's counter, advanced as the step count
+      int64_t* counter = master_weights[i].data_ptr<int64_t>();
+      const auto bits = static_cast<uint64_t>(*counter);
+      w.lo = static_cast<uint32_t>(bits);
+      w.hi = static_cast<uint32_t>(bits >> 32);
+      *counter = static_cast<int64_t>(bits + 1);
+    } else if (master != catapult::MasterKind::kNone) {
+      w.data = master_weights[i].data_ptr();
+    }
     const int64_t numel = params[i].numel();
     if (numel == 0) continue;
+    // int8 storage: state_scales holds the scales of m, then v, then the emas, list-major
+    const auto scales = [&](size_t list) {
+      return state_scales.empty() ? nullptr : state_scales[list * n_params + i].data_ptr<float>();
+    };
     entries.push_back({params[i].data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
                        exp_avg_sqs[i].data_ptr(),
                        grokfast_emas.empty() ? nullptr : grokfast_emas[i].data_ptr(),
-                       params[i].scalar_type(), agc_rows_of(agc_scales, i, params[i]),
+                       params[i].scalar_type(), exp_avgs[i].scalar_type(), scales(0), scales(1),
+                       grokfast_emas.empty() ? nullptr : scales(2), w, agc_rows_of(agc_scales, i, params[i]),
                        catapult::lamb_step_constants(
                            static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
                            static_cast<float>(weight_decay), bias_correction, step),
@@ -214,6 +296,7 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
       const Entry& e = entries[c.entry];
       dispatch_float_type(e.dtype, [&](auto t) {
         using T = decltype(t);
+        if (stored(e)) return stored_range<T, false>(e, c.begin, c.size, mult, pl, sums[k]);
         for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
           moments_range<T, false>(e, b, n, m, pl, sums[k]);
         });
@@ -246,7 +329,10 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     const Entry& e = entries[c.entry];
     dispatch_float_type(e.dtype, [&](auto t) {
       using T = decltype(t);
-      if constexpr (kStoresMoments<T>) {
+      if (stored(e)) {
+        Sums unused;
+        stored_range<T, true>(e, c.begin, c.size, mult, pl, unused);
+      } else if constexpr (kStoresMoments<T>) {
         apply_range<T>(e, c.begin, c.size);
       } else {
         Sums unused;

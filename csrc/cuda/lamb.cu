@@ -37,9 +37,9 @@
 #include "cuda/grad_pipeline.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/step_count.cuh"
+#include "lamb_args.h"
 #include "lamb_math.h"
 #include "multi_tensor_checks.h"
-#include "update_op.h"
 
 namespace catapult {
 namespace cuda {
@@ -265,13 +265,21 @@ void lamb_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double max_grad_norm, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& skip, at::TensorList agc_scales,
                at::TensorList grokfast_emas, double grokfast_alpha, double grokfast_lamb,
-               bool maximize) {
+               bool maximize, at::TensorList state_scales, at::TensorList master_weights) {
   const at::Device device = params.empty() ? lr.device() : params[0].device();
   TORCH_CHECK(device.is_cuda(), "catapult: lamb_ (CUDA) got tensors on ", device);
   // Every check passes before anything is launched.
-  check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm, max_grad_norm,
-                  grad_scale, skip, agc_scales, grokfast_emas, device);
+  const CallStorage storage =
+      check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, grad_norm, max_grad_norm, grad_scale,
+                      skip, agc_scales, grokfast_emas, state_scales, master_weights, device);
   if (params.empty()) return;
+  TORCH_CHECK(storage.master == MasterKind::kNone, "catapult: lamb_ (CUDA): master_weights are not built for CUDA "
+              "yet; use backend='triton'");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(exp_avgs[i].scalar_type() == params[i].scalar_type(), "catapult: lamb_ (CUDA): states stored as ",
+                exp_avgs[i].scalar_type(), " with ", params[i].scalar_type(),
+                " params are not built for CUDA yet; use backend='triton'");
+  }
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "catapult: lamb_: too many tensors");
 
