@@ -60,10 +60,17 @@ def test_master_weights_change_the_run_and_are_kept_on_resume(tmp_path, capsys):
 @pytest.mark.parametrize("options, message", [
     (dict(master_weights="ecc"), "use it with --dtype bf16"),
     (dict(master_weights="ecc", dtype="bf16", impl="torch"), "use --impl catapult"),
-    (dict(master_weights="ecc", dtype="bf16", optimizer="lamb"), "lamb runs its own two-pass kernels"),
     (dict(master_weights="ecc", dtype="bf16", parallel="fsdp"), "use --parallel ddp"),
     (dict(master_weights="kahan", dtype="bf16"), "master_weights 'kahan'"),
 ])
 def test_combinations_without_master_weights_are_refused_in_one_line(options, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(task="teacher-student", **options).validate()
+
+
+def test_lamb_takes_int8_states_and_ecc_master_weights(tmp_path):
+    argv = [a if a != "adamw" else "lamb" for a in TINY] + ["--state-dtype", "int8", "--master-weights", "ecc"]
+    _, ckpt = _run(tmp_path, "lamb", argv + ["--steps", "3"])
+    state = ckpt["optimizer"]["state"][0]
+    assert state["exp_avg"].dtype == torch.int8 and state["master_ecc"].dtype == torch.int8
+    assert state["master_ecc"].abs().max() > 0  # corrections were written

@@ -106,7 +106,6 @@ def test_a_sweep_passes_the_state_dtype_to_every_cell(tmp_path):
     (["--state-dtype", "fp16"], "unknown state_dtype 'fp16'; choose one of: fp32, bf16, int8"),
     (["--dtype", "int8"], "unknown dtype 'int8'; choose one of: fp32, bf16"),
     (["--state-dtype", "int8", "--impl", "torch"], "--state-dtype sets how catapult's optimizers store their state"),
-    (["--state-dtype", "bf16", "--optimizer", "lamb"], "--state-dtype: lamb keeps its moments in the params' dtype"),
     (["--state-dtype", "int8", "--parallel", "fsdp"], "--state-dtype int8 blocks span a whole param"),
     (["--dtype", "bf16", "--amp", "bf16"], "--amp autocasts a float32 model"),
 ])

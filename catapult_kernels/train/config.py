@@ -250,9 +250,6 @@ class TrainConfig:
         if self.impl == "torch":
             raise ValueError("--state-dtype sets how catapult's optimizers store their state; torch.optim keeps it in "
                              "the params' dtype: use --impl catapult")
-        if self.optimizer == "lamb":
-            raise ValueError("--state-dtype: lamb keeps its moments in the params' dtype (its two-pass kernels); "
-                             "leave --state-dtype out")
         if self.state_dtype == "int8" and self.parallel == "fsdp":
             raise ValueError("--state-dtype int8 blocks span a whole param, not FSDP's shards: use --parallel ddp, "
                              "or --state-dtype fp32 or bf16")
@@ -266,9 +263,6 @@ class TrainConfig:
                              "--dtype bf16")
         if self.impl == "torch":
             raise ValueError("--master-weights is an option of catapult's optimizers: use --impl catapult")
-        if self.optimizer == "lamb":
-            raise ValueError("--master-weights: lamb runs its own two-pass kernels, without master weights; "
-                             "leave --master-weights out")
         if self.parallel == "fsdp":
             raise ValueError("--master-weights is not built for FSDP's sharded params (DTensor): use --parallel ddp")
 
