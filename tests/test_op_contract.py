@@ -32,10 +32,11 @@ def _pipeline():
 
 def _args(op: str) -> dict:
     """Every argument of catapult::<op> by name, every optional tensor given, skip 0:
-    on CPU tensors the op would write. States in the params' dtype: no state_scales."""
+    on CPU tensors the op would write. States in the params' dtype: no state_scales, no master_weights."""
     args = _own_args(op)
     if op in ops.UPDATE_OPS and ops.UPDATE_OPS[op].stored:
         args["state_scales"] = []
+        args["master_weights"] = []
     return args
 
 
