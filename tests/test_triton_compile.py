@@ -1,14 +1,14 @@
 """The Triton kernels compile for a GPU without one. The interpreter, which runs them in
 this suite on CPU, accepts code that the compiler refuses (and never sees the
 compiler's FMA contraction), so a subprocess without TRITON_INTERPRET records every
-launch the ops make (each update op once per dtype, with the whole grad pipeline on;
-the elementwise ones also with their states and Grokfast emas stored otherwise: int8
-blocks, bfloat16 beside float32 params) instead of running it, and compiles each for
-sm_90 (the GPU machine's H100/H200) with triton.compile. Every update kernel keeps its
-numerics there: no a*b+c fused into an FMA (enable_fp_fusion=False: every operation
-rounds once, as on the CPU; the ops in EXPLICIT_FMA fuse theirs on purpose, on every
-backend), float32 loads stay vectorized (16 bytes), and int8 codes round half to even
-(cvt.rni, libdevice's rint)."""
+launch the ops make (each update op once per dtype, with the whole grad pipeline on,
+also with its states and Grokfast emas stored otherwise: int8 blocks, bfloat16 beside
+float32 params; AdamW's and LAMB's also with master weights of bfloat16 params) instead
+of running it, and compiles each for sm_90 (the GPU machine's H100/H200) with
+triton.compile. Every update kernel keeps its numerics there: no a*b+c fused into an
+FMA (enable_fp_fusion=False: every operation rounds once, as on the CPU; the ops in
+EXPLICIT_FMA fuse theirs on purpose, on every backend), float32 loads stay vectorized
+(16 bytes), and int8 codes round half to even (cvt.rni, libdevice's rint)."""
 import importlib.util
 import math
 import os
@@ -23,7 +23,8 @@ import pytest
 EXPLICIT_FMA = ("muon_momentum", "muon_update")
 
 
-# ~25 s on 2 cores with an empty Triton cache (~60 kernel variants compiled; cached after: ~10 s).
+# ~45 s on 2 cores with an empty Triton cache (~90 kernel variants compiled, LAMB's with storage and master
+# weights ~8 s of it; cached after: ~5-10 s).
 # Not conftest's triton check: importing conftest switches the interpreter on, here and in the subprocess.
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
 def test_every_launch_compiles_for_sm90():
@@ -33,7 +34,9 @@ def test_every_launch_compiles_for_sm90():
     compiled = re.findall(r"^compiled (\S+)", done.stdout, re.M)
     names = {"_update_kernel", "_advance_steps_kernel", "_lamb_kernel", "_lamb_trust_kernel"}
     assert names <= set(compiled), done.stdout
-    assert re.search(r"^compiled _update_kernel int8$", done.stdout, re.M), done.stdout
+    for line in ("_update_kernel int8", "_lamb_kernel int8", "_update_kernel master", "_lamb_kernel master",
+                 "_lamb_kernel int8 master", "_advance_steps_kernel master"):
+        assert re.search(f"^compiled {line}$", done.stdout, re.M), f"{line}: {done.stdout}"
 
 
 def _record_launches() -> list:
@@ -76,30 +79,45 @@ def _record_launches() -> list:
                        max_weight_norm=1.0)],
     }
     assert set(hyper) == set(UPDATE_OPS), f"give {sorted(set(UPDATE_OPS) - set(hyper))} their arguments here"
+
+    def record(op, h, dtype, storage, master=None):
+        """Launches of one call of op over params of dtype, states and emas stored as
+        storage (None: dtype), with master weights of that dtype (None: none)."""
+        spec = UPDATE_OPS[op]
+
+        def lists(dt=dtype):
+            return [torch.zeros(s, dtype=dt) for s in shapes]
+        unused = {("adamw_", "max_exp_avg_sqs"): not h.get("amsgrad"), ("sgd_", "momentum_buffers"):
+                  h.get("momentum") == 0.0}
+        states = [[] if unused.get((op, name)) else lists(storage or dtype) for name in spec.states]
+        steps = [[torch.zeros(1) for _ in shapes]] if spec.has_step else []
+        pipeline = PipelineArgs(grad_norm=torch.ones(1), max_grad_norm=1.0, grad_scale=torch.ones(1),
+                                skip=torch.zeros(1), agc_scales=[torch.ones(3), torch.ones(1)],
+                                grokfast_emas=lists(storage or dtype), maximize=True)
+        stored = sum(1 for s in states if s) + 1  # the used states and the emas
+        scales = [torch.zeros(-(-math.prod(s) // 128)) for _ in range(stored) for s in shapes]
+        masters = [] if master is None else (
+            [torch.zeros((), dtype=master) for _ in shapes] if master == torch.int64 else lists(master))
+        state_scales = [scales if storage == torch.int8 else [], masters] if spec.stored else []
+        triton_ops.KERNELS[op](lists(), lists(), *states, *steps, torch.ones(1),
+                               *(h[name] for name in spec.hyper), *pipeline.args(), *state_scales)
+
     # (params' dtype, the states' and emas'); None: the params'. Other storage only where an op
-    # takes it (state_scales: the elementwise ops).
+    # takes it (state_scales).
     storages = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.int8),
                 (torch.bfloat16, torch.int8), (torch.float32, torch.bfloat16)]
     for dtype, storage in storages:
         for op, cases in hyper.items():
-            spec = UPDATE_OPS[op]
-            if storage is not None and not spec.stored:
-                continue
-            for h in cases:
-                def lists(dt=dtype):
-                    return [torch.zeros(s, dtype=dt) for s in shapes]
-                unused = {("adamw_", "max_exp_avg_sqs"): not h.get("amsgrad"), ("sgd_", "momentum_buffers"):
-                          h.get("momentum") == 0.0}
-                states = [[] if unused.get((op, name)) else lists(storage or dtype) for name in spec.states]
-                steps = [[torch.zeros(1) for _ in shapes]] if spec.has_step else []
-                pipeline = PipelineArgs(grad_norm=torch.ones(1), max_grad_norm=1.0, grad_scale=torch.ones(1),
-                                        skip=torch.zeros(1), agc_scales=[torch.ones(3), torch.ones(1)],
-                                        grokfast_emas=lists(storage or dtype), maximize=True)
-                stored = sum(1 for s in states if s) + 1  # the used states and the emas
-                scales = [torch.zeros(-(-math.prod(s) // 128)) for _ in range(stored) for s in shapes]
-                state_scales = [scales if storage == torch.int8 else [], []] if spec.stored else []
-                triton_ops.KERNELS[op](lists(), lists(), *states, *steps, torch.ones(1),
-                                       *(h[name] for name in spec.hyper), *pipeline.args(), *state_scales)
+            if storage is None or UPDATE_OPS[op].stored:
+                for h in cases:
+                    record(op, h, dtype, storage)
+    # master weights of bfloat16 params: ecc corrections and stochastic rounding counters in
+    # AdamW's (the elementwise kernel) and LAMB's beside int8 states, and LAMB's float32 copies
+    # beside bfloat16 states (a float32 copy is a float32 state to the compiler)
+    for master in (torch.int8, torch.int64):
+        record("adamw_", hyper["adamw_"][0], torch.bfloat16, None, master)
+        record("lamb_", hyper["lamb_"][0], torch.bfloat16, torch.int8, master)
+    record("lamb_", hyper["lamb_"][0], torch.bfloat16, None, torch.float32)
     return launches
 
 
@@ -138,9 +156,10 @@ def _compile_all(launches) -> None:
         if constexprs.get("DTYPE") == triton.language.float32 and constexprs.get("ALIGNED"):
             assert re.search(r"ld\.global(\.\w+)*\.v4\.", ptx), f"{what}: float32 loads are not vectorized"
         int8 = constexprs.get("S_DTYPE") == triton.language.int8
-        if int8:
+        if int8 and constexprs.get("PASS") != 1:  # LAMB's pass 1 with other storage writes nothing
             assert re.search(r"\bcvt\.rni\.f32\.f32\b", ptx), f"{what}: int8 codes are not rounded half to even"
-        print("compiled", kernel.fn.__name__, *(["int8"] if int8 else []), flush=True)
+        master = constexprs.get("M_DTYPE") is not None or constexprs.get("COUNTER_COL", -1) >= 0
+        print("compiled", kernel.fn.__name__, *(["int8"] if int8 else []), *(["master"] if master else []), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,18 @@ step, are the same run to run. Then one launch advances the step counts
 (kernel_common.UpdateLaunch.advance_steps): t = state_steps[i] + 1 in the math, t
 written back. skip nonzero: nothing at all is written, step counts included.
 
+Storage and master weights, as the C++ CPU kernel (csrc/cpu/lamb.cpp's stored path):
+m, v and the Grokfast ema share one storage dtype per param (csrc/state_storage.h;
+S_DTYPE per (dtype, storage) group, None where it is the params' dtype: the kernel of
+before), int8 blocks of 128 with their scales (m and the ema SQRT, v FOURTH_ROOT,
+indexed [blocks, 128] as in elementwise_update.py); the master weights of 16-bit params
+(csrc/master_weights.h; M_DTYPE, one kind per call) give p its value (the float32 copy,
+the param plus its ecc correction, or the param) and take the new one (the copy and the
+param rounded to nearest, ecc_code, or stochastic rounding with the counter read in
+pass 2 and advanced after it with the step counts). Such a param takes the 16-bit
+design: pass 1 reads the decoded old state and writes only its partials, pass 2
+recomputes the same r and writes p, its master weights, m, v and the ema encoded.
+
 Registered (``register``) with the registration helper of the elementwise ops
 (op_registration.py), with the C++ lamb_'s schema.
 """
@@ -38,8 +50,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .kernel_common import (GradPipeline, UpdateLaunch, add_regularizer_lists, check_control_args,
-                            check_update_lists, grad_pipeline_setup, pipeline_grad, powf, program_block, store_as)
+from .kernel_common import (QBLOCK, TL_MASTER_DTYPE, TL_STORAGE_DTYPE, GradPipeline, UpdateLaunch,
+                            add_regularizer_lists, check_control_args, check_master_weights, check_storage_lists,
+                            check_update_lists, ecc_code, ecc_value, grad_pipeline_setup, load_int8, pipeline_grad,
+                            powf, program_block, round_as, stochastic_round_bf16, store_as, store_int8, to_float32)
 from .multi_tensor_norm import reduce_block, reduce_segment
 from .multi_tensor_table import is_fake, tensor_ptr
 from .op_registration import register_update_op
@@ -52,33 +66,65 @@ def _lamb_direction(p, m, v, eps, weight_decay, bc1, bc2):
 
 
 @triton.jit
-def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
-                grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps, weight_decay, bc1, bc2, lr_trust,
-                DTYPE: tl.constexpr, PASS: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr,
+def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, m_q_ptr, v_q_ptr, ema_q_ptr, w_ptr, lo, hi, row_len,
+                start, idx, mask, qidx, qmask, mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, beta1,
+                beta2, eps, weight_decay, bc1, bc2, lr_trust, DTYPE: tl.constexpr, STORAGE: tl.constexpr,
+                M_DTYPE: tl.constexpr, PASS: tl.constexpr, AGC: tl.constexpr, GROKFAST: tl.constexpr,
                 MAXIMIZE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """One block of either pass (see the module docstring); returns (r, p) for pass 1's sums."""
-    p = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
-    if PASS == 2 and DTYPE == tl.float32:
+    """One block of either pass (see the module docstring); returns (r, p) for pass 1's sums.
+    m, v and the ema are stored as STORAGE (int8: with their scales at *_q_ptr, idx of shape
+    [quantization blocks, QBLOCK], qidx, qmask as load_int8's); p is the param's value:
+    its float32 copy or its ecc value at w_ptr when M_DTYPE says so (the stochastic
+    rounding counter's halves lo, hi in pass 2)."""
+    # the stored path (states in another dtype than the params, or master weights) is the
+    # 16-bit one: pass 1 writes nothing, pass 2 recomputes r from the same old state
+    STORED: tl.constexpr = (STORAGE != DTYPE) or (M_DTYPE is not None)
+    if M_DTYPE == tl.float32:
+        p = tl.load(w_ptr + idx, mask=mask)
+    elif M_DTYPE == tl.int8:
+        p = ecc_value(to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED), tl.load(w_ptr + idx, mask=mask),
+                      DTYPE)
+    else:
+        p = to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED)
+    if PASS == 2 and DTYPE == tl.float32 and not STORED:
         # the new m, v as pass 1 stored them, exactly
-        m = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + idx, mask=mask)
+        v = tl.load(v_ptr + idx, mask=mask)
         r = _lamb_direction(p, m, v, eps, weight_decay, bc1, bc2)
     else:
         # the grad pipeline and lamb_moments from the old state; the new state is stored
-        # by pass 1 for float32, by pass 2 for 16-bit types
-        STORE: tl.constexpr = (PASS == 2) or (DTYPE == tl.float32)
+        # by pass 1 for float32, by pass 2 for 16-bit types and the stored path
+        STORE: tl.constexpr = (PASS == 2) or (DTYPE == tl.float32 and not STORED)
         g = pipeline_grad(g_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask, mult, grokfast_alpha,
-                          grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, STORE, INTERPRETED)
-        m = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + idx, mask=mask).to(tl.float32)
+                          grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, STORE, INTERPRETED,
+                          STORAGE, ema_q_ptr, qidx, qmask)
+        if STORAGE == tl.int8:
+            m = load_int8(m_ptr, m_q_ptr, idx, mask, qidx, qmask, False)  # m's map: SQRT
+            v = load_int8(v_ptr, v_q_ptr, idx, mask, qidx, qmask, True)  # v's (exp_avg_sqs): FOURTH_ROOT
+        else:
+            m = to_float32(tl.load(m_ptr + idx, mask=mask), INTERPRETED)
+            v = to_float32(tl.load(v_ptr + idx, mask=mask), INTERPRETED)
         m = beta1 * m + (1.0 - beta1) * g  # lamb_moments; one_minus_beta = 1.0f - beta, in float32
         v = beta2 * v + (1.0 - beta2) * g * g
         r = _lamb_direction(p, m, v, eps, weight_decay, bc1, bc2)
         if STORE:
-            store_as(m_ptr + idx, m, mask, DTYPE, INTERPRETED)
-            store_as(v_ptr + idx, v, mask, DTYPE, INTERPRETED)
+            if STORAGE == tl.int8:
+                store_int8(m_ptr, m_q_ptr, m, idx, mask, qidx, qmask, False, INTERPRETED)
+                store_int8(v_ptr, v_q_ptr, v, idx, mask, qidx, qmask, True, INTERPRETED)
+            else:
+                store_as(m_ptr + idx, m, mask, STORAGE, INTERPRETED)
+                store_as(v_ptr + idx, v, mask, STORAGE, INTERPRETED)
     if PASS == 2:
-        store_as(p_ptr + idx, p - lr_trust * r, mask, DTYPE, INTERPRETED)
+        x = p - lr_trust * r
+        if M_DTYPE == tl.float32:
+            tl.store(w_ptr + idx, x, mask=mask)
+        elif M_DTYPE == tl.int8:
+            rounded = round_as(x, DTYPE, INTERPRETED)
+            tl.store(w_ptr + idx, ecc_code(x, rounded, DTYPE), mask=mask)
+            x = rounded  # stored exactly
+        elif M_DTYPE == tl.int64:
+            x = stochastic_round_bf16(x, (start + idx).to(tl.uint32), lo, hi)  # exact in bfloat16
+        store_as(p_ptr + idx, x, mask, DTYPE, INTERPRETED)
     return r, p
 
 
@@ -89,7 +135,8 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
                  DTYPE: tl.constexpr, PASS: tl.constexpr, BIAS_CORRECTION: tl.constexpr, MAXIMIZE: tl.constexpr,
                  CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
                  AGC: tl.constexpr, GROKFAST: tl.constexpr, INTERPRETED: tl.constexpr, ALIGNED: tl.constexpr,
-                 STEP_COL: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                 STEP_COL: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                 S_DTYPE: tl.constexpr = None, M_DTYPE: tl.constexpr = None, MASTER_COL: tl.constexpr = -1):
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0.0:
             return  # a skipped step (GradScaler's inf, skip_nonfinite): write nothing
@@ -98,15 +145,40 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
     beta2 = tl.cast(beta2, tl.float32)
     eps = tl.cast(eps, tl.float32)
     weight_decay = tl.cast(weight_decay, tl.float32)
-    # address table columns: p, g, m, v, step (STEP_COL), then the regularizers' (kernel_common)
+    STORAGE: tl.constexpr = DTYPE if S_DTYPE is None else S_DTYPE  # of m, v and the ema
+    INT8: tl.constexpr = STORAGE == tl.int8
+    # address table columns: p, g, m, v, [with int8 storage the block scales of m, v, the
+    # ema,] [master weights (MASTER_COL),] step (STEP_COL), then the regularizers' (kernel_common)
     row, start, n = program_block(numels, blocks, CHUNK)
     p_ptr = tensor_ptr(addrs, row, L, 0, DTYPE, ALIGNED) + start
     g_ptr = tensor_ptr(addrs, row, L, 1, DTYPE, ALIGNED) + start
-    m_ptr = tensor_ptr(addrs, row, L, 2, DTYPE, ALIGNED) + start
-    v_ptr = tensor_ptr(addrs, row, L, 3, DTYPE, ALIGNED) + start
+    m_ptr = tensor_ptr(addrs, row, L, 2, STORAGE, ALIGNED) + start
+    v_ptr = tensor_ptr(addrs, row, L, 3, STORAGE, ALIGNED) + start
     mult, ema_ptr, agc_ptr, row_len = grad_pipeline_setup(
         addrs, row, start, row_lens, grad_norm_ptr, grad_scale_ptr, max_grad_norm,
-        DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L)
+        DTYPE, CLIP, HAS_GRAD_SCALE, AGC, GROKFAST, ALIGNED, L, STORAGE)
+    if INT8:
+        m_q_ptr = tensor_ptr(addrs, row, L, 4, tl.float32, False) + start // QBLOCK
+        v_q_ptr = tensor_ptr(addrs, row, L, 5, tl.float32, False) + start // QBLOCK
+        ema_q_ptr = tensor_ptr(addrs, row, L, 6, tl.float32, False) + start // QBLOCK if GROKFAST else lr_ptr
+        qoffs = tl.arange(0, BLOCK // QBLOCK)
+    else:
+        m_q_ptr = None
+        v_q_ptr = None
+        ema_q_ptr = None
+        qoffs = None
+    # master weights: the chunk's first copy or correction, or (pass 2) a stochastic
+    # rounding counter's halves; placeholders (p_ptr, None) without
+    w_ptr = p_ptr
+    lo = None
+    hi = None
+    if M_DTYPE == tl.int64:
+        if PASS == 2:
+            counter = tl.load(tensor_ptr(addrs, row, L, MASTER_COL, tl.int64, False))
+            lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+            hi = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    elif M_DTYPE is not None:
+        w_ptr = tensor_ptr(addrs, row, L, MASTER_COL, M_DTYPE, ALIGNED) + start
     # lamb_step_constants (lamb_math.h), with t = step + 1
     if BIAS_CORRECTION:
         t = tl.load(tensor_ptr(addrs, row, L, STEP_COL, tl.float32, False)) + 1.0
@@ -120,16 +192,22 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
     else:
         lr_trust = bc1  # unused in pass 1
 
-    offs = tl.arange(0, BLOCK)
-    r_acc = tl.zeros([BLOCK], dtype=tl.float64)  # pass 1: sums of r^2 and p^2, lane by lane
-    p_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    if INT8:
+        # a block of elements as [quantization blocks, QBLOCK]: rows are whole blocks
+        offs = qoffs[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    else:
+        offs = tl.arange(0, BLOCK)
+    r_acc = tl.zeros(offs.shape, dtype=tl.float64)  # pass 1: sums of r^2 and p^2, lane by lane
+    p_acc = tl.zeros(offs.shape, dtype=tl.float64)
     rem = n - start
     if rem >= CHUNK:
         # a full chunk: no masks, so loads and stores vectorize
         for full_off in tl.range(0, CHUNK, BLOCK):
-            r, p = _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, row_len, start, full_off + offs, None,
-                               mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps,
-                               weight_decay, bc1, bc2, lr_trust, DTYPE, PASS, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
+            qidx = qoffs + full_off // QBLOCK if INT8 else None  # its quantization blocks (from the chunk's)
+            r, p = _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, m_q_ptr, v_q_ptr, ema_q_ptr, w_ptr, lo,
+                               hi, row_len, start, full_off + offs, None, qidx, None, mult, grokfast_alpha,
+                               grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps, weight_decay, bc1, bc2,
+                               lr_trust, DTYPE, STORAGE, M_DTYPE, PASS, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
             if PASS == 1:
                 r64 = r.to(tl.float64)
                 p64 = p.to(tl.float64)
@@ -139,9 +217,12 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
         for tail_off in tl.range(0, rem, BLOCK):
             idx = tail_off + offs
             mask = idx < rem
-            r, p = _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, row_len, start, idx, mask,
-                               mult, grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps,
-                               weight_decay, bc1, bc2, lr_trust, DTYPE, PASS, AGC, GROKFAST, MAXIMIZE, INTERPRETED)
+            qidx = qoffs + tail_off // QBLOCK if INT8 else None
+            r, p = _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, m_q_ptr, v_q_ptr, ema_q_ptr, w_ptr, lo,
+                               hi, row_len, start, idx, mask, qidx, qidx * QBLOCK < rem if INT8 else None, mult,
+                               grokfast_alpha, grokfast_one_minus_alpha, grokfast_lamb, beta1, beta2, eps,
+                               weight_decay, bc1, bc2, lr_trust, DTYPE, STORAGE, M_DTYPE, PASS, AGC, GROKFAST,
+                               MAXIMIZE, INTERPRETED)
             if PASS == 1:
                 r64 = tl.where(mask, r, 0.0).to(tl.float64)
                 p64 = tl.where(mask, p, 0.0).to(tl.float64)
@@ -149,8 +230,12 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
                 p_acc = p_acc + p64 * p64
     if PASS == 1:
         pid = tl.program_id(0)
-        tl.store(r_partials + pid, tl.sum(r_acc, 0))
-        tl.store(p_partials + pid, tl.sum(p_acc, 0))
+        if INT8:
+            tl.store(r_partials + pid, tl.sum(tl.sum(r_acc, 1), 0))
+            tl.store(p_partials + pid, tl.sum(tl.sum(p_acc, 1), 0))
+        else:
+            tl.store(r_partials + pid, tl.sum(r_acc, 0))
+            tl.store(p_partials + pid, tl.sum(p_acc, 0))
 
 
 @triton.jit
@@ -171,34 +256,46 @@ def _lamb_trust_kernel(r_partials, p_partials, segments, trust_out, skip_ptr, ma
 
 def _lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, bias_correction,
           max_weight_norm, *pipeline_and_storage) -> None:
-    """The body of catapult::lamb_triton_: checks (check_lamb_args), then pass 1 per dtype
-    group, the trust ratios, pass 2 per dtype group, and the step counts."""
+    """The body of catapult::lamb_triton_: checks (check_lamb_args: the lists, the step
+    control, the storage of m, v and the emas, the master weights), then pass 1 per
+    (dtype, storage) group, the trust ratios, pass 2 per group, and the step counts and
+    stochastic rounding counters."""
     *pipeline_args, state_scales, master_weights = pipeline_and_storage
     pipeline = GradPipeline(*pipeline_args)
-    if len(state_scales) or len(master_weights):
-        raise RuntimeError("catapult: lamb_triton_: int8 states and master weights are not built for the Triton "
-                           "LAMB kernel yet")
-    others = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
-    agc_rows = add_regularizer_lists("lamb_triton_", params, pipeline.agc_scales, pipeline.grokfast_emas, others)
+    others = [("grads", grads)]
+    stored = [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]  # then the emas: one storage dtype per param
+    agc_rows = add_regularizer_lists("lamb_triton_", params, pipeline.agc_scales, pipeline.grokfast_emas, others,
+                                     ema_lists=stored)
     check_update_lists(params, others, state_steps)
     device = params[0].device if params else lr.device
     check_control_args("lamb_triton_", lr, pipeline, device)
+    storage = check_storage_lists("lamb_triton_", params, stored, state_scales)
+    master = check_master_weights("lamb_triton_", params, master_weights)
     if not params or is_fake(params[0], grads[0], exp_avgs[0], lr):
         return  # nothing to do, or tracing with tensors that carry no data
+    n = len(params)
+    # int8: the scales of m, v and the emas, list-major in state_scales, one table column per list
+    scale_lists = [state_scales[k * n:(k + 1) * n] for k in range(len(stored))] if state_scales else []
     run = UpdateLaunch(_lamb_kernel, params, [params, grads, exp_avgs, exp_avg_sqs], state_steps, lr, pipeline,
-                       agc_rows)
+                       agc_rows, scale_lists, storage, master_weights)
     plan = run.plan
+    # per group: the storage, None where it is the params' dtype (the kernel of before)
+    s_dtypes = {begin: None if s == t else TL_STORAGE_DTYPE[s] for (t, s), begin, _, _ in plan.groups}
     partials = torch.empty((2, max(plan.n_blocks, 1)), dtype=torch.float64, device=device)  # r^2, p^2 per block
     trust = torch.empty((len(params),), dtype=torch.float32, device=device)
     args = dict(trust_ptr=trust, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                weight_decay=float(weight_decay), BIAS_CORRECTION=bool(bias_correction))
-    group_partials = lambda begin: dict(r_partials=partials[0, begin:], p_partials=partials[1, begin:])  # noqa: E731
-    run.launch(_lamb_kernel, per_group=group_partials, PASS=1, **args)
+                weight_decay=float(weight_decay), BIAS_CORRECTION=bool(bias_correction),
+                M_DTYPE=TL_MASTER_DTYPE[master] if master is not None else None, MASTER_COL=run.master_col)
+
+    def per_group(begin: int) -> dict:
+        return dict(r_partials=partials[0, begin:], p_partials=partials[1, begin:], S_DTYPE=s_dtypes[begin])
+
+    run.launch(_lamb_kernel, per_group=per_group, PASS=1, **args)
     if plan.n_blocks:
         wrap_triton(_lamb_trust_kernel)[(len(params),)](
             partials[0], partials[1], plan.segments, trust, run.table["skip_ptr"], float(max_weight_norm),
             HAS_SKIP=run.table["HAS_SKIP"], BLOCK=reduce_block(run.interpreted), num_warps=4)
-    run.launch(_lamb_kernel, per_group=group_partials, PASS=2, **args)
+    run.launch(_lamb_kernel, per_group=per_group, PASS=2, **args)
     run.advance_steps()
 
 
