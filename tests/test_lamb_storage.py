@@ -9,17 +9,14 @@ and float32 states holding the decoded ones: the float32 path, whose pass 1 stor
 and whose pass 2 reads them back. The states do not depend on the trust ratio: encoded
 by the references (int8_blocks.encode, rounding to bfloat16), they are ours bit for bit.
 The params do: the stored path sums r^2 and p^2 in another order, so its trust ratio
-may differ from the float32 path's. The Triton kernel sums both paths in float64: an ulp
-or two of the ratio at most. The C++ kernel sums the stored path in double but the
-float32 path in float lanes (cpu/square_sum.h's FloatSquareSum, a fused multiply-add
-chain per lane of 8 or 16), whose sums are exact only to about (terms per lane) 2^-24. So
-a new value x is held to |x - x_ref| <= rel |x_ref - x_before| + ulp32(x_ref) (the ratio's
-difference, plus the rounding of p - lr * trust * r) with rel = 1e-6, on the C++ kernel
-(ceil(numel / 8) + 8) 2^-24 where that is more (measured: 1.5e-7, two ulps, on 300
-elements; on the Triton kernel the values were the float32 path's bit for bit), and then
-to the encoding's resolution: the copy exactly, the ecc value within its quantum, the
-stochastically rounded param the reference's rounding but where x_ref lies that close
-to a rounding boundary. The two kernels agree bit for bit (betas with exact powers)."""
+may differ from the float32 path's (on the C++ kernel by the float32 path's float lane
+sums: lamb_tolerance.py). So a new value x is held to |x - x_ref| <= rel |x_ref -
+x_before| + ulp32(x_ref) (lamb_tolerance; measured on the C++ kernel: 1.5e-7, two ulps,
+on 300 elements; on the Triton kernel the values were the float32 path's bit for bit),
+and then to the encoding's resolution: the copy exactly, the ecc value within its
+quantum, the stochastically rounded param the reference's rounding but where x_ref lies
+that close to a rounding boundary. The two kernels agree bit for bit (betas with exact
+powers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ import torch
 from catapult_kernels import int8_blocks, ops
 from catapult_kernels import master_weights as mw
 from conftest import BACKEND_DEVICES
+from lamb_tolerance import assert_close_value, ulp, update_tolerance
 from reference import assert_bitwise_equal
 
 # The interpreter computes both sides of a tl.where: 0 / 0 in the lanes past a tensor's end
@@ -191,28 +189,6 @@ def reference(case: Case, call: Call, backend: str, **hyper) -> tuple[list, Call
     return f32.params, Call([], [], f32.steps, lists, scales, masters)
 
 
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` above |x| (as float32)."""
-    a = x.abs().to(dtype)
-    return (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).float()
-
-
-def update_tolerance(backend: str, numel: int) -> float:
-    """How far (relative) the stored path's update may be from the float32 path's: their
-    trust ratios' sums differ (module docstring)."""
-    return max(1e-6, (-(-numel // 8) + 8) * 2.0 ** -24) if backend == "cpu" else 1e-6
-
-
-def assert_close_value(name: str, got: torch.Tensor, want: torch.Tensor, before: torch.Tensor, rel: float,
-                       resolution: torch.Tensor | float = 0.0) -> None:
-    """|got - want| <= rel |want - before| + ulp32(want) + resolution."""
-    tolerance = rel * (want - before).abs() + ulp(want, torch.float32) + resolution
-    error = (got.float() - want).abs()
-    bad = ~(error <= tolerance)
-    assert not bad.any(), (f"{name}: {int(bad.sum())} of {got.numel()} off, the worst by "
-                           f"{float((error - tolerance).max()):.3g} past the tolerance")
-
-
 def memory_order(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((t.numel(),), (1,))
 
@@ -311,20 +287,12 @@ def test_a_skipped_step_writes_nothing(backend_device, case):
         assert_bitwise_equal(name, t, before[name])
 
 
-def _eps_zero_backends() -> list:
-    xfail = pytest.mark.xfail(strict=True, reason=(
-        "csrc/cpu/lamb.cpp stored_range: the zero padding of a tensor's last 128-element group "
-        "gives r = 0 / (sqrt(0) + eps) = NaN when eps = 0, so |r| is NaN and the trust ratio falls "
-        "back to 1 for every tensor whose numel is not a multiple of 128"))
-    return [pytest.param(bd.values[0], id=bd.id, marks=xfail if bd.values[0][0] == "cpu" else ())
-            for bd in BACKENDS]
-
-
-@pytest.mark.parametrize("backend_device", _eps_zero_backends())
+@pytest.mark.parametrize("backend_device", BACKENDS)
 def test_eps_zero_takes_the_trust_ratio_of_the_float32_path(backend_device):
     """eps = 0 (LAMB takes it, as torch's Adam) at the first step, v > 0 everywhere: r =
     sign(g) exactly, |r| = sqrt(129), |p| = 11.546: trust 1.0166 on the float32 path, and
-    so with bfloat16 states (where the padding past element 129 must not count)."""
+    so with bfloat16 states. The C++ stored path once summed the zero padding of the last
+    128-element group too, where r = 0 / (sqrt(0) + 0) is NaN: |r| NaN, trust 1."""
     backend, device = backend_device
     case = Case("eps-zero", torch.float32, torch.bfloat16, shapes=((129,),))
     call = make(case, device)

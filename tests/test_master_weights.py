@@ -1,4 +1,4 @@
-"""master_weights of 16-bit params on every optimizer but LAMB (CPU backend).
+"""master_weights of 16-bit params on every optimizer (CPU backend).
 
 The reference of a step with bfloat16 (or float16) params and master weights is the same
 optimizer over float32 params holding the values the masters give (decoded), its states
@@ -51,9 +51,12 @@ OPTIMIZERS = {
     # runs the grad pipeline first into buffers of the grads' dtype: 16-bit grads round there,
     # float32 ones do not, so a float32 reference is not the same op.)
     "adamw_agc_grokfast": lambda ps, **kw: AdamW(ps, lr=1e-2, agc=0.05, grokfast=GF, max_grad_norm=10.0, **kw),
+    "lamb": lambda ps, **kw: LAMB(ps, lr=1e-2, weight_decay=0.01, **kw),
+    "lamb_agc_grokfast": lambda ps, **kw: LAMB(ps, lr=1e-2, agc=0.05, grokfast=GF, max_grad_norm=10.0,
+                                               max_weight_norm=5.0, **kw),
 }
 CASES = [(name, mode, torch.bfloat16) for name in OPTIMIZERS for mode in MODES]
-CASES += [("adamw", mode, torch.float16) for mode in ("fp32", "ecc")]
+CASES += [(name, mode, torch.float16) for name in ("adamw", "lamb") for mode in ("fp32", "ecc")]
 
 
 def _params(dtype=torch.bfloat16, seed=0) -> list:
@@ -105,7 +108,9 @@ def test_steps_match_float32_params_encoded(name, mode, dtype):
     make = OPTIMIZERS[name]
     params = _params(dtype)
     ref_params = [nn.Parameter(p.detach().float()) for p in params]
-    # bfloat16 params keep bfloat16 states by default; float16 ones are told to
+    # bfloat16 params keep bfloat16 states by default; float16 ones are told to. (LAMB's params
+    # too match bit for bit: with states stored otherwise than its float32 params the reference
+    # takes LAMB's stored path as ours does, so its trust ratios are summed alike.)
     storage = {} if dtype is torch.bfloat16 else {"state_dtype": torch.bfloat16}
     opt = make(params, backend="cpu", master_weights=mode, rounding_seed=SEED, **storage)
     ref = make(ref_params, backend="cpu", state_dtype=torch.bfloat16)
@@ -201,9 +206,10 @@ def test_stochastic_rounding_is_unbiased_where_round_to_nearest_stalls():
 # ---- resume ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("state_dtype", [None, torch.int8], ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_resumed_run_equals_uninterrupted_run(mode, state_dtype):
+@pytest.mark.parametrize("cls", [AdamW, LAMB], ids=lambda c: c.__name__)
+def test_resumed_run_equals_uninterrupted_run(cls, mode, state_dtype):
     def make(ps):
-        return AdamW(ps, lr=1e-2, grokfast=GF, state_dtype=state_dtype, master_weights=mode, rounding_seed=SEED)
+        return cls(ps, lr=1e-2, grokfast=GF, state_dtype=state_dtype, master_weights=mode, rounding_seed=SEED)
 
     whole_params = _params()
     whole = make(whole_params)
@@ -249,7 +255,7 @@ def _skipped_step(opt, params: list, how: str, step: int) -> None:
 
 @pytest.mark.parametrize("how", ["found_inf", "skip_nonfinite"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["adamw", "sgd_momentum", "muon"])
+@pytest.mark.parametrize("name", ["adamw", "sgd_momentum", "muon", "lamb"])
 def test_skipped_step_leaves_params_and_masters(name, mode, how):
     params = _params()
     opt = OPTIMIZERS[name](params, backend="cpu", skip_nonfinite=how == "skip_nonfinite", master_weights=mode)
@@ -278,9 +284,10 @@ def test_skipped_first_step_then_a_step_equals_a_fresh_first_step(mode):
 @pytest.mark.parametrize("mode, state_dtype, expected", [
     (None, None, 4.0), ("fp32", None, 8.0), ("ecc", None, 5.0), ("stochastic", None, 4.0),
     ("ecc", torch.int8, 3.0625), ("fp32", torch.float32, 12.0)], ids=str)
-def test_state_bytes_of_adamw_on_bfloat16_params(mode, state_dtype, expected):
+@pytest.mark.parametrize("cls", [AdamW, LAMB], ids=lambda c: c.__name__)
+def test_state_bytes_of_adamw_and_lamb_on_bfloat16_params(cls, mode, state_dtype, expected):
     params = [nn.Parameter(torch.randn(shape).bfloat16()) for shape in [(1280,), (10, 128)]]
-    opt = AdamW(params, state_dtype=state_dtype, master_weights=mode)
+    opt = cls(params, state_dtype=state_dtype, master_weights=mode)
     _run(opt, params, range(2))
     assert opt.state_bytes() == expected
 
@@ -294,7 +301,7 @@ def test_state_bytes_of_plain_sgd_is_the_masters(mode, expected):
 
 
 # ---- bad values: refused before anything changes ---------------------------------------------
-ALL = [AdamW, Adam, SGD, Lion, LARS, ADOPT, Adan, Muon]
+ALL = [AdamW, Adam, SGD, Lion, LARS, ADOPT, Adan, Muon, LAMB]
 
 
 @pytest.mark.parametrize("bad", ["FP32", "bf16", "", True, 1, torch.float32], ids=repr)
@@ -326,15 +333,13 @@ def test_a_refused_group_leaves_the_optimizer_as_it_was():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_lamb_flat_and_backend_cuda_refuse_master_weights(mode):
+def test_flat_and_backend_cuda_refuse_master_weights(mode):
     bf16 = lambda: [nn.Parameter(torch.randn(4, 3).bfloat16())]  # noqa: E731
-    with pytest.raises(ValueError, match="LAMB does not take master_weights yet"):
-        LAMB(bf16(), master_weights=mode)
     with pytest.raises(ValueError, match="flat=True does not take master_weights"):
         AdamW(bf16(), flat=True, master_weights=mode)
-    with pytest.raises(ValueError, match="backend='cuda' does not take master_weights"):
-        AdamW(bf16(), backend="cuda", master_weights=mode)
-    LAMB(bf16(), master_weights=None)
+    for cls in (AdamW, LAMB):
+        with pytest.raises(ValueError, match="backend='cuda' does not take master_weights"):
+            cls(bf16(), backend="cuda", master_weights=mode)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -399,12 +404,13 @@ def test_a_bad_loaded_master_is_refused_before_anything_changes():
 @pytest.mark.parametrize("source, target", [
     ("fp32", "ecc"), ("ecc", "fp32"), ("stochastic", "fp32"), ("fp32", "stochastic"), ("ecc", None),
     (None, "ecc"), (None, "stochastic"), ("stochastic", "stochastic")], ids=str)
-def test_loading_converts_through_the_master_value(source, target):
+@pytest.mark.parametrize("cls", [AdamW, LAMB], ids=lambda c: c.__name__)
+def test_loading_converts_through_the_master_value(cls, source, target):
     first_params = _params()
-    first = AdamW(first_params, lr=1e-2, master_weights=source, rounding_seed=SEED)
+    first = cls(first_params, lr=1e-2, master_weights=source, rounding_seed=SEED)
     _run(first, first_params, range(2))
     params = [nn.Parameter(p.detach().clone()) for p in first_params]  # the model loaded first
-    opt = AdamW(params, lr=1e-2, master_weights=target, rounding_seed=SEED + 1)
+    opt = cls(params, lr=1e-2, master_weights=target, rounding_seed=SEED + 1)
     opt.load_state_dict(first.state_dict())
     for i, (p, q) in enumerate(zip(params, first_params)):
         state, theirs = opt.state[p], first.state[q]
@@ -444,6 +450,24 @@ def test_torch_adamw_state_dict_loads_into_ecc_adamw_and_back():
         for key in ("exp_avg", "exp_avg_sq"):
             assert _same_bits(back.state[q][key], opt.state[p][key])
     _run(back, back_params, [4])
+
+
+def test_torch_state_dict_of_lamb_with_masters_loads_into_plain_lamb():
+    """torch has no LAMB: torch_state_dict's format (no master keys) loads into a LAMB
+    without master weights, the states kept bit for bit, and it steps on."""
+    params = _params()
+    opt = LAMB(params, lr=1e-2, master_weights="ecc")
+    _run(opt, params, range(2))
+    converted = torch_state_dict(opt.state_dict())
+    assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    plain_params = [nn.Parameter(p.detach().clone()) for p in params]
+    plain = LAMB(plain_params, lr=1e-2)
+    plain.load_state_dict(converted)
+    for p, q in zip(params, plain_params):
+        assert set(plain.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert _same_bits(plain.state[q][key], opt.state[p][key])
+    _run(plain, plain_params, [2])
 
 
 # ---- quality ---------------------------------------------------------------------------------
