@@ -14,7 +14,8 @@ An optimizer with bfloat16 or float16 params keeps, per param, one of:
 * "stochastic" (bfloat16 only): no copy; the new value is rounded up or down at random,
   with probability proportional to its distance (unbiased), from a counter-based stream:
   the random bits of element i (memory order) at a step whose counter is k are
-  mix32(mix32(i ^ lo(k)) ^ hi(k)). The counter (a one-element int64 per param) advances
+  mix32(mix32(i) ^ key(k)), key(k) = mix32(lo(k) ^ mix32(hi(k) + ROUNDING_SALT)) (both sides
+  mixed: no two steps give the same bits to nearby elements). The counter (a one-element int64 per param) advances
   by one per step that is not skipped, so a resumed run rounds as the uninterrupted one.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 # bfloat16's lowest is raised from -126 so that 1 / q stays a normal float32.
 ECC_MIN_EXPONENT = {torch.bfloat16: -111, torch.float16: -14}
 MASK32 = 0xFFFFFFFF
+ROUNDING_SALT = 0x7F4A7C15  # kRoundingSalt (csrc/master_weights.h)
 
 
 def check_mode(master_weights) -> None:
@@ -100,8 +102,9 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def random_bits(numel: int, counter: int, device=None) -> torch.Tensor:
     """The 32 random bits (int64 holding uint32) of elements 0..numel-1 at counter value `counter`."""
     lo, hi = counter & MASK32, (counter >> 32) & MASK32
+    key = mix32(lo ^ mix32((hi + ROUNDING_SALT) & MASK32))
     i = torch.arange(numel, dtype=torch.int64, device=device) & MASK32
-    return mix32(mix32(i ^ lo) ^ hi)
+    return mix32(mix32(i) ^ key)
 
 
 def stochastic_round(x: torch.Tensor, counter: int) -> torch.Tensor:

@@ -12,9 +12,10 @@
 //     below the midpoint above P): there within q.
 //   int64 with one element ("stochastic", bfloat16 params only): the counter of the
 //     param's random stream. x is rounded stochastically: its float32 bits plus the low 16
-//     bits of r = mix32(mix32(i ^ lo) ^ hi), then cut to the upper 16 (unbiased: it rounds
-//     up with probability (x - down) / (up - down)); i the element's index in memory order,
-//     lo and hi the counter's halves. The op advances the counter by one after the step
+//     bits of r = mix32(mix32(i) ^ key), then cut to the upper 16 (unbiased: it rounds up
+//     with probability (x - down) / (up - down)); i the element's index in memory order,
+//     key = mix32(lo ^ mix32(hi + kRoundingSalt)) of the counter's halves lo, hi (both
+//     mixed, so that no two steps' streams are the same bits at nearby elements). The op advances the counter by one after the step
 //     (not when it is skipped), so a step is reproducible from its counter. NaN rounds to
 //     nearest.
 // Empty: the param is read and written itself, rounded to nearest even (torch's way).
@@ -63,8 +64,13 @@ inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// The 16 random bits that round element i stochastically under a counter of halves lo, hi.
-inline uint32_t rounding_bits(uint32_t i, uint32_t lo, uint32_t hi) { return mix32(mix32(i ^ lo) ^ hi) & 0xFFFFu; }
+constexpr uint32_t kRoundingSalt = 0x7F4A7C15u;
+
+// The key of a step's stream from its counter's halves.
+inline uint32_t rounding_key(uint32_t lo, uint32_t hi) { return mix32(lo ^ mix32(hi + kRoundingSalt)); }
+
+// The 16 random bits that round element i stochastically under a stream's key.
+inline uint32_t rounding_bits(uint32_t i, uint32_t key) { return mix32(mix32(i) ^ key) & 0xFFFFu; }
 
 // x rounded stochastically to bfloat16 (as float32) with its random bits r; NaN stays.
 inline float stochastic_round_bf16(float x, uint32_t r) {

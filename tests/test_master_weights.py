@@ -312,9 +312,9 @@ def test_unknown_mode_is_refused_naming_master_weights(cls, bad):
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
-def test_float32_params_are_refused_naming_the_group(cls):
+def test_an_optimizer_of_float32_params_alone_is_refused(cls):
     with pytest.raises(ValueError, match="master_weights='ecc' is for bfloat16 or float16 params; "
-                                         "param group 0 has float32 params"):
+                                         "every param group has float32 params"):
         cls([nn.Parameter(torch.randn(4, 3))], master_weights="ecc")
 
 
@@ -326,10 +326,39 @@ def test_float16_params_refuse_stochastic_rounding():
 
 def test_a_refused_group_leaves_the_optimizer_as_it_was():
     p = nn.Parameter(torch.randn(4, 3).bfloat16())
-    opt = AdamW([p], master_weights="fp32")
-    with pytest.raises(ValueError, match="param group 1 has float32 params"):
-        opt.add_param_group({"params": [nn.Parameter(torch.randn(3))]})
+    opt = AdamW([p], master_weights="stochastic")
+    with pytest.raises(ValueError, match="param group 1 has float16 params"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3).half())]})
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_params_beside_16_bit_ones_keep_none(mode):
+    """A bfloat16 model with float32 norms: the float32 params step as without master weights
+    (bit for bit), the bfloat16 ones keep theirs, in one group and in a group added later."""
+    torch.manual_seed(0)
+    w, norm, late = (torch.randn(8, 4).bfloat16(), torch.randn(4), torch.randn(3))
+    grads = [(torch.randn(8, 4).bfloat16(), torch.randn(4), torch.randn(3)) for _ in range(3)]
+
+    def run(**kwargs):
+        ps = [nn.Parameter(t.clone()) for t in (w, norm, late)]
+        opt = AdamW(ps[:2], lr=1e-2, **kwargs)
+        opt.add_param_group({"params": [ps[2]]})
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        return ps, opt
+
+    ps, opt = run(master_weights=mode)
+    plain, _ = run()
+    key = mw.STATE_KEYS[mode]
+    assert key in opt.state[ps[0]] and key not in opt.state[ps[1]] and key not in opt.state[ps[2]]
+    assert torch.equal(ps[1], plain[1]) and torch.equal(ps[2], plain[2])
+    loaded = AdamW([nn.Parameter(t.clone()) for t in (w, norm)], lr=1e-2, master_weights=mode)
+    loaded.add_param_group({"params": [nn.Parameter(late.clone())]})
+    loaded.load_state_dict(opt.state_dict())
+    assert [key in s for s in loaded.state.values()] == [True, False, False]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,6 +1,6 @@
 """Drop-in optimizers: `from catapult_kernels.optim import AdamW`. Every one takes
 max_grad_norm, skip_nonfinite, grokfast, agc, backend, flat, state_dtype, master_weights and
-rounding_seed (see base.FusedOptimizer; LAMB not the last three yet). torch_state_dict turns
+rounding_seed (see base.FusedOptimizer). torch_state_dict turns
 a state_dict of theirs into one torch.optim loads."""
 from .adam import Adam, AdamW
 from .adan import Adan

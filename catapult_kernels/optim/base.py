@@ -148,9 +148,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             unbiased, so small updates survive on average; no extra bytes, just a 0-d
             counter per param (`rounding_counter`) whose stream makes each step, and a
             resumed run, reproducible bit for bit. Noisier than "ecc".
-        float32 params refuse a mode, as LAMB, flat=True, DTensor params and backend='cuda'
-        (use 'auto' or 'triton') do. State dicts keep the keys as stored and load across
-        modes (torch's too) through the master value; torch_state_dict drops them.
+        Float32 params beside 16-bit ones keep none (they are exact already); an optimizer
+        whose params are all float32 refuses a mode, as flat=True, DTensor params and
+        backend='cuda' (use 'auto' or 'triton') do. State dicts keep the keys as stored and
+        load across modes (torch's too) through the master value; torch_state_dict drops them.
     rounding_seed: the seed of the "stochastic" streams (each param has its own, from its
         index in the optimizer).
     The pipeline order (unscale, global clip, AGC, Grokfast, weight decay, update) is in
@@ -234,6 +235,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # the params: the global norm sums every rank's part (distributed/zero.py).
         self._zero_group = zero_process_group()
         super().__init__(params, defaults)
+        dtypes = {p.dtype for group in self.param_groups for p in group["params"]}
+        if master_weights is not None and not dtypes & set(masters.MANTISSA_BITS):
+            masters.check_param_dtype(master_weights, min(dtypes, key=str), "every param group")
 
     # ---- pickle, deepcopy, torch.save(optimizer) --------------------------------------
     def __getstate__(self) -> dict:
@@ -311,7 +315,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"master_weights={self.master_weights!r} does not take DTensor params (FSDP2, "
                                  "tensor parallel) yet; leave master_weights None")
             for dtype in dict.fromkeys(p.dtype for p in group["params"]):
-                masters.check_param_dtype(self.master_weights, dtype, f"param group {len(self.param_groups) - 1}")
+                if dtype in masters.MANTISSA_BITS:  # float32 params beside them are exact already: none
+                    masters.check_param_dtype(self.master_weights, dtype, f"param group {len(self.param_groups) - 1}")
             if self.state_dtype is torch.int8 and any(map(is_dtensor, group["params"])):
                 raise ValueError("state_dtype=torch.int8 does not take DTensor params (FSDP2, tensor parallel): "
                                  "its blocks of 128 would not follow the shards; use torch.bfloat16 or "
@@ -428,7 +433,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         converted, rest = {}, {}
         for idx, state in state_dict["state"].items():
             keys = stored_keys.get(idx, ()) if idx in params else ()
-            if idx in params and state and self.master_weights is not None:
+            if idx in params and state and self._master_key(params[idx].dtype) is not None:
                 problem = masters.loaded_problem(state, params[idx])
                 if problem:
                     raise ValueError(f"state of param {idx}: {problem}")
@@ -751,7 +756,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         own_keys = self._state_keys(group) if self._sets_new_state else ()
         grokfast = group["grokfast"] is not None
         unwritten, no_flags = self._unwritten, {}
-        master_key = self._master_key()
+        master_key = self._master_key(bucket.params[0].dtype) if bucket.params else None
         bucket.fresh, bucket.ema_fresh, bucket.states = [], [], []
         sharded = bucket.shardings is not None
         for p, slot, kernel_p in zip(bucket.keys, bucket.slots, bucket.params):
@@ -768,8 +773,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     zeros(state, EMA, p if is_dtensor(p) else kernel_p, self.state_dtype)
             if master_key is not None:
                 state = self.state[p]  # plain SGD too
-                if master_key not in state:
-                    state[master_key] = masters.new_state(self.master_weights, p, self.rounding_seed,
+                if master_key not in state:  # laid out like what the kernels update (a strided param's copy)
+                    state[master_key] = masters.new_state(self.master_weights, kernel_p, self.rounding_seed,
                                                           self._param_index(slot))
             bucket.states.append(state)
         # .get: a missing int8 scales tensor is named by _check_states
@@ -936,16 +941,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 problem = scales is not None and scales_problem(t, scales[i], p.device)
                 if problem:
                     raise RuntimeError(f"state[{scales_key(key)!r}] of a param {problem}")
-        key = self._master_key()
+        key = self._bucket_master_key(bucket)
         if key is not None:
             for p, t in zip(bucket.params, bucket.columns[key]):
                 problem = masters.state_problem(key, t, p)
                 if problem:
                     raise RuntimeError(f"state[{key!r}] of a param {problem}")
 
-    def _master_key(self) -> Optional[str]:
-        """The state key of the params' master weights, None without."""
+    def _master_key(self, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """The state key of the master weights of params of `dtype` (None: of any 16-bit
+        params), None without: float32 params keep none."""
+        if dtype is not None and dtype not in masters.MANTISSA_BITS:
+            return None
         return masters.STATE_KEYS.get(self.master_weights)
+
+    def _bucket_master_key(self, bucket: Bucket) -> Optional[str]:
+        return self._master_key(bucket.params[0].dtype) if bucket.params else None
 
     def _param_index(self, slot: tuple) -> int:
         """The index of the param at slot (group index, index in the group) in the
@@ -955,7 +966,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _masters(self, bucket: Bucket, part: Optional[Part] = None) -> list:
         """The master_weights argument of a kernel call over `part` (None: the whole bucket)."""
-        key = self._master_key()
+        key = self._bucket_master_key(bucket)
         if key is None:
             return []
         column = bucket.columns[key]
@@ -966,9 +977,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         LARS's and AGC's): the float32 masters, the params decoded with their corrections
         ("ecc"), else the params."""
         params = [bucket.params[i] for i in idx]
-        if self.master_weights == "fp32":
+        key = self._bucket_master_key(bucket)
+        if key == "master":
             return [bucket.columns["master"][i] for i in idx]
-        if self.master_weights == "ecc":
+        if key == "master_ecc":
             return [masters.ecc_decode(p, bucket.columns["master_ecc"][i]) for p, i in zip(params, idx)]
         return params
 

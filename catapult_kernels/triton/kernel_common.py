@@ -60,6 +60,7 @@ from ..master_weights import ECC_MIN_EXPONENT, MANTISSA_BITS
 from .multi_tensor_table import TL_DTYPE, address_table, check_runnable, get_plan, is_interpreted, tensor_ptr
 
 QBLOCK = tl.constexpr(QUANT_BLOCK)  # the same, for the kernels
+ROUNDING_SALT: tl.constexpr = tl.constexpr(0x7F4A7C15)  # kRoundingSalt (csrc/master_weights.h)
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # of the states and EMAs
 TL_STORAGE_DTYPE = {**TL_DTYPE, torch.int8: tl.int8}
 # a call's master weights by their dtype: float32 copies, int8 corrections (ecc),
@@ -351,9 +352,11 @@ def mix32(x):
 def stochastic_round_bf16(x, i, lo, hi):
     """float32 x of the elements i (uint32: their memory-order index in the param) rounded
     stochastically to bfloat16 (as float32) under a counter whose halves are lo, hi
-    (uint32): x's bits plus the low 16 of mix32(mix32(i ^ lo) ^ hi), cut to the upper 16;
-    NaN as it is (master_weights.h's stochastic_round_bf16)."""
-    r = mix32(mix32(i ^ lo) ^ hi)
+    (uint32): x's bits plus the low 16 of mix32(mix32(i) ^ key), cut to the upper 16, with
+    key = mix32(lo ^ mix32(hi + ROUNDING_SALT)); NaN as it is (master_weights.h's
+    rounding_key, rounding_bits and stochastic_round_bf16)."""
+    key = mix32(lo ^ mix32(hi + ROUNDING_SALT))
+    r = mix32(mix32(i) ^ key)
     cut = ((x.to(tl.uint32, bitcast=True) + (r & 0xFFFF)) >> 16) << 16
     return tl.where(x != x, x, cut.to(tl.float32, bitcast=True))
 

@@ -1,10 +1,9 @@
 """The Triton twin of a C++ update op, registered once by one helper.
 
 An update op is a C++ op whose schema ends with the grad pipeline's 9 arguments
-(kPipelineSchema, csrc/update_op.h; ``GradPipeline`` here), then, for the generic
-elementwise ops, the storage arguments op_contract.STORAGE_ARGS: the int8 storage's block
-scales (kStorageSchema, csrc/state_storage.h) and the params' master weights
-(kMasterSchema, csrc/master_weights.h); lamb_ has none:
+(kPipelineSchema, csrc/update_op.h; ``GradPipeline`` here), then the storage arguments
+op_contract.STORAGE_ARGS: the int8 storage's block scales (kStorageSchema,
+csrc/state_storage.h) and the params' master weights (kMasterSchema, csrc/master_weights.h):
 
     <name>(Tensor(a!)[] params, Tensor[] grads, <Tensor(x!)[] state>..., [Tensor(s!)[] state_steps,]
            Tensor lr, <its own arguments>, <the grad pipeline>[, Tensor(y!)[] state_scales,
@@ -46,7 +45,7 @@ class UpdateSchema:
     has_step: bool                # state_steps right before lr
     lr_index: int
     hyper: tuple[str, ...]        # the op's own arguments, between lr and the grad pipeline
-    storage_args: tuple[str, ...]  # after the grad pipeline: STORAGE_ARGS (generic ops) or none (lamb_)
+    storage_args: tuple[str, ...]  # after the grad pipeline: STORAGE_ARGS, or none (an op without)
     mutated: tuple[str, ...]      # the arguments its alias annotations say it writes
     mutated_lists: tuple[int, ...]   # their positions (all are lists)
     tensor_lists: tuple[int, ...]    # positions of the Tensor[] arguments

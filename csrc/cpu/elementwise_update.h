@@ -104,20 +104,9 @@ void update_stored_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult,
   StoredList s[kSlots];
   for (int k = 0; k < K; ++k) s[k] = {e.s[k], e.scales[k]};
   alignas(64) float pb[kGroup], gb[kGroup], eb[kGroup], sb[kSlots][kGroup];
-  const Vec one(1.0f);
   for (int64_t j0 = b; j0 < b + n; j0 += kGroup) {
     const int64_t m = std::min(kGroup, b + n - j0);
-    // the grad times its multiplier (with AGC, its row's), as pipeline_block computes it
-    load_group(g + j0, m, gb);
-    for (int64_t j = 0; j < m; ++j) {
-      gb[j] *= e.agc.scale == nullptr ? mult : mult * e.agc.scale[(j0 + j) / e.agc.row_len];
-    }
-    if (e.ema != nullptr) load_stored(e.storage, QuantMap::kSqrt, ema, j0, m, eb);
-    for (int64_t i = 0; i < kGroup; i += kBlock) {
-      Vec g0, g1;
-      pipeline_block<true, float>(gb, e.ema != nullptr ? eb : nullptr, i, one, pl, g0, g1);
-      store_block(gb + i, g0, g1);
-    }
+    pipeline_group(g, e.agc, mult, e.storage, ema, j0, m, pl, gb, eb);
     load_params(e.master, p, j0, m, pb);
     for (int k = 0; k < kSlots; ++k) {
       if (kRead >> k & 1u) {
@@ -165,16 +154,7 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       t = *step + 1.0f;
       *step = t;
     }
-    Master w{master};
-    if (master == MasterKind::kStochastic) {  // this step's counter, advanced as the step count
-      int64_t* counter = a.master_weights[i].data_ptr<int64_t>();
-      const auto bits = static_cast<uint64_t>(*counter);
-      w.lo = static_cast<uint32_t>(bits);
-      w.hi = static_cast<uint32_t>(bits >> 32);
-      *counter = static_cast<int64_t>(bits + 1);
-    } else if (master != MasterKind::kNone) {
-      w.data = a.master_weights[i].data_ptr();
-    }
+    const Master w = master_of(master, a.master_weights, i);
     const at::Tensor& p = a.params[i];
     if (p.numel() == 0) continue;
     Entry<Spec> e{p.data_ptr(), a.grads[i].const_data_ptr(), {}, nullptr, p.scalar_type(), p.scalar_type(), {}, nullptr,

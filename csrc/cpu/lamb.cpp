@@ -188,19 +188,12 @@ void stored_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipeli
   const T* g = static_cast<const T*>(e.g);
   const StoredList m{e.m, e.m_scales}, v{e.v, e.v_scales}, ema{e.ema, e.ema_scales};
   constexpr catapult::QuantMap kV = catapult::quant_map_of("exp_avg_sqs");
-  alignas(64) float pb[kGroup], gb[kGroup], eb[kGroup], mb[kGroup], vb[kGroup];
-  const Vec one(1.0f), lr_trust(e.lr_trust);
+  alignas(64) float pb[kGroup], gb[kGroup], eb[kGroup], mb[kGroup], vb[kGroup], rb[kGroup];
+  const Vec lr_trust(e.lr_trust);
   SquareSum rr, pp;
   for (int64_t j0 = b; j0 < b + n; j0 += kGroup) {
     const int64_t k = std::min(kGroup, b + n - j0);
-    load_group(g + j0, k, gb);  // the grad times its multiplier, as pipeline_block computes it
-    for (int64_t j = 0; j < k; ++j) gb[j] *= e.agc.scale == nullptr ? mult : mult * e.agc.scale[(j0 + j) / e.agc.row_len];
-    if (e.ema != nullptr) load_stored(e.storage, catapult::QuantMap::kSqrt, ema, j0, k, eb);
-    for (int64_t i = 0; i < kGroup; i += kBlock) {
-      Vec g0, g1;
-      pipeline_block<kApply, float>(gb, e.ema != nullptr ? eb : nullptr, i, one, pl, g0, g1);
-      store_block(gb + i, g0, g1);
-    }
+    pipeline_group(g, e.agc, mult, e.storage, ema, j0, k, pl, gb, eb);
     load_params(e.master, p, j0, k, pb);
     load_stored(e.storage, catapult::QuantMap::kSqrt, m, j0, k, mb);
     load_stored(e.storage, kV, v, j0, k, vb);
@@ -213,8 +206,15 @@ void stored_range(const Entry& e, int64_t b, int64_t n, float mult, const Pipeli
         mv.store(mb + i);
         vv.store(vb + i);
       } else {
-        rr.add(r);
-        pp.add(pv);
+        r.store(rb + i);
+      }
+    }
+    if constexpr (!kApply) {
+      // the elements past the tensor's end (zeros: r = 0 / (0 + eps), NaN with eps 0) add nothing
+      std::fill(rb + k, rb + kGroup, 0.0f);
+      for (int64_t i = 0; i < kGroup; i += Vec::size()) {
+        rr.add(Vec::loadu(rb + i));
+        pp.add(Vec::loadu(pb + i));
       }
     }
     if constexpr (kApply) {
@@ -259,16 +259,7 @@ void lamb_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     float* step_count = state_steps[i].data_ptr<float>();  // the op counts the step
     const float step = *step_count + 1.0f;
     *step_count = step;
-    Master w{master};
-    if (master == catapult::MasterKind::kStochastic) {  // this step's counter, advanced as the step count
-      int64_t* counter = master_weights[i].data_ptr<int64_t>();
-      const auto bits = static_cast<uint64_t>(*counter);
-      w.lo = static_cast<uint32_t>(bits);
-      w.hi = static_cast<uint32_t>(bits >> 32);
-      *counter = static_cast<int64_t>(bits + 1);
-    } else if (master != catapult::MasterKind::kNone) {
-      w.data = master_weights[i].data_ptr();
-    }
+    const Master w = master_of(master, master_weights, i);
     const int64_t numel = params[i].numel();
     if (numel == 0) continue;
     // int8 storage: state_scales holds the scales of m, then v, then the emas, list-major

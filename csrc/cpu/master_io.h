@@ -2,6 +2,7 @@
 // master weights (master_weights.h), for the CPU update kernels' stored path: the float32
 // copy, the param plus its ecc correction, or the param (stochastic rounding on the way back).
 #pragma once
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -19,8 +20,23 @@ namespace catapult::cpu {
 struct Master {
   MasterKind kind = MasterKind::kNone;
   void* data = nullptr;  // float32 copies or int8 codes
-  uint32_t lo = 0, hi = 0;  // stochastic: the counter's halves at this step
+  uint32_t key = 0;      // stochastic: this step's stream
 };
+
+// Param i's master weights in a call of this kind: with stochastic rounding, the stream of
+// its counter's value, which is advanced (as the step counts, before the parallel work).
+inline Master master_of(MasterKind kind, at::TensorList master_weights, size_t i) {
+  Master w{kind};
+  if (kind == MasterKind::kStochastic) {
+    int64_t* counter = master_weights[i].data_ptr<int64_t>();
+    const auto bits = static_cast<uint64_t>(*counter);
+    w.key = rounding_key(static_cast<uint32_t>(bits), static_cast<uint32_t>(bits >> 32));
+    *counter = static_cast<int64_t>(bits + 1);
+  } else if (kind != MasterKind::kNone) {
+    w.data = master_weights[i].data_ptr();
+  }
+  return w;
+}
 
 // The ecc quantum's parameters of a 16-bit format (float: unused, masters need 16 bits).
 template <typename T>
@@ -77,7 +93,7 @@ inline void store_params(const Master& w, float* buf, int64_t begin, int64_t m, 
   if (w.kind == MasterKind::kFloat) store_group(buf, m, static_cast<float*>(w.data) + begin);
   if (w.kind == MasterKind::kStochastic) {
     alignas(64) uint32_t r[kGroup];
-    for (int64_t j = 0; j < kGroup; ++j) r[j] = rounding_bits(static_cast<uint32_t>(begin + j), w.lo, w.hi);
+    for (int64_t j = 0; j < kGroup; ++j) r[j] = rounding_bits(static_cast<uint32_t>(begin + j), w.key);
     for (int64_t j = 0; j < kGroup; ++j) buf[j] = stochastic_round_bf16(buf[j], r[j]);  // exact in bf16 now
   }
   store_group(buf, m, p + begin);  // rounded to nearest even (stochastic: already exact)

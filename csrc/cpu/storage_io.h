@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpu/vec_io.h"  // first: it switches FMA contraction off
+#include "cpu/update_common.h"  // first: it switches FMA contraction off
 
 #include "state_storage.h"
 
@@ -127,6 +127,24 @@ inline void store_stored(at::ScalarType storage, QuantMap map, const StoredList&
       if (map == QuantMap::kFourthRoot) return encode_group<QuantMap::kFourthRoot>(buf, m, codes, scale);
       return encode_group<QuantMap::kSqrt>(buf, m, codes, scale);
     }
+  }
+}
+
+// The grad pipeline over the m elements at element j0 (a multiple of kGroup) of a tensor
+// whose Grokfast ema is stored as `storage` (ema.data null: off): gb the piped grads, eb the
+// new ema values (the caller stores them). The grad times its multiplier (with AGC, its
+// row's) first, as pipeline_block computes it.
+template <typename T>
+inline void pipeline_group(const T* g, const AgcRows& agc, float mult, at::ScalarType storage, const StoredList& ema,
+                           int64_t j0, int64_t m, const Pipeline& pl, float* gb, float* eb) {
+  load_group(g + j0, m, gb);
+  for (int64_t j = 0; j < m; ++j) gb[j] *= agc.scale == nullptr ? mult : mult * agc.scale[(j0 + j) / agc.row_len];
+  if (ema.data != nullptr) load_stored(storage, QuantMap::kSqrt, ema, j0, m, eb);
+  const Vec one(1.0f);
+  for (int64_t i = 0; i < kGroup; i += kBlock) {
+    Vec g0, g1;
+    pipeline_block<true, float>(gb, ema.data != nullptr ? eb : nullptr, i, one, pl, g0, g1);
+    store_block(gb + i, g0, g1);
   }
 }
 
