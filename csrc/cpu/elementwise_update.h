@@ -3,11 +3,11 @@
 // per tensor its constants, then one parallel_for over fixed-size chunks of every
 // tensor (one fork per step, however many tensors) running the grad pipeline and the
 // spec's element function on vectors (at::vec, two per block) and on a scalar tail.
-// Both lane types run the same function, so they round alike. States stored otherwise
-// than the params (another dtype, int8 blocks: state_storage.h), and params with master
-// weights (master_weights.h), take the stored path: per group of kGroup elements,
-// everything is read into float32 buffers, the pipeline and the element function run
-// there on vectors, and everything is written back.
+// Both lane types run the same function, so they round alike; params with master weights
+// (master_weights.h) are read and written through them there. States stored otherwise
+// than the params (another dtype, int8 blocks: state_storage.h) take the stored path:
+// per group of kGroup elements, everything is read into float32 buffers, the pipeline
+// and the element function run there on vectors, and everything is written back.
 //
 // CATAPULT_REGISTER_CPU(Spec) defines the op's schema and registers this kernel; each
 // spec's registration is a file setup.py generates (csrc/optimizers/*.h -> one each).
@@ -15,6 +15,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/update_common.h"  // first: it switches FMA contraction off
@@ -43,8 +44,9 @@ struct Entry {
   typename Spec::Constants c;
 };
 
-// n elements of one tensor from offset b, with grad multiplier mult.
-template <class Spec, int V, typename T>
+// n elements of one tensor from offset b, with grad multiplier mult; kMaster: through the
+// params' master weights (master_io.h).
+template <class Spec, int V, typename T, bool kMaster>
 void update_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const Pipeline& pl) {
   constexpr int K = num_states<Spec>();
   constexpr int kSlots = state_slots<Spec>();
@@ -62,7 +64,11 @@ void update_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const 
     Vec p0, p1, g0, g1;
     Vec s0[kSlots], s1[kSlots];
     pipeline_block(g, ema, i, multv, pl, g0, g1);
-    load_block(p + i, p0, p1);
+    if constexpr (kMaster) {
+      load_params_block(e.master, p - b, b + i, p0, p1);
+    } else {
+      load_block(p + i, p0, p1);
+    }
     for (int k = 0; k < kSlots; ++k) {
       if (kRead >> k & 1u) {
         load_block(s[k] + i, s0[k], s1[k]);
@@ -72,18 +78,26 @@ void update_range(const Entry<Spec>& e, int64_t b, int64_t n, float mult, const 
     }
     Spec::template update<V, Vec>(p0, g0, s0, e.c);
     Spec::template update<V, Vec>(p1, g1, s1, e.c);
-    store_block(p + i, p0, p1);
+    if constexpr (kMaster) {
+      store_params_block(e.master, p - b, b + i, p0, p1);
+    } else {
+      store_block(p + i, p0, p1);
+    }
     for (int k = 0; k < kSlots; ++k) {
       if (kUse >> k & 1u) store_block(s[k] + i, s0[k], s1[k]);
     }
   }
   for (; i < n; ++i) {
     const float gf = pipeline_element(g, ema, i, mult, pl);
-    float pf = static_cast<float>(p[i]);
+    float pf = kMaster ? load_param(e.master, p - b, b + i) : static_cast<float>(p[i]);
     float sf[kSlots];
     for (int k = 0; k < kSlots; ++k) sf[k] = (kRead >> k & 1u) ? static_cast<float>(s[k][i]) : 0.0f;
     Spec::template update<V, float>(pf, gf, sf, e.c);
-    p[i] = static_cast<T>(pf);
+    if constexpr (kMaster) {
+      store_param(e.master, p - b, b + i, pf);
+    } else {
+      p[i] = static_cast<T>(pf);
+    }
     for (int k = 0; k < kSlots; ++k) {
       if (kUse >> k & 1u) s[k][i] = static_cast<T>(sf[k]);
     }
@@ -183,11 +197,12 @@ void update_cpu(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
       const Entry<Spec>& e = entries[c.entry];
       dispatch_float_type(e.dtype, [&](auto tag) {
         using T = decltype(tag);
-        if (e.storage != e.dtype || e.master.kind != MasterKind::kNone) {
-          return update_stored_range<Spec, V, T>(e, c.begin, c.size, mult, pl);
-        }
+        if (e.storage != e.dtype) return update_stored_range<Spec, V, T>(e, c.begin, c.size, mult, pl);
         for_each_row_segment(e.agc, c.begin, c.size, mult, [&](int64_t b, int64_t n, float m) {
-          update_range<Spec, V, T>(e, b, n, m, pl);
+          if constexpr (!std::is_same_v<T, float>) {  // masters: 16-bit params only
+            if (e.master.kind != MasterKind::kNone) return update_range<Spec, V, T, true>(e, b, n, m, pl);
+          }
+          update_range<Spec, V, T, false>(e, b, n, m, pl);
         });
       });
     });

@@ -1,6 +1,7 @@
-// Groups of kGroup param elements read into and written from float32 buffers with their
-// master weights (master_weights.h), for the CPU update kernels' stored path: the float32
-// copy, the param plus its ecc correction, or the param (stochastic rounding on the way back).
+// Params read into float32 lanes and written back through their master weights
+// (master_weights.h), for the CPU update kernels: per vector block and scalar element
+// (the direct path) and per group of kGroup elements (the stored path): the float32 copy,
+// the param plus its ecc correction, or the param (stochastic rounding on the way back).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -72,6 +73,86 @@ struct EccLanes {
     return Vec::blendv(P + c * (e * unshift), P, e == infinity);
   }
 };
+
+// A vector block (kBlock elements from element j) of params as float32 lanes a, b.
+template <typename T>
+inline void load_params_block(const Master& w, const T* p, int64_t j, Vec& a, Vec& b) {
+  if (w.kind == MasterKind::kFloat) return load_block(static_cast<const float*>(w.data) + j, a, b);
+  load_block(p + j, a, b);
+  if (w.kind != MasterKind::kEcc) return;
+  alignas(64) float c[kBlock];
+  const int8_t* codes = static_cast<const int8_t*>(w.data) + j;
+  for (int64_t k = 0; k < kBlock; ++k) c[k] = static_cast<float>(codes[k]);
+  const EccLanes<T> ecc;
+  a = ecc.value(a, Vec::loadu(c));
+  b = ecc.value(b, Vec::loadu(c + Vec::size()));
+}
+
+// The new values a, b of a vector block into the params from element j and their masters.
+template <typename T>
+inline void store_params_block(const Master& w, T* p, int64_t j, Vec a, Vec b) {
+  if (w.kind == MasterKind::kFloat) store_block(static_cast<float*>(w.data) + j, a, b);
+  if (w.kind == MasterKind::kStochastic) {
+    alignas(64) float x[kBlock];
+    alignas(64) uint32_t r[kBlock];
+    a.store(x);
+    b.store(x + Vec::size());
+    for (int64_t k = 0; k < kBlock; ++k) r[k] = rounding_bits(static_cast<uint32_t>(j + k), w.key);
+    for (int64_t k = 0; k < kBlock; ++k) x[k] = stochastic_round_bf16(x[k], r[k]);
+    a = Vec::loadu(x);
+    b = Vec::loadu(x + Vec::size());
+  }
+  store_block(p + j, a, b);  // rounded to nearest even (stochastic: already exact)
+  if (w.kind != MasterKind::kEcc) return;
+  Vec P0, P1;
+  load_block(p + j, P0, P1);
+  const EccLanes<T> ecc;
+  alignas(64) float c[kBlock];
+  ecc.code(a, P0).store(c);
+  ecc.code(b, P1).store(c + Vec::size());
+  int8_t* codes = static_cast<int8_t*>(w.data) + j;
+  for (int64_t k = 0; k < kBlock; ++k) codes[k] = static_cast<int8_t>(static_cast<int>(c[k]));
+}
+
+// One param element j as float32 (a scalar tail), through the lanes' arithmetic.
+template <typename T>
+inline float load_param(const Master& w, const T* p, int64_t j) {
+  switch (w.kind) {
+    case MasterKind::kFloat:
+      return static_cast<const float*>(w.data)[j];
+    case MasterKind::kEcc: {
+      const float code = static_cast<float>(static_cast<const int8_t*>(w.data)[j]);
+      alignas(64) float out[Vec::size()];
+      EccLanes<T>().value(Vec(static_cast<float>(p[j])), Vec(code)).store(out);
+      return out[0];
+    }
+    default:
+      return static_cast<float>(p[j]);
+  }
+}
+
+template <typename T>
+inline void store_param(const Master& w, T* p, int64_t j, float x) {
+  switch (w.kind) {
+    case MasterKind::kFloat:
+      static_cast<float*>(w.data)[j] = x;
+      p[j] = static_cast<T>(x);
+      return;
+    case MasterKind::kStochastic:
+      p[j] = static_cast<T>(stochastic_round_bf16(x, rounding_bits(static_cast<uint32_t>(j), w.key)));
+      return;
+    case MasterKind::kEcc: {
+      const T rounded = static_cast<T>(x);
+      alignas(64) float out[Vec::size()];
+      EccLanes<T>().code(Vec(x), Vec(static_cast<float>(rounded))).store(out);
+      static_cast<int8_t*>(w.data)[j] = static_cast<int8_t>(static_cast<int>(out[0]));
+      p[j] = rounded;
+      return;
+    }
+    default:
+      p[j] = static_cast<T>(x);
+  }
+}
 
 // buf[0, kGroup): the float32 values of the m params at element `begin`, then zeros.
 template <typename T>
