@@ -19,7 +19,7 @@ that close to a rounding boundary. The two kernels agree bit for bit (betas with
 powers)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ from catapult_kernels import int8_blocks, ops
 from catapult_kernels import master_weights as mw
 from conftest import BACKEND_DEVICES
 from lamb_tolerance import assert_close_value, ulp, update_tolerance
+from op_call import Call, assert_same_bits, pipeline_of
 from reference import assert_bitwise_equal
 
 # The interpreter computes both sides of a tl.where: 0 / 0 in the lanes past a tensor's end
@@ -76,33 +77,6 @@ CASES = [
 ]
 
 
-@dataclass
-class Call:
-    """A call's tensors: params, grads, step counts, m, v and the emas by list name (int8:
-    with their scales), master weights, AGC factors."""
-    params: list
-    grads: list
-    steps: list
-    lists: dict
-    scales: dict = field(default_factory=dict)
-    masters: list = field(default_factory=list)
-    agc_scales: list = field(default_factory=list)
-
-    def tensors(self) -> dict:
-        """Every tensor the op may write, by a name for messages."""
-        named = {f"params[{i}]": t for i, t in enumerate(self.params)}
-        named.update({f"state_steps[{i}]": t for i, t in enumerate(self.steps)})
-        named.update({f"master_weights[{i}]": t for i, t in enumerate(self.masters)})
-        for name, lst in self.lists.items():
-            named.update({f"{name}[{i}]": t for i, t in enumerate(lst)})
-        for name, lst in self.scales.items():
-            named.update({f"{name} scales[{i}]": t for i, t in enumerate(lst)})
-        return named
-
-    def snapshot(self) -> dict:
-        return {k: t.clone() for k, t in self.tensors().items()}
-
-
 def make(case: Case, device, seed=0) -> Call:
     """Params whose values span a few decades (with their masters: the copy, the ecc
     corrections of the value over its rounding, or counters of every bit pattern), grads
@@ -144,16 +118,10 @@ def make(case: Case, device, seed=0) -> Call:
 
 def run(case: Case, call: Call, backend: str, skip=None, **hyper) -> None:
     """One lamb_ step on call, in place."""
-    device = call.params[0].device
-    extra = {}
-    if case.regularized:
-        extra = dict(grad_norm=torch.tensor(40.0, device=device), max_grad_norm=5.0,
-                     grad_scale=torch.tensor(4.0, device=device), agc_scales=call.agc_scales,
-                     grokfast_emas=call.lists["grokfast_emas"], grokfast_alpha=0.9, grokfast_lamb=2.0)
-    pipeline = ops.PipelineArgs(skip=skip, **extra)
+    pipeline = pipeline_of(call, case.regularized, skip)
     scales = [s for name in call.lists for s in call.scales.get(name, [])]  # m's, v's, then the emas'
     ops.update_("lamb_", call.params, call.grads, [call.lists["exp_avgs"], call.lists["exp_avg_sqs"]], call.steps,
-                torch.tensor(LR, device=device), pipeline=pipeline, backend=backend, state_scales=scales,
+                torch.tensor(LR, device=call.params[0].device), pipeline=pipeline, backend=backend, state_scales=scales,
                 master_weights=call.masters, **{**HYPER, "max_weight_norm": case.max_weight_norm, **hyper})
 
 
@@ -269,9 +237,7 @@ def test_the_cpp_and_triton_kernels_agree(case):
     triton_call, cpu_call = make(case, device, seed=5), make(case, "cpu", seed=5)
     run(case, cpu_call, "cpu")
     run(case, triton_call, "triton")
-    want = cpu_call.tensors()
-    for name, got in triton_call.tensors().items():
-        assert_bitwise_equal(name, got.cpu(), want[name])
+    assert_same_bits(triton_call, cpu_call)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

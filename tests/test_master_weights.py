@@ -21,6 +21,8 @@ from torch import nn
 
 from catapult_kernels import master_weights as mw
 from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion, Muon, torch_state_dict
+from optimizer_steps import (assert_same_snapshot, give_grads, make_params, muon_split, run_steps, same_bits,
+                             snapshot)
 
 MODES = ["fp32", "ecc", "stochastic"]
 MASTER_KEYS = set(mw.STATE_KEYS.values())
@@ -28,13 +30,6 @@ SHAPES = [(0,), (1,), (127,), (129,), (1000,), (33, 40)]  # empty, odd, a matrix
 GF = dict(alpha=0.9, lamb=2.0)
 SEED = 7
 STEPS = 5
-
-
-def _muon(params, **kw):
-    """Muon over the matrices, its AdamW groups over the rest."""
-    matrices = [p for p in params if p.dim() == 2]
-    rest = [p for p in params if p.dim() != 2]
-    return Muon([{"params": matrices}, {"params": rest, "use_muon": False, "lr": 1e-2}], lr=0.02, **kw)
 
 
 OPTIMIZERS = {
@@ -46,7 +41,7 @@ OPTIMIZERS = {
     "lars": lambda ps, **kw: LARS(ps, lr=0.5, weight_decay=1e-3, **kw),
     "adopt": lambda ps, **kw: ADOPT(ps, lr=1e-2, **kw),
     "adan": lambda ps, **kw: Adan(ps, lr=1e-2, **kw),
-    "muon": _muon,
+    "muon": muon_split,
     # AGC's norms of w are those of the masters' values, as LARS's. (LARS with AGC or Grokfast
     # runs the grad pipeline first into buffers of the grads' dtype: 16-bit grads round there,
     # float32 ones do not, so a float32 reference is not the same op.)
@@ -60,37 +55,7 @@ CASES += [(name, mode, torch.float16) for name in ("adamw", "lamb") for mode in 
 
 
 def _params(dtype=torch.bfloat16, seed=0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in SHAPES]
-
-
-def _give_grads(params: list, step: int) -> None:
-    g = torch.Generator().manual_seed(1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
-
-
-def _run(opt, params: list, steps) -> None:
-    for t in steps:
-        _give_grads(params, t)
-        opt.step()
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.detach().contiguous().view(-1).view(torch.uint8), b.detach().contiguous().view(-1).view(torch.uint8))
-
-
-def _snapshot(opt, params: list) -> list:
-    return [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
-
-
-def _assert_same_snapshot(a: list, b: list) -> None:
-    for (p, state), (q, other) in zip(a, b):
-        assert _same_bits(p, q)
-        assert state.keys() == other.keys()
-        for key in state:
-            assert _same_bits(state[key], other[key]), key
+    return make_params(SHAPES, dtype, seed)
 
 
 def _decoded(mode: str, p: torch.Tensor, state: dict) -> torch.Tensor:
@@ -119,7 +84,7 @@ def test_steps_match_float32_params_encoded(name, mode, dtype):
     for t in range(STEPS):
         counters = [int(opt.state[p]["rounding_counter"]) if t else mw.initial_counter(SEED, index[p])
                     for p in params] if mode == "stochastic" else None
-        _give_grads(params, t)
+        give_grads(params, t)
         for p, q in zip(params, ref_params):
             q.grad = p.grad.float()
         opt.step()
@@ -128,20 +93,20 @@ def test_steps_match_float32_params_encoded(name, mode, dtype):
             where = f"step {t}: a param of shape {tuple(p.shape)}"
             state, x = opt.state[p], q.detach()
             if mode == "fp32":
-                assert _same_bits(state["master"], x), where
-                assert _same_bits(p, x.to(dtype)), where
+                assert same_bits(state["master"], x), where
+                assert same_bits(p, x.to(dtype)), where
             elif mode == "ecc":
                 expected_p, expected_code = mw.ecc_encode(x, dtype)
-                assert _same_bits(p, expected_p) and _same_bits(state["master_ecc"], expected_code), where
+                assert same_bits(p, expected_p) and same_bits(state["master_ecc"], expected_code), where
             else:
-                assert _same_bits(p, mw.stochastic_round(x, counters[i])), where
+                assert same_bits(p, mw.stochastic_round(x, counters[i])), where
                 counter = state["rounding_counter"]
                 assert counter.dtype is torch.int64 and counter.dim() == 0 and int(counter) == counters[i] + 1, where
             ours = {k: v for k, v in state.items() if k not in MASTER_KEYS}
             theirs = ref.state.get(q, {})
             assert ours.keys() == theirs.keys(), where
             for key in ours:
-                assert _same_bits(ours[key], theirs[key]), f"{where}: state[{key!r}]"
+                assert same_bits(ours[key], theirs[key]), f"{where}: state[{key!r}]"
             value = _decoded(mode, p, state)
             moved += int((value != p.detach().float()).sum())
             with torch.no_grad():
@@ -164,7 +129,7 @@ def test_transposed_and_strided_params(mode):
     for t in range(3):
         counters = [int(opt.state[p]["rounding_counter"]) if t else mw.initial_counter(SEED, i)
                     for i, p in enumerate(params)] if mode == "stochastic" else None
-        _give_grads(params, t)
+        give_grads(params, t)
         for p, q in zip(params, ref_params):
             q.grad = p.grad.float().contiguous()
         opt.step()
@@ -174,14 +139,14 @@ def test_transposed_and_strided_params(mode):
             if mode != "stochastic":  # laid out like what the kernel updates: p, or its dense copy
                 assert state[mw.STATE_KEYS[mode]].stride() == (p.stride() if i == 0 else x.stride())
             if mode == "fp32":
-                assert _same_bits(state["master"], x) and _same_bits(p, x.bfloat16())
+                assert same_bits(state["master"], x) and same_bits(p, x.bfloat16())
             elif mode == "ecc":
                 expected_p, expected_code = mw.ecc_encode(x, torch.bfloat16)
-                assert _same_bits(p, expected_p) and _same_bits(state["master_ecc"], expected_code)
+                assert same_bits(p, expected_p) and same_bits(state["master_ecc"], expected_code)
             else:  # the transposed weight's memory order is its transpose's row order
                 rounded = (mw.stochastic_round(x.t(), counters[i]).t() if i == 0
                            else mw.stochastic_round(x, counters[i]))
-                assert _same_bits(p, rounded)
+                assert same_bits(p, rounded)
             with torch.no_grad():
                 q.copy_(_decoded(mode, p, state))
 
@@ -213,11 +178,11 @@ def test_resumed_run_equals_uninterrupted_run(cls, mode, state_dtype):
 
     whole_params = _params()
     whole = make(whole_params)
-    _run(whole, whole_params, range(6))
+    run_steps(whole, whole_params, range(6))
 
     first_params = _params()
     first = make(first_params)
-    _run(first, first_params, range(3))
+    run_steps(first, first_params, range(3))
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in first_params], "optimizer": first.state_dict()}, buffer)
     buffer.seek(0)
@@ -228,9 +193,9 @@ def test_resumed_run_equals_uninterrupted_run(cls, mode, state_dtype):
     params = [nn.Parameter(t.clone()) for t in saved["params"]]
     resumed = make(params)
     resumed.load_state_dict(saved["optimizer"])
-    _assert_same_snapshot(_snapshot(resumed, params), _snapshot(first, first_params))  # loaded bit-exact
-    _run(resumed, params, range(3, 6))
-    _assert_same_snapshot(_snapshot(resumed, params), _snapshot(whole, whole_params))
+    assert_same_snapshot(snapshot(resumed, params), snapshot(first, first_params))  # loaded bit-exact
+    run_steps(resumed, params, range(3, 6))
+    assert_same_snapshot(snapshot(resumed, params), snapshot(whole, whole_params))
 
 
 def test_master_weights_survive_copies():
@@ -242,7 +207,7 @@ def test_master_weights_survive_copies():
 # ---- skipped steps ---------------------------------------------------------------------------
 def _skipped_step(opt, params: list, how: str, step: int) -> None:
     """A step whose grads hold an inf, skipped by GradScaler (found_inf) or skip_nonfinite."""
-    _give_grads(params, step)
+    give_grads(params, step)
     params[-1].grad[3, 7] = math.inf
     if how == "skip_nonfinite":
         opt.step()
@@ -259,10 +224,10 @@ def _skipped_step(opt, params: list, how: str, step: int) -> None:
 def test_skipped_step_leaves_params_and_masters(name, mode, how):
     params = _params()
     opt = OPTIMIZERS[name](params, backend="cpu", skip_nonfinite=how == "skip_nonfinite", master_weights=mode)
-    _run(opt, params, range(2))
-    before = _snapshot(opt, params)
+    run_steps(opt, params, range(2))
+    before = snapshot(opt, params)
     _skipped_step(opt, params, how, 2)
-    _assert_same_snapshot(_snapshot(opt, params), before)
+    assert_same_snapshot(snapshot(opt, params), before)
     assert int(opt.skipped_steps) == 1
 
 
@@ -274,10 +239,10 @@ def test_skipped_first_step_then_a_step_equals_a_fresh_first_step(mode):
     opt = SGD(params, lr=0.05, momentum=0.9, skip_nonfinite=True, master_weights=mode, rounding_seed=SEED)
     fresh = SGD(fresh_params, lr=0.05, momentum=0.9, skip_nonfinite=True, master_weights=mode, rounding_seed=SEED)
     _skipped_step(opt, params, "skip_nonfinite", 0)
-    assert all(_same_bits(p, q) for p, q in zip(params, fresh_params))
-    _run(opt, params, [1])
-    _run(fresh, fresh_params, [1])
-    _assert_same_snapshot(_snapshot(opt, params), _snapshot(fresh, fresh_params))
+    assert all(same_bits(p, q) for p, q in zip(params, fresh_params))
+    run_steps(opt, params, [1])
+    run_steps(fresh, fresh_params, [1])
+    assert_same_snapshot(snapshot(opt, params), snapshot(fresh, fresh_params))
 
 
 # ---- state_bytes -----------------------------------------------------------------------------
@@ -288,7 +253,7 @@ def test_skipped_first_step_then_a_step_equals_a_fresh_first_step(mode):
 def test_state_bytes_of_adamw_and_lamb_on_bfloat16_params(cls, mode, state_dtype, expected):
     params = [nn.Parameter(torch.randn(shape).bfloat16()) for shape in [(1280,), (10, 128)]]
     opt = cls(params, state_dtype=state_dtype, master_weights=mode)
-    _run(opt, params, range(2))
+    run_steps(opt, params, range(2))
     assert opt.state_bytes() == expected
 
 
@@ -296,7 +261,7 @@ def test_state_bytes_of_adamw_and_lamb_on_bfloat16_params(cls, mode, state_dtype
 def test_state_bytes_of_plain_sgd_is_the_masters(mode, expected):
     params = _params()
     opt = SGD(params, lr=0.1, master_weights=mode)
-    _run(opt, params, range(1))
+    run_steps(opt, params, range(1))
     assert opt.state_bytes() == expected
 
 
@@ -409,18 +374,18 @@ def test_replaced_master_is_checked_on_the_planned_path():
     """The step plan lists the masters: one replaced between steps is seen before any change."""
     params = _params()
     opt = AdamW(params, master_weights="fp32")
-    _run(opt, params, range(2))  # the second step ran planned
+    run_steps(opt, params, range(2))  # the second step ran planned
     opt.state[params[4]]["master"] = torch.zeros(1000, dtype=torch.bfloat16)
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     with pytest.raises(RuntimeError, match=r"state\['master'\] of a param is \(1000,\) torch.bfloat16"):
-        _run(opt, params, [2])
-    _assert_same_snapshot(_snapshot(opt, params), before)
+        run_steps(opt, params, [2])
+    assert_same_snapshot(snapshot(opt, params), before)
 
 
 def test_a_bad_loaded_master_is_refused_before_anything_changes():
     params = _params()
     opt = AdamW(params, master_weights="ecc")
-    _run(opt, params, range(1))
+    run_steps(opt, params, range(1))
     saved = opt.state_dict()
     saved["state"][3]["master_ecc"] = torch.zeros(5, dtype=torch.int8)
     target = AdamW(_params(), master_weights="ecc")
@@ -437,7 +402,7 @@ def test_a_bad_loaded_master_is_refused_before_anything_changes():
 def test_loading_converts_through_the_master_value(cls, source, target):
     first_params = _params()
     first = cls(first_params, lr=1e-2, master_weights=source, rounding_seed=SEED)
-    _run(first, first_params, range(2))
+    run_steps(first, first_params, range(2))
     params = [nn.Parameter(p.detach().clone()) for p in first_params]  # the model loaded first
     opt = cls(params, lr=1e-2, master_weights=target, rounding_seed=SEED + 1)
     opt.load_state_dict(first.state_dict())
@@ -446,29 +411,29 @@ def test_loading_converts_through_the_master_value(cls, source, target):
         assert set(state) == {"step", "exp_avg", "exp_avg_sq"} | ({mw.STATE_KEYS[target]} if target else set())
         value = _decoded(source, q, theirs) if source else q.detach().float()
         if target == "fp32":
-            assert _same_bits(state["master"], value)
+            assert same_bits(state["master"], value)
         elif target == "ecc":
-            assert _same_bits(state["master_ecc"], mw.ecc_correction(value, p.detach()))
+            assert same_bits(state["master_ecc"], mw.ecc_correction(value, p.detach()))
         elif target == "stochastic":
             expected = theirs["rounding_counter"] if source == "stochastic" else mw.initial_counter(SEED + 1, i)
             assert state["rounding_counter"].dtype is torch.int64 and int(state["rounding_counter"]) == int(expected)
-        assert _same_bits(p, q)  # the params are left as they are
-    _run(opt, params, [2])
+        assert same_bits(p, q)  # the params are left as they are
+    run_steps(opt, params, [2])
 
 
 def test_torch_adamw_state_dict_loads_into_ecc_adamw_and_back():
     torch_params = _params()
     theirs = torch.optim.AdamW(torch_params, lr=1e-2)
-    _run(theirs, torch_params, range(3))
+    run_steps(theirs, torch_params, range(3))
     params = [nn.Parameter(p.detach().clone()) for p in torch_params]
     opt = AdamW(params, lr=1e-2, master_weights="ecc")
     opt.load_state_dict(theirs.state_dict())
     for p, q in zip(params, torch_params):
         state = opt.state[p]
-        assert _same_bits(state["master_ecc"], torch.zeros_like(p, dtype=torch.int8))  # the value is the param
+        assert same_bits(state["master_ecc"], torch.zeros_like(p, dtype=torch.int8))  # the value is the param
         for key in ("exp_avg", "exp_avg_sq"):
-            assert _same_bits(state[key], theirs.state[q][key])
-    _run(opt, params, [3])
+            assert same_bits(state[key], theirs.state[q][key])
+    run_steps(opt, params, [3])
 
     converted = torch_state_dict(opt.state_dict())
     assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
@@ -477,8 +442,8 @@ def test_torch_adamw_state_dict_loads_into_ecc_adamw_and_back():
     back.load_state_dict(converted)
     for p, q in zip(params, back_params):
         for key in ("exp_avg", "exp_avg_sq"):
-            assert _same_bits(back.state[q][key], opt.state[p][key])
-    _run(back, back_params, [4])
+            assert same_bits(back.state[q][key], opt.state[p][key])
+    run_steps(back, back_params, [4])
 
 
 def test_torch_state_dict_of_lamb_with_masters_loads_into_plain_lamb():
@@ -486,7 +451,7 @@ def test_torch_state_dict_of_lamb_with_masters_loads_into_plain_lamb():
     without master weights, the states kept bit for bit, and it steps on."""
     params = _params()
     opt = LAMB(params, lr=1e-2, master_weights="ecc")
-    _run(opt, params, range(2))
+    run_steps(opt, params, range(2))
     converted = torch_state_dict(opt.state_dict())
     assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     plain_params = [nn.Parameter(p.detach().clone()) for p in params]
@@ -495,8 +460,8 @@ def test_torch_state_dict_of_lamb_with_masters_loads_into_plain_lamb():
     for p, q in zip(params, plain_params):
         assert set(plain.state[q]) == {"step", "exp_avg", "exp_avg_sq"}
         for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert _same_bits(plain.state[q][key], opt.state[p][key])
-    _run(plain, plain_params, [2])
+            assert same_bits(plain.state[q][key], opt.state[p][key])
+    run_steps(plain, plain_params, [2])
 
 
 # ---- quality ---------------------------------------------------------------------------------
@@ -534,7 +499,7 @@ def test_step_with_master_weights_compiles_into_one_graph(mode):
     torch._dynamo.reset()  # keep under the recompile limit
     params = _params()[1:]
     eager_params = [nn.Parameter(p.detach().clone()) for p in params]
-    _give_grads(params, 0)
+    give_grads(params, 0)
     for p, q in zip(params, eager_params):
         q.grad = p.grad.clone()
     make = lambda ps: AdamW(ps, lr=1e-2, max_grad_norm=0.5, skip_nonfinite=True, backend="cpu",  # noqa: E731
@@ -544,4 +509,4 @@ def test_step_with_master_weights_compiles_into_one_graph(mode):
     for _ in range(3):
         compiled_step()
         eager.step()
-    _assert_same_snapshot(_snapshot(opt, params), _snapshot(eager, eager_params))
+    assert_same_snapshot(snapshot(opt, params), snapshot(eager, eager_params))

@@ -10,7 +10,7 @@ or stochastic_round in memory order with the counter from before the step, which
 advances by one)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -18,6 +18,7 @@ import torch
 from catapult_kernels import int8_blocks, ops
 from catapult_kernels import master_weights as mw
 from conftest import BACKEND_DEVICES
+from op_call import Call, assert_same_bits, pipeline_of
 from reference import assert_bitwise_equal
 
 # (backend, device) pairs that take master weights: the C++ CPU kernel, the Triton kernel
@@ -71,34 +72,6 @@ AGC_SHAPES = [(1,), (127,), (0,), (129,), (3, 100)]
 
 def shapes_of(case: Case) -> list:
     return AGC_SHAPES if case.regularized else SHAPES
-
-
-@dataclass
-class Call:
-    """A call's tensors: params and grads (16-bit, or float32 for the reference), the used
-    states and Grokfast emas by list name (int8: with their scales), step counts, master
-    weights (empty for the reference) and the pipeline's tensors."""
-    params: list
-    grads: list
-    steps: list
-    lists: dict
-    scales: dict = field(default_factory=dict)
-    masters: list = field(default_factory=list)
-    agc_scales: list = field(default_factory=list)
-
-    def tensors(self) -> dict:
-        """Every tensor the op may write, by a name for messages."""
-        named = {f"params[{i}]": t for i, t in enumerate(self.params)}
-        named.update({f"state_steps[{i}]": t for i, t in enumerate(self.steps)})
-        named.update({f"master_weights[{i}]": t for i, t in enumerate(self.masters)})
-        for name, lst in self.lists.items():
-            named.update({f"{name}[{i}]": t for i, t in enumerate(lst)})
-        for name, lst in self.scales.items():
-            named.update({f"{name} scales[{i}]": t for i, t in enumerate(lst)})
-        return named
-
-    def snapshot(self) -> dict:
-        return {k: t.clone() for k, t in self.tensors().items()}
 
 
 def dense_like(shape, values: torch.Tensor) -> torch.Tensor:
@@ -157,13 +130,7 @@ def make(case: Case, dtype: torch.dtype, mode: str, device, seed=0, shapes=None)
 
 
 def pipeline_for(case: Case, call: Call, skip=None) -> ops.PipelineArgs:
-    device = call.params[0].device
-    extra = {}
-    if case.regularized:
-        extra = dict(grad_norm=torch.tensor(40.0, device=device), max_grad_norm=5.0,
-                     grad_scale=torch.tensor(4.0, device=device), agc_scales=call.agc_scales,
-                     grokfast_emas=call.lists["grokfast_emas"], grokfast_alpha=0.9, grokfast_lamb=2.0)
-    return ops.PipelineArgs(skip=skip, maximize=case.maximize, **extra)
+    return pipeline_of(call, case.regularized, skip, case.maximize)
 
 
 def run(case: Case, call: Call, backend: str, lr=1e-2, skip=None, masters=None) -> None:
@@ -335,9 +302,7 @@ def test_the_cpp_and_triton_kernels_agree(case, mode):
     cpu_call = make(case, torch.bfloat16, mode, "cpu", seed=5)
     run(case, cpu_call, "cpu")
     run(case, triton_call, "triton")
-    want = cpu_call.tensors()
-    for name, got in triton_call.tensors().items():
-        assert_bitwise_equal(name, got.cpu(), want[name])
+    assert_same_bits(triton_call, cpu_call)
 
 
 @pytest.mark.parametrize("backend_device", BACKENDS)

@@ -22,19 +22,14 @@ from catapult_kernels import int8_blocks
 from catapult_kernels.optim import ADOPT, LAMB, LARS, SGD, Adam, Adan, AdamW, Lion, Muon, torch_state_dict
 from catapult_kernels.optim.state_storage import codec_map
 from lamb_tolerance import assert_close_value, ulp, update_tolerance
+from optimizer_steps import (assert_same_snapshot, give_grads, make_params, muon_split, run_steps, same_bits,
+                             snapshot)
 
 SHAPES = [(1,), (127,), (128,), (129,), (1000,), (33, 40)]  # partial, whole and several blocks; a matrix
 STATE_DTYPES = [torch.float32, torch.bfloat16, torch.int8]
 PARAM_DTYPES = [torch.float32, torch.bfloat16]
 GF = dict(alpha=0.9, lamb=2.0)
 STEPS = 5
-
-
-def _muon(params, **kw):
-    """Muon over the matrices, its AdamW groups over the rest."""
-    matrices = [p for p in params if p.dim() == 2]
-    rest = [p for p in params if p.dim() != 2]
-    return Muon([{"params": matrices}, {"params": rest, "use_muon": False, "lr": 1e-2}], lr=0.02, **kw)
 
 
 # Every optimizer, with Grokfast where it takes another path (LARS runs the grad pipeline op
@@ -49,36 +44,18 @@ OPTIMIZERS = {
     "lion": lambda ps, **kw: Lion(ps, lr=1e-3, weight_decay=0.1, **kw),
     "adopt": lambda ps, **kw: ADOPT(ps, lr=1e-2, **kw),
     "adan": lambda ps, **kw: Adan(ps, lr=1e-2, **kw),
-    "muon": _muon,
+    "muon": muon_split,
     "adamw_grokfast": lambda ps, **kw: AdamW(ps, lr=1e-2, grokfast=GF, **kw),
     "lars_grokfast": lambda ps, **kw: LARS(ps, lr=0.5, grokfast=GF, **kw),
     "sgd_plain_grokfast": lambda ps, **kw: SGD(ps, lr=0.05, grokfast=GF, **kw),
-    "muon_grokfast": lambda ps, **kw: _muon(ps, grokfast=GF, **kw),
+    "muon_grokfast": lambda ps, **kw: muon_split(ps, grokfast=GF, **kw),
     "lamb": lambda ps, **kw: LAMB(ps, lr=1e-2, weight_decay=0.01, **kw),
     "lamb_grokfast": lambda ps, **kw: LAMB(ps, lr=1e-2, grokfast=GF, max_weight_norm=5.0, **kw),
 }
 
 
 def _params(dtype=torch.float32, seed=0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in SHAPES]
-
-
-def _give_grads(params: list, step: int) -> None:
-    g = torch.Generator().manual_seed(1000 + step)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
-
-
-def _run(opt, params: list, steps) -> None:
-    for t in steps:
-        _give_grads(params, t)
-        opt.step()
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    return make_params(SHAPES, dtype, seed)
 
 
 def _stored(key: str, value: torch.Tensor, state_dtype: torch.dtype) -> dict:
@@ -95,18 +72,6 @@ def _restored(key: str, value: torch.Tensor, state_dtype: torch.dtype) -> torch.
     if state_dtype is torch.int8:
         return int8_blocks.decode(stored[key], stored[key + "_scales"], codec_map(key))
     return stored[key].float()
-
-
-def _snapshot(opt, params: list) -> list:
-    return [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in params]
-
-
-def _assert_same_snapshot(a: list, b: list) -> None:
-    for (p, state), (q, other) in zip(a, b):
-        assert _same_bits(p, q)
-        assert state.keys() == other.keys()
-        for key in state:
-            assert _same_bits(state[key], other[key]), key
 
 
 # ---- bad values -------------------------------------------------------------------------
@@ -132,10 +97,10 @@ def test_flat_takes_float_storage_and_steps_as_per_param(state_dtype, param_dtyp
     flat = AdamW(flat_params, lr=1e-2, grokfast=GF, flat=True, state_dtype=state_dtype, backend="cpu")
     per_param = AdamW(params, lr=1e-2, grokfast=GF, state_dtype=state_dtype, backend="cpu")
     for t in range(4):
-        _run(flat, flat_params, [t])
-        _run(per_param, params, [t])
+        run_steps(flat, flat_params, [t])
+        run_steps(per_param, params, [t])
     assert flat._flat_sets and flat._flat_sets[0].state["exp_avg"].dtype is state_dtype  # flat after step 1
-    _assert_same_snapshot(_snapshot(flat, flat_params), _snapshot(per_param, params))
+    assert_same_snapshot(snapshot(flat, flat_params), snapshot(per_param, params))
 
 
 def test_state_dtype_survives_copies():
@@ -191,8 +156,8 @@ def test_steps_match_float32_states_stored_and_restored(name, state_dtype, param
     lamb = isinstance(opt, LAMB)
     for t in range(STEPS):
         before = [p.detach().float().clone() for p in params]
-        _run(opt, params, [t])
-        _run(ref, ref_params, [t])
+        run_steps(opt, params, [t])
+        run_steps(ref, ref_params, [t])
         for p, q, was in zip(params, ref_params, before):
             where = f"step {t}: a param of shape {tuple(p.shape)}"
             if lamb:  # its trust ratio is summed otherwise with other storage: as close as that allows
@@ -201,14 +166,14 @@ def test_steps_match_float32_states_stored_and_restored(name, state_dtype, param
                 with torch.no_grad():
                     q.copy_(p)  # the next step from one start
             else:
-                assert _same_bits(p, q), f"{where} differs"
+                assert same_bits(p, q), f"{where} differs"
             state, ref_state = opt.state[p], ref.state[q]
             expected = {}
             for key, value in ref_state.items():
                 expected.update({key: value} if key == "step" else _stored(key, value, state_dtype))
             assert state.keys() == expected.keys()
             for key, value in expected.items():
-                assert _same_bits(state[key], value), f"step {t}: state[{key!r}] of shape {tuple(p.shape)}"
+                assert same_bits(state[key], value), f"step {t}: state[{key!r}] of shape {tuple(p.shape)}"
             for key, value in ref_state.items():  # the reference keeps what was stored
                 if key != "step":
                     value.copy_(_restored(key, value, state_dtype))
@@ -219,7 +184,7 @@ def test_int8_state_layout(cls):
     """Codes laid out like the param, one float32 scale per 128 elements, on its device."""
     params = _params()
     opt = cls(params, lr=1e-2, grokfast=GF, state_dtype=torch.int8)
-    _run(opt, params, range(1))
+    run_steps(opt, params, range(1))
     for p in params:
         state = opt.state[p]
         assert set(state) == {"step", "exp_avg", "exp_avg_scales", "exp_avg_sq", "exp_avg_sq_scales",
@@ -241,14 +206,14 @@ def test_state_bytes_of_adamw_and_lamb(cls, state_dtype, param_dtype, expected):
     params = [nn.Parameter(torch.randn(shape).to(param_dtype)) for shape in [(1280,), (10, 128)]]
     opt = cls(params, state_dtype=state_dtype)
     assert opt.state_bytes() == 0.0  # no state yet
-    _run(opt, params, range(2))
+    run_steps(opt, params, range(2))
     assert opt.state_bytes() == expected
 
 
 def test_state_bytes_counts_partial_blocks_and_only_params_with_state():
     params = _params()
     opt = AdamW(params, state_dtype=torch.int8)
-    _give_grads(params, 0)
+    give_grads(params, 0)
     params[0].grad = None  # no state for it
     opt.step()
     numel = sum(p.numel() for p in params[1:])
@@ -264,11 +229,11 @@ def test_resumed_run_equals_uninterrupted_run(cls, state_dtype, param_dtype):
     make = lambda ps: cls(ps, lr=1e-2, grokfast=GF, state_dtype=state_dtype)  # noqa: E731
     whole_params = _params(param_dtype)
     whole = make(whole_params)
-    _run(whole, whole_params, range(6))
+    run_steps(whole, whole_params, range(6))
 
     first_params = _params(param_dtype)
     first = make(first_params)
-    _run(first, first_params, range(3))
+    run_steps(first, first_params, range(3))
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in first_params], "optimizer": first.state_dict()}, buffer)
     buffer.seek(0)
@@ -281,14 +246,14 @@ def test_resumed_run_equals_uninterrupted_run(cls, state_dtype, param_dtype):
     params = [nn.Parameter(t.clone()) for t in saved["params"]]
     resumed = make(params)
     resumed.load_state_dict(saved["optimizer"])
-    _assert_same_snapshot(_snapshot(resumed, params), _snapshot(first, first_params))  # kept as stored
-    _run(resumed, params, range(3, 6))
-    _assert_same_snapshot(_snapshot(resumed, params), _snapshot(whole, whole_params))
+    assert_same_snapshot(snapshot(resumed, params), snapshot(first, first_params))  # kept as stored
+    run_steps(resumed, params, range(3, 6))
+    assert_same_snapshot(snapshot(resumed, params), snapshot(whole, whole_params))
 
 
 def _stepped_torch_adamw(params: list) -> torch.optim.AdamW:
     opt = torch.optim.AdamW(params, lr=1e-2)
-    _run(opt, params, range(3))
+    run_steps(opt, params, range(3))
     return opt
 
 
@@ -301,17 +266,17 @@ def test_torch_adamw_state_dict_loads_quantized_into_int8_adamw():
         state, theirs = opt.state[p], source.state[q]
         for key in ("exp_avg", "exp_avg_sq"):
             expected = _stored(key, theirs[key], torch.int8)
-            assert _same_bits(state[key], expected[key])
-            assert _same_bits(state[key + "_scales"], expected[key + "_scales"])
+            assert same_bits(state[key], expected[key])
+            assert same_bits(state[key + "_scales"], expected[key + "_scales"])
         assert float(state["step"]) == float(theirs["step"])
-    _run(opt, params, [3])  # it steps from there
+    run_steps(opt, params, [3])  # it steps from there
     assert opt.state[params[0]]["exp_avg"].dtype is torch.int8
 
 
 def test_torch_state_dict_of_int8_adamw_loads_into_torch_adamw():
     params = _params()
     opt = AdamW(params, lr=1e-2, state_dtype=torch.int8)
-    _run(opt, params, range(3))
+    run_steps(opt, params, range(3))
     saved = opt.state_dict()
     converted = torch_state_dict(saved)
     assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
@@ -323,8 +288,8 @@ def test_torch_state_dict_of_int8_adamw_loads_into_torch_adamw():
         for key in ("exp_avg", "exp_avg_sq"):
             state = opt.state[p]
             decoded = int8_blocks.decode(state[key], state[key + "_scales"], codec_map(key))
-            assert _same_bits(theirs.state[q][key], decoded)
-    _run(theirs, torch_params, [3])
+            assert same_bits(theirs.state[q][key], decoded)
+    run_steps(theirs, torch_params, [3])
 
 
 def test_torch_state_dict_of_int8_lamb_loads_into_float32_lamb():
@@ -332,7 +297,7 @@ def test_torch_state_dict_of_int8_lamb_loads_into_float32_lamb():
     LAMB with float states, the decoded values kept, and it steps on."""
     params = _params()
     opt = LAMB(params, lr=1e-2, state_dtype=torch.int8)
-    _run(opt, params, range(3))
+    run_steps(opt, params, range(3))
     converted = torch_state_dict(opt.state_dict())
     assert set(converted["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     plain_params = [nn.Parameter(p.detach().clone()) for p in params]
@@ -341,9 +306,9 @@ def test_torch_state_dict_of_int8_lamb_loads_into_float32_lamb():
     for p, q in zip(params, plain_params):
         for key in ("exp_avg", "exp_avg_sq"):
             state = opt.state[p]
-            assert _same_bits(plain.state[q][key], int8_blocks.decode(state[key], state[key + "_scales"],
+            assert same_bits(plain.state[q][key], int8_blocks.decode(state[key], state[key + "_scales"],
                                                                       codec_map(key)))
-    _run(plain, plain_params, [3])
+    run_steps(plain, plain_params, [3])
 
 
 @pytest.mark.parametrize("source, target", [(torch.int8, None), (torch.int8, torch.bfloat16),
@@ -353,7 +318,7 @@ def test_torch_state_dict_of_int8_lamb_loads_into_float32_lamb():
 def test_loading_converts_to_this_optimizers_storage(cls, source, target):
     first_params = _params()
     first = cls(first_params, lr=1e-2, grokfast=GF, state_dtype=source)
-    _run(first, first_params, range(2))
+    run_steps(first, first_params, range(2))
     params = _params()
     opt = cls(params, lr=1e-2, grokfast=GF, state_dtype=target)
     opt.load_state_dict(first.state_dict())
@@ -365,14 +330,14 @@ def test_loading_converts_to_this_optimizers_storage(cls, source, target):
             expected = _stored(key, value, target or p.dtype)
             assert (key + "_scales" in state) == (key + "_scales" in expected)
             for k, v in expected.items():
-                assert _same_bits(state[k], v), k
-    _run(opt, params, [2])
+                assert same_bits(state[k], v), k
+    run_steps(opt, params, [2])
 
 
 def test_int8_state_without_its_scales_is_refused_on_load():
     params = _params()
     opt = AdamW(params, state_dtype=torch.int8)
-    _run(opt, params, range(1))
+    run_steps(opt, params, range(1))
     saved = opt.state_dict()
     del saved["state"][2]["exp_avg_sq_scales"]
     target = AdamW(_params(), state_dtype=torch.int8)
@@ -385,12 +350,12 @@ def test_replaced_scales_are_checked_on_the_planned_path():
     """The step plan lists the scales too: a scales tensor replaced between steps is seen."""
     params = _params()
     opt = AdamW(params, state_dtype=torch.int8)
-    _run(opt, params, range(2))  # the second step ran planned
+    run_steps(opt, params, range(2))  # the second step ran planned
     opt.state[params[4]]["exp_avg_scales"] = torch.zeros(3)
-    before = _snapshot(opt, params)
+    before = snapshot(opt, params)
     with pytest.raises(RuntimeError, match=r"state\['exp_avg_scales'\] of a param is \(3,\)"):
-        _run(opt, params, [2])
-    _assert_same_snapshot(_snapshot(opt, params), before)
+        run_steps(opt, params, [2])
+    assert_same_snapshot(snapshot(opt, params), before)
 
 
 # ---- skipped steps --------------------------------------------------------------------------
@@ -399,15 +364,15 @@ def test_replaced_scales_are_checked_on_the_planned_path():
 def test_skipped_step_leaves_params_codes_and_scales(name, how):
     params = _params()
     opt = OPTIMIZERS[name](params, skip_nonfinite=how == "skip_nonfinite", state_dtype=torch.int8)
-    _run(opt, params, range(2))
-    before = _snapshot(opt, params)
-    _give_grads(params, 2)
+    run_steps(opt, params, range(2))
+    before = snapshot(opt, params)
+    give_grads(params, 2)
     if how == "found_inf":
         opt.grad_scale, opt.found_inf = torch.ones(()), torch.ones(())
     else:
         params[5].grad[3, 7] = math.inf
     opt.step()
-    _assert_same_snapshot(_snapshot(opt, params), before)
+    assert_same_snapshot(snapshot(opt, params), before)
     assert int(opt.skipped_steps) == 1
 
 
@@ -416,15 +381,15 @@ def test_never_written_int8_state_goes_with_its_scales():
     real step starts it as a fresh optimizer does."""
     params, fresh_params = _params(), _params()
     opt = SGD(params, lr=0.05, momentum=0.9, skip_nonfinite=True, grokfast=GF, state_dtype=torch.int8)
-    _give_grads(params, 0)
+    give_grads(params, 0)
     params[0].grad[0] = math.inf
     opt.step()
     assert not opt.state_dict()["state"]
     assert not any(opt.state.values())
     fresh = SGD(fresh_params, lr=0.05, momentum=0.9, skip_nonfinite=True, grokfast=GF, state_dtype=torch.int8)
-    _run(opt, params, [1])
-    _run(fresh, fresh_params, [1])
-    _assert_same_snapshot(_snapshot(opt, params), _snapshot(fresh, fresh_params))
+    run_steps(opt, params, [1])
+    run_steps(fresh, fresh_params, [1])
+    assert_same_snapshot(snapshot(opt, params), snapshot(fresh, fresh_params))
 
 
 def test_backend_cuda_refuses_storage_its_kernels_lack():

@@ -12,27 +12,16 @@ from catapult_kernels.train.cli import main
 from catapult_kernels.train.config import TrainConfig
 from catapult_kernels.train.models import make_model
 from catapult_kernels.train.param_dtype import with_param_dtype
+from trainer_runs import assert_same_checkpoint, records, run_in
 
 # the hidden layer's weight (64 x 4) spans two int8 blocks, the output's (2 x 64) a partial one
 TINY = ["--task", "teacher-student", "--loss", "mse", "--n-train", "32", "--n-val", "16", "--input-dim", "4",
         "--width", "64", "--optimizer", "adamw", "--lr", "1e-2", "--weight-decay", "0.1", "--grokfast", "ema",
         "--log-every", "1", "--sharpness-iters", "5", "--quiet", "--no-plots"]
-UNTIMED = ("wall_s", "steps_per_s")
-
-
-def _run(tmp_path, name: str, argv: list) -> tuple:
-    out = tmp_path / name
-    assert main(argv + ["--out", str(out)]) == 0
-    return out, torch.load(out / "checkpoint.pt", weights_only=True)
-
-
-def _records(out) -> list:
-    return [{k: v for k, v in json.loads(line).items() if k not in UNTIMED}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_int8_states_are_int8_codes_and_float32_scales_in_the_checkpoint(tmp_path):
-    out, ckpt = _run(tmp_path, "int8", TINY + ["--steps", "4", "--state-dtype", "int8"])
+    out, ckpt = run_in(tmp_path, "int8", TINY + ["--steps", "4", "--state-dtype", "int8"])
     assert json.loads((out / "config.json").read_text())["state_dtype"] == "int8"
     params = list(ckpt["model"].values())
     for i, p in enumerate(params):
@@ -44,7 +33,7 @@ def test_int8_states_are_int8_codes_and_float32_scales_in_the_checkpoint(tmp_pat
             assert scales.abs().max() > 0, key  # stepped: not the fresh zero blocks
     # the decoded moments are those of a float32 run, to the codes' resolution (bench/int8_maps: sqrt,
     # fourth root), not the same bits: the option reached the optimizer
-    _, fp32 = _run(tmp_path, "fp32", TINY + ["--steps", "4"])
+    _, fp32 = run_in(tmp_path, "fp32", TINY + ["--steps", "4"])
     weight = fp32["optimizer"]["state"][0]
     assert weight["exp_avg"].dtype == torch.float32
     int8 = ckpt["optimizer"]["state"][0]
@@ -55,21 +44,15 @@ def test_int8_states_are_int8_codes_and_float32_scales_in_the_checkpoint(tmp_pat
 
 def test_a_run_with_int8_states_resumes_bit_for_bit(tmp_path):
     int8 = TINY + ["--state-dtype", "int8", "--batch-size", "8"]
-    whole, theirs = _run(tmp_path, "whole", int8 + ["--steps", "6"])
-    split, _ = _run(tmp_path, "split", int8 + ["--steps", "3"])
+    whole, theirs = run_in(tmp_path, "whole", int8 + ["--steps", "6"])
+    split, _ = run_in(tmp_path, "split", int8 + ["--steps", "3"])
     assert main(["--resume", "--out", str(split), "--steps", "6", "--quiet"]) == 0
-    assert _records(split) == _records(whole)
-    ours = torch.load(split / "checkpoint.pt", weights_only=True)
-    for k, v in theirs["model"].items():
-        assert torch.equal(ours["model"][k], v), k
-    for i, state in theirs["optimizer"]["state"].items():
-        for k, v in state.items():
-            mine = ours["optimizer"]["state"][i][k]
-            assert mine.dtype == v.dtype and torch.equal(mine, v), (i, k)
+    assert records(split) == records(whole)
+    assert_same_checkpoint(split, theirs)
 
 
 def test_a_resume_keeps_the_state_and_param_dtypes_the_run_began_with(tmp_path, capsys):
-    out, _ = _run(tmp_path, "r", TINY + ["--steps", "2", "--state-dtype", "int8", "--dtype", "bf16"])
+    out, _ = run_in(tmp_path, "r", TINY + ["--steps", "2", "--state-dtype", "int8", "--dtype", "bf16"])
     assert main(["--resume", "--out", str(out), "--steps", "4", "--state-dtype", "fp32"]) == 2
     assert "--state_dtype 'int8' -> 'fp32'" in capsys.readouterr().err.replace("state-dtype", "state_dtype")
     assert main(["--resume", "--out", str(out), "--steps", "4", "--dtype", "fp32"]) == 2
@@ -86,11 +69,11 @@ def test_bf16_params_round_to_nearest_and_the_loss_stays_float32(tmp_path):
     for (name, p), q in zip(model.named_parameters(), full.parameters()):
         assert p.dtype == torch.bfloat16 and torch.equal(p, q.detach().to(torch.bfloat16)), name  # .to: nearest even
     assert model(torch.randn(3, 4)).dtype == torch.float32  # float32 inputs in, float32 outputs out
-    out, ckpt = _run(tmp_path, "bf16", TINY + ["--steps", "3", "--dtype", "bf16"])
+    out, ckpt = run_in(tmp_path, "bf16", TINY + ["--steps", "3", "--dtype", "bf16"])
     assert all(v.dtype == torch.bfloat16 for v in ckpt["model"].values())
     assert ckpt["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16  # the default: the params' dtype
-    assert all(math.isfinite(r["loss"]) for r in _records(out))
-    _, mixed = _run(tmp_path, "bf16-fp32-states", TINY + ["--steps", "3", "--dtype", "bf16", "--state-dtype", "fp32"])
+    assert all(math.isfinite(r["loss"]) for r in records(out))
+    _, mixed = run_in(tmp_path, "bf16-fp32-states", TINY + ["--steps", "3", "--dtype", "bf16", "--state-dtype", "fp32"])
     assert mixed["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
 
 
