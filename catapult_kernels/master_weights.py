@@ -65,13 +65,14 @@ def _pow2(k: torch.Tensor) -> torch.Tensor:
 
 def ecc_correction(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The int8 corrections of float32 values x over params p (bfloat16 / float16) laid out
-    alike: rint((x - P) / q) clamped to [-127, 127], 0 where P is not finite."""
+    alike: rint((x - P) / q) clamped to [-127, 127], 0 where P is not finite (or x is NaN:
+    a loaded NaN master over a finite param)."""
     x = x.to(torch.float32)
     P = p.to(torch.float32)
     finite = torch.isfinite(P)
     safe = torch.where(finite, P, torch.zeros_like(P))
     c = torch.round((x - safe) * _pow2(-_quantum_exponent(safe, p.dtype)))  # exact up to the rounding
-    c = torch.where(finite, c.clamp(-127, 127), torch.zeros_like(c))
+    c = torch.where(finite & ~torch.isnan(c), c.clamp(-127, 127), torch.zeros_like(c))
     return c.to(torch.int8)
 
 
@@ -120,8 +121,10 @@ def stochastic_round(x: torch.Tensor, counter: int) -> torch.Tensor:
 
 def initial_counter(seed: int, index: int) -> int:
     """The counter (as a signed int64 value) a param starts from: its stream's high half is
-    mix32(seed) + index (the param's place in the optimizer), its low half 0."""
-    hi = (mix32(seed & MASK32) + index) & MASK32  # mix32 of a Python int: exact, no tensor made
+    mix32(seed's low 32 bits ^ mix32(its high 32 bits)) + index (the param's place in the
+    optimizer), its low half 0."""
+    mixed = mix32((seed & MASK32) ^ mix32((seed >> 32) & MASK32))  # of Python ints: exact, no tensor made
+    hi = (mixed + index) & MASK32
     value = hi << 32
     return value - (1 << 64) if value >= 1 << 63 else value
 

@@ -100,9 +100,11 @@ def test_ecc_exact_for_sixteen_bit_values():
 
 
 def test_ecc_correction_over_a_given_param():
-    """ecc_correction codes x over the param it is given, not over x's rounding."""
+    """ecc_correction codes x over the param it is given, not over x's rounding; a NaN x
+    (a loaded NaN master) over a finite param is code 0, not a NaN cast to int8."""
     x = torch.tensor([1 + 2 ** -10])
     assert mw.ecc_correction(x, torch.tensor([1.0], dtype=torch.bfloat16)).item() == 32
+    assert mw.ecc_correction(torch.tensor([float("nan")]), torch.tensor([1.0], dtype=torch.bfloat16)).item() == 0
     assert mw.ecc_correction(x, torch.tensor([1.0078125], dtype=torch.bfloat16)).item() == -127  # clamped
 
 
@@ -127,6 +129,7 @@ def test_initial_counters_differ_by_seed_and_param():
     assert len(counters) == 200
     assert mw.initial_counter(0, 0) == 0 and mw.initial_counter(0, 1) == 1 << 32
     assert -(1 << 63) <= mw.initial_counter(2 ** 31 - 1, 7) < 1 << 63
+    assert len({mw.initial_counter(seed, 0) for seed in (0, 1 << 32, 1 << 40, -1)}) == 4  # every bit of a seed counts
 
 
 def test_stochastic_round_mirror_and_neighbours():
