@@ -55,8 +55,8 @@ import triton.language as tl
 from ..int8_blocks import FOURTH_ROOT, map_of
 from .kernel_common import (QBLOCK, TL_MASTER_DTYPE, TL_STORAGE_DTYPE, GradPipeline, UpdateLaunch,
                             add_regularizer_lists, check_control_args, check_master_weights, check_storage_lists,
-                            check_update_lists, ecc_code, ecc_value, grad_pipeline_setup, load_int8, pipeline_grad,
-                            program_block, round_as, stochastic_round_bf16, store_as, store_int8, to_float32)
+                            check_update_lists, grad_pipeline_setup, load_int8, load_master_params, master_setup,
+                            pipeline_grad, program_block, store_as, store_int8, store_master_params, to_float32)
 from .multi_tensor_table import is_fake, tensor_ptr
 from .op_registration import UpdateSchema, register_update_op, update_schema
 from .optimizers import MAX_FLAGS, MAX_SCALARS, MAX_STATES
@@ -85,13 +85,10 @@ def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr
                       grokfast_one_minus_alpha, grokfast_lamb, DTYPE, AGC, GROKFAST, MAXIMIZE, True, INTERPRETED,
                       S_DTYPE, ema_q_ptr, qidx, qmask)
     zero = tl.full(idx.shape, 0.0, tl.float32)  # a list the call does not read
-    if M_DTYPE == tl.float32:
-        p = tl.load(m_ptr + idx, mask=mask) if P_READ else zero  # the float32 copy
-    elif M_DTYPE == tl.int8:
-        p = ecc_value(to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED), tl.load(m_ptr + idx, mask=mask),
-                      DTYPE) if P_READ else zero
-    else:
+    if M_DTYPE is None:
         p = to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED) if P_READ else zero
+    else:
+        p = load_master_params(p_ptr, m_ptr, idx, mask, DTYPE, M_DTYPE, INTERPRETED) if P_READ else zero
     if S_DTYPE == tl.int8:
         s0 = load_int8(s0_ptr, q0_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 1) if S0_READ else zero
         s1 = load_int8(s1_ptr, q1_ptr, idx, mask, qidx, qmask, FOURTH_ROOTS & 2) if S1_READ else zero
@@ -103,15 +100,10 @@ def _update_block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, ema_ptr, agc_ptr
         s2 = to_float32(tl.load(s2_ptr + idx, mask=mask), INTERPRETED) if S2_READ else zero
         s3 = to_float32(tl.load(s3_ptr + idx, mask=mask), INTERPRETED) if S3_READ else zero
     p, s0, s1, s2, s3 = ELEMENT(p, g, s0, s1, s2, s3, c, F0, F1, F2, F3)
-    if M_DTYPE == tl.float32:
-        tl.store(m_ptr + idx, p, mask=mask)
-    elif M_DTYPE == tl.int8:
-        rounded = round_as(p, DTYPE, INTERPRETED)
-        tl.store(m_ptr + idx, ecc_code(p, rounded, DTYPE), mask=mask)
-        p = rounded  # stored exactly
-    elif M_DTYPE == tl.int64:
-        p = stochastic_round_bf16(p, (start + idx).to(tl.uint32), lo, hi)  # exact in bfloat16
-    store_as(p_ptr + idx, p, mask, DTYPE, INTERPRETED)
+    if M_DTYPE is None:
+        store_as(p_ptr + idx, p, mask, DTYPE, INTERPRETED)
+    else:
+        store_master_params(p_ptr, m_ptr, p, idx, mask, start, lo, hi, DTYPE, M_DTYPE, INTERPRETED)
     if S_DTYPE == tl.int8:
         if S0_COL >= 0:
             store_int8(s0_ptr, q0_ptr, s0, idx, mask, qidx, qmask, FOURTH_ROOTS & 1, INTERPRETED)
@@ -188,15 +180,12 @@ def _update_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_
 
     # master weights: the chunk's first copy or correction, or a stochastic rounding
     # counter's halves; placeholders (p_ptr, None) without
-    m_ptr = p_ptr
-    lo = None
-    hi = None
-    if M_DTYPE == tl.int64:
-        counter = tl.load(tensor_ptr(addrs, row, L, MASTER_COL, tl.int64, False))
-        lo = (counter & 0xFFFFFFFF).to(tl.uint32)
-        hi = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    elif M_DTYPE is not None:
-        m_ptr = tensor_ptr(addrs, row, L, MASTER_COL, M_DTYPE, ALIGNED) + start
+    if M_DTYPE is None:
+        m_ptr = p_ptr
+        lo = None
+        hi = None
+    else:
+        m_ptr, lo, hi = master_setup(addrs, row, start, MASTER_COL, M_DTYPE, ALIGNED, L)
 
     lr = tl.load(lr_ptr)
     if STEP_COL >= 0:

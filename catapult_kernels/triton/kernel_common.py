@@ -21,7 +21,8 @@ update kernel needs around it:
 * the master weights of 16-bit params (csrc/master_weights.h, the reference
   catapult_kernels/master_weights.py), bit for bit as the C++ kernels: ``round_as`` (a
   float32 value rounded to nearest even into a dtype, kept as float32), ``ecc_value`` and
-  ``ecc_code`` (int8 corrections), ``stochastic_round_bf16`` (with ``mix32``).
+  ``ecc_code`` (int8 corrections), ``stochastic_round_bf16`` (with ``mix32``), and over a
+  block of params: ``master_setup``, ``load_master_params``, ``store_master_params``.
 
 A param's states and Grokfast EMA share one storage dtype S (kernels: S_DTYPE, one per
 launch), which may differ from its DTYPE, int8 for every param of a call or for none
@@ -89,6 +90,9 @@ __all__ = [
     "ecc_code",
     "mix32",
     "stochastic_round_bf16",
+    "master_setup",
+    "load_master_params",
+    "store_master_params",
     "QUANT_BLOCK",
     "QBLOCK",
     "STORAGE_DTYPES",
@@ -307,7 +311,7 @@ def round_as(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _ecc_quantum_exponent(P, DTYPE: tl.constexpr):
     """e - M - 8 of float32 param values P (int32), e = max(P's exponent, the format's
-    smallest), M its explicit mantissa bits (master_weights.h's ecc_quantum_exponent)."""
+    smallest), M its explicit mantissa bits (csrc/master_weights.h)."""
     M: tl.constexpr = MANTISSA_BITS_BF16 if DTYPE == tl.bfloat16 else MANTISSA_BITS_HALF
     MIN_E: tl.constexpr = ECC_MIN_EXPONENT_BF16 if DTYPE == tl.bfloat16 else ECC_MIN_EXPONENT_HALF
     e = ((P.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -317,7 +321,7 @@ def _ecc_quantum_exponent(P, DTYPE: tl.constexpr):
 @triton.jit
 def ecc_value(P, code, DTYPE: tl.constexpr):
     """P + code * q of float32 param values P of DTYPE and their int8 corrections (P where
-    P is not finite): master_weights.h's ecc_value."""
+    P is not finite), as csrc/cpu/master_io.h's EccLanes::value."""
     finite = (P.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
     q = ((_ecc_quantum_exponent(P, DTYPE) + 127) << 23).to(tl.float32, bitcast=True)  # 2^k, exact
     return tl.where(finite, P + code.to(tl.float32) * q, P)
@@ -326,8 +330,8 @@ def ecc_value(P, code, DTYPE: tl.constexpr):
 @triton.jit
 def ecc_code(x, P, DTYPE: tl.constexpr):
     """The int8 corrections of float32 values x whose rounding into DTYPE is P (float32):
-    rint((x - P) / q) clamped to [-127, 127], 0 where P is not finite (master_weights.h's
-    ecc_code; x - P and the scaling by 1 / q are exact)."""
+    rint((x - P) / q) clamped to [-127, 127], 0 where P is not finite (as csrc/cpu/master_io.h's
+    EccLanes::code; x - P and the scaling by 1 / q are exact)."""
     finite = (P.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
     inverse_q = ((127 - _ecc_quantum_exponent(P, DTYPE)) << 23).to(tl.float32, bitcast=True)
     y = (x - P) * inverse_q  # |y| <= 128
@@ -359,6 +363,55 @@ def stochastic_round_bf16(x, i, lo, hi):
     r = mix32(mix32(i) ^ key)
     cut = ((x.to(tl.uint32, bitcast=True) + (r & 0xFFFF)) >> 16) << 16
     return tl.where(x != x, x, cut.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def master_setup(addrs, row, start, MASTER_COL: tl.constexpr, M_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                 L: tl.constexpr):
+    """A program's view of its tensor's master weights (M_DTYPE not None): the chunk's first
+    float32 copy or int8 correction (the stochastic kind: a placeholder, never read) and the
+    halves lo, hi of its stochastic rounding counter (else 0)."""
+    lo = tl.full([], 0, tl.uint32)
+    hi = tl.full([], 0, tl.uint32)
+    if M_DTYPE == tl.int64:
+        counter = tl.load(tensor_ptr(addrs, row, L, MASTER_COL, tl.int64, False))
+        lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        m_ptr = tensor_ptr(addrs, row, L, MASTER_COL, tl.int64, False)
+    else:
+        m_ptr = tensor_ptr(addrs, row, L, MASTER_COL, M_DTYPE, ALIGNED) + start
+    return m_ptr, lo, hi
+
+
+@triton.jit
+def load_master_params(p_ptr, m_ptr, idx, mask, DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                       INTERPRETED: tl.constexpr):
+    """The float32 values of the params at p_ptr + idx with master weights M_DTYPE (not
+    None): their float32 copies, their values with their ecc corrections, or themselves."""
+    if M_DTYPE == tl.float32:
+        return tl.load(m_ptr + idx, mask=mask)
+    elif M_DTYPE == tl.int8:
+        return ecc_value(to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED), tl.load(m_ptr + idx, mask=mask),
+                         DTYPE)
+    else:
+        return to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED)
+
+
+@triton.jit
+def store_master_params(p_ptr, m_ptr, x, idx, mask, start, lo, hi, DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                        INTERPRETED: tl.constexpr):
+    """The new float32 values x into the params at p_ptr + idx (start + idx their indices in
+    the param) and their master weights M_DTYPE (not None): the copy and the param rounded to
+    nearest; the param rounded to nearest and its correction; the param rounded stochastically."""
+    if M_DTYPE == tl.float32:
+        tl.store(m_ptr + idx, x, mask=mask)
+    elif M_DTYPE == tl.int8:
+        rounded = round_as(x, DTYPE, INTERPRETED)
+        tl.store(m_ptr + idx, ecc_code(x, rounded, DTYPE), mask=mask)
+        x = rounded  # stored exactly
+    else:
+        x = stochastic_round_bf16(x, (start + idx).to(tl.uint32), lo, hi)  # exact in bfloat16
+    store_as(p_ptr + idx, x, mask, DTYPE, INTERPRETED)
 
 
 @triton.jit

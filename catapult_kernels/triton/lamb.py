@@ -52,8 +52,8 @@ from torch.library import wrap_triton
 
 from .kernel_common import (QBLOCK, TL_MASTER_DTYPE, TL_STORAGE_DTYPE, GradPipeline, UpdateLaunch,
                             add_regularizer_lists, check_control_args, check_master_weights, check_storage_lists,
-                            check_update_lists, ecc_code, ecc_value, grad_pipeline_setup, load_int8, pipeline_grad,
-                            powf, program_block, round_as, stochastic_round_bf16, store_as, store_int8, to_float32)
+                            check_update_lists, grad_pipeline_setup, load_int8, load_master_params, master_setup,
+                            pipeline_grad, powf, program_block, store_as, store_int8, store_master_params, to_float32)
 from .multi_tensor_norm import reduce_block, reduce_segment
 from .multi_tensor_table import is_fake, tensor_ptr
 from .op_registration import register_update_op
@@ -79,13 +79,10 @@ def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, m_q_ptr, v_q_ptr, 
     # the stored path (states in another dtype than the params, or master weights) is the
     # 16-bit one: pass 1 writes nothing, pass 2 recomputes r from the same old state
     STORED: tl.constexpr = (STORAGE != DTYPE) or (M_DTYPE is not None)
-    if M_DTYPE == tl.float32:
-        p = tl.load(w_ptr + idx, mask=mask)
-    elif M_DTYPE == tl.int8:
-        p = ecc_value(to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED), tl.load(w_ptr + idx, mask=mask),
-                      DTYPE)
-    else:
+    if M_DTYPE is None:
         p = to_float32(tl.load(p_ptr + idx, mask=mask), INTERPRETED)
+    else:
+        p = load_master_params(p_ptr, w_ptr, idx, mask, DTYPE, M_DTYPE, INTERPRETED)
     if PASS == 2 and DTYPE == tl.float32 and not STORED:
         # the new m, v as pass 1 stored them, exactly
         m = tl.load(m_ptr + idx, mask=mask)
@@ -116,15 +113,10 @@ def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, ema_ptr, agc_ptr, m_q_ptr, v_q_ptr, 
                 store_as(v_ptr + idx, v, mask, STORAGE, INTERPRETED)
     if PASS == 2:
         x = p - lr_trust * r
-        if M_DTYPE == tl.float32:
-            tl.store(w_ptr + idx, x, mask=mask)
-        elif M_DTYPE == tl.int8:
-            rounded = round_as(x, DTYPE, INTERPRETED)
-            tl.store(w_ptr + idx, ecc_code(x, rounded, DTYPE), mask=mask)
-            x = rounded  # stored exactly
-        elif M_DTYPE == tl.int64:
-            x = stochastic_round_bf16(x, (start + idx).to(tl.uint32), lo, hi)  # exact in bfloat16
-        store_as(p_ptr + idx, x, mask, DTYPE, INTERPRETED)
+        if M_DTYPE is None:
+            store_as(p_ptr + idx, x, mask, DTYPE, INTERPRETED)
+        else:
+            store_master_params(p_ptr, w_ptr, x, idx, mask, start, lo, hi, DTYPE, M_DTYPE, INTERPRETED)
     return r, p
 
 
@@ -169,16 +161,12 @@ def _lamb_kernel(addrs, numels, blocks, row_lens, lr_ptr, grad_norm_ptr, grad_sc
         qoffs = None
     # master weights: the chunk's first copy or correction, or (pass 2) a stochastic
     # rounding counter's halves; placeholders (p_ptr, None) without
-    w_ptr = p_ptr
-    lo = None
-    hi = None
-    if M_DTYPE == tl.int64:
-        if PASS == 2:
-            counter = tl.load(tensor_ptr(addrs, row, L, MASTER_COL, tl.int64, False))
-            lo = (counter & 0xFFFFFFFF).to(tl.uint32)
-            hi = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    elif M_DTYPE is not None:
-        w_ptr = tensor_ptr(addrs, row, L, MASTER_COL, M_DTYPE, ALIGNED) + start
+    if M_DTYPE is None:
+        w_ptr = p_ptr
+        lo = None
+        hi = None
+    else:
+        w_ptr, lo, hi = master_setup(addrs, row, start, MASTER_COL, M_DTYPE, ALIGNED, L)
     # lamb_step_constants (lamb_math.h), with t = step + 1
     if BIAS_CORRECTION:
         t = tl.load(tensor_ptr(addrs, row, L, STEP_COL, tl.float32, False)) + 1.0
