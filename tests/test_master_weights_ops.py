@@ -395,3 +395,31 @@ def test_bad_master_weights_are_refused_before_anything_is_written(backend_devic
         for name, t in call.tensors().items():
             if t.device.type != "meta":
                 assert_bitwise_equal(f"{what}: {name}", t, before[name])
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("mode", ["fp32", "ecc", "stochastic"])
+def test_opcheck_with_master_weights(backend_device, mode):
+    """torch.library.opcheck with master weights, on an elementwise op and on lamb_: the schema
+    marks master_weights as written (torch.compile's functionalization must see the copies,
+    corrections and counters change), the fake kernel and the dispatch agree."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(130,), (3, 7)]
+    values = [torch.randn(s, generator=gen) for s in shapes]
+    params = [v.to(device, torch.bfloat16) for v in values]
+    grads = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+    masters = {"fp32": lambda: [v.to(device) for v in values],
+               "ecc": lambda: [mw.ecc_encode(v, torch.bfloat16)[1].to(device) for v in values],
+               "stochastic": lambda: [torch.tensor(mw.initial_counter(0, i), device=device) for i in range(2)]}[mode]
+    moments = lambda: [[torch.rand(s, generator=gen).to(device, torch.bfloat16) for s in shapes]  # noqa: E731
+                       for _ in range(2)]
+    steps = [torch.tensor(3.0, device=device) for _ in shapes]
+    lr = torch.tensor(1e-2, device=device)
+    suffix = "_triton_" if backend == "triton" else "_"
+    adamw = (params, grads, *moments(), [], steps, lr, 0.9, 0.99, 1e-8, 0.01, True, False,
+             *ops.PipelineArgs().args(), [], masters())
+    torch.library.opcheck(getattr(torch.ops.catapult, "adamw" + suffix), adamw)
+    lamb = (params, grads, *moments(), steps, lr, 0.9, 0.99, 1e-6, 0.01, True, 0.0,
+            *ops.PipelineArgs().args(), [], masters())
+    torch.library.opcheck(getattr(torch.ops.catapult, "lamb" + suffix), lamb)
